@@ -1,0 +1,1 @@
+"""invprop: Invariance Propagation self-supervised training."""

@@ -1,0 +1,200 @@
+"""The plain PyTorch ``DataLoader`` path (no FFCV), with the same order and augmentation semantics.
+
+Training batches come from :class:`~invprop.data.order.EpochOrder` (resumable at any global batch, same
+samples per step for any world size); each sample's crop is a pure function of (seed, epoch, index).
+Colour augmentation and normalisation are left to :class:`~invprop.data.augment.BatchColorAugment` on the
+device, so batches leave the loader as uint8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from invprop.data.augment import geometric_augment, resize_uint8
+from invprop.data.order import EpochOrder
+from invprop.data.seeding import derive_seed
+
+
+class IndexedImageDataset(Dataset):
+    """``(uint8 (3, S, S) image, int label, int index)`` over in-memory uint8 images.
+
+    In train mode each item is RandomResizedCrop'ed (and optionally flipped) with a generator seeded from
+    ``(seed, epoch, index)``; call :meth:`set_epoch` before building each epoch's loader. In eval mode images
+    are returned as stored (resized only if ``out_size`` differs).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        train: bool,
+        seed: int = 0,
+        out_size: int | None = None,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip: bool = False,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+        self.train = bool(train)
+        self.seed = int(seed)
+        self.out_size = int(out_size) if out_size is not None else int(images.shape[-1])
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.crop_ratio = (float(crop_ratio[0]), float(crop_ratio[1]))
+        self.flip = bool(flip)
+        self.epoch = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        aug_cfg: Mapping[str, Any] | Any,
+        *,
+        train: bool,
+        seed: int,
+        out_size: int | None = None,
+    ) -> IndexedImageDataset:
+        """Read ``crop_scale``, ``crop_ratio`` and ``flip`` from an ``augment`` config node."""
+
+        def get(key: str, default: Any) -> Any:
+            v = aug_cfg.get(key, default) if aug_cfg is not None else default
+            return default if v is None else v
+
+        return cls(
+            images,
+            labels,
+            train=train,
+            seed=seed,
+            out_size=out_size,
+            crop_scale=tuple(get("crop_scale", (0.2, 1.0))),
+            crop_ratio=tuple(get("crop_ratio", (3 / 4, 4 / 3))),
+            flip=bool(get("flip", False)),
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        index = int(index)
+        img = self.images[index]
+        if self.train:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index))
+            img = geometric_augment(
+                img, self.out_size, g, scale=self.crop_scale, ratio=self.crop_ratio, flip=self.flip
+            )
+        elif img.shape[-1] != self.out_size or img.shape[-2] != self.out_size:
+            img = resize_uint8(img, self.out_size)
+        return img, int(self.labels[index]), index
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """This rank's slices of global batches ``start_batch .. num_batches - 1`` of one epoch."""
+
+    def __init__(self, order: EpochOrder, epoch: int, start_batch: int, rank: int, world: int) -> None:
+        order.local_batch_size(world)  # validates divisibility up front
+        if not 0 <= start_batch <= order.num_batches:
+            raise ValueError(f"start_batch {start_batch} outside [0, {order.num_batches}]")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} out of range for world size {world}")
+        self.order, self.epoch, self.start_batch, self.rank, self.world = (
+            order,
+            epoch,
+            start_batch,
+            rank,
+            world,
+        )
+
+    def __len__(self) -> int:
+        return self.order.num_batches - self.start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in range(self.start_batch, self.order.num_batches):
+            yield self.order.local_indices(self.epoch, b, self.rank, self.world).tolist()
+
+
+def _collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images = torch.stack([it[0] for it in items])
+    labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+    indices = torch.tensor([it[2] for it in items], dtype=torch.int64)
+    return images, labels, indices
+
+
+def build_train_loader(
+    dataset: IndexedImageDataset,
+    order: EpochOrder,
+    epoch: int,
+    start_batch: int,
+    rank: int,
+    world: int,
+    num_workers: int,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Loader over batches ``start_batch..`` of ``epoch`` for ``rank``: (uint8 images, labels, indices).
+
+    Build one per epoch (workers are not persistent: the epoch is baked into the dataset copy they get).
+    """
+    if len(dataset) != order.n:
+        raise ValueError(f"dataset has {len(dataset)} samples but the order covers {order.n}")
+    dataset.set_epoch(epoch)
+    sampler = EpochBatchSampler(order, epoch, start_batch, rank, world)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+def build_eval_loader(
+    dataset: IndexedImageDataset, batch_size: int, num_workers: int, pin_memory: bool = False
+) -> DataLoader:
+    """Sequential loader over the whole dataset (last batch kept); yields (uint8 images, labels, indices)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+def batch_generator(seed: int, epoch: int, batch: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Generator for the colour augmentation of global batch ``batch`` of ``epoch``.
+
+    Seeded without the rank: pass ``row_offset=rank * local_batch, rows_total=global_batch`` to
+    :class:`~invprop.data.augment.BatchColorAugment` so every rank draws the same global parameters.
+    """
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, 0xC0104, epoch, batch))
+
+
+def build_dataset(
+    data_cfg: Mapping[str, Any] | Any,
+    split: str,
+    *,
+    train: bool,
+    seed: int = 0,
+    aug_cfg: Mapping[str, Any] | Any = None,
+) -> IndexedImageDataset:
+    """Load ``split`` with :func:`~invprop.data.datasets.load_split` and wrap it (train: random crops)."""
+    from invprop.data.datasets import load_split
+
+    images, labels = load_split(data_cfg, split)
+    return IndexedImageDataset.from_config(images, labels, aug_cfg, train=train, seed=seed)

@@ -1,0 +1,93 @@
+"""The distributed environment: who am I, who are my peers, and the process group (one module, like dinov2's)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from invprop import collectives
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    source: str = "single"  # slurm | torchrun | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, _, ranges = head.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def port_for_job(job_id: str) -> int:
+    """A port every task of a job derives alike; spread over 20000-39999 so jobs on one node rarely clash."""
+    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+
+
+def read_env(environ: dict[str, str] | None = None) -> DistEnv:
+    """Rank and rendezvous from torchrun-style variables, else SLURM's, else a single process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        job = env.get("SLURM_ARRAY_JOB_ID", env.get("SLURM_JOB_ID", "0")) + env.get("SLURM_ARRAY_TASK_ID", "")
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
+                       first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")), port_for_job(job), "slurm")
+    return DistEnv()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def device_for(env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init(env: DistEnv, timeout_s: float = 120.0) -> torch.device:
+    """Initialise NCCL (GPU) or gloo (CPU); a dead peer ends collectives after `timeout_s` instead of hanging."""
+    device = device_for(env)
+    if env.world_size == 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # Make NCCL raise instead of hanging when a peer disappears.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                            rank=env.rank, world_size=env.world_size, timeout=timeout)
+    # A separate group keeps bank collectives apart from DDP's asynchronous gradient buckets.
+    collectives.set_group(dist.new_group(backend=backend, timeout=timeout))
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        collectives.set_group(None)
+        dist.destroy_process_group()

@@ -1,0 +1,33 @@
+"""The weighted-kNN evaluation of a trained run: over bank rows and over recomputed features."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from invprop.bank import ShardedBank
+from invprop.data import load_split, num_classes
+from invprop.eval.features import embed
+from invprop.eval.knn import knn_top1
+
+
+def evaluate_knn(cfg: DictConfig, model: torch.nn.Module, bank: ShardedBank, train_images: torch.Tensor,
+                 train_labels: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """knn_top1 (reference = train features recomputed with the test transform) and knn_bank_top1.
+
+    Each rank holds the rows of its bank shard; test features are computed on every rank.
+    """
+    start = time.perf_counter()
+    test_images, test_labels = load_split(cfg.data, "test")
+    classes = num_classes(cfg.data)
+    k, sigma, bs = int(cfg.eval.knn_k), float(cfg.eval.knn_sigma), int(cfg.eval.batch_size)
+    queries = embed(model, test_images, cfg.data, device, bs)
+    shard_labels = train_labels[bank.start : bank.stop].to(device)
+    shard_feats = embed(model, train_images[bank.start : bank.stop], cfg.data, device, bs)
+    return {
+        "knn_top1": knn_top1(queries, test_labels, shard_feats, shard_labels, classes, k, sigma),
+        "knn_bank_top1": knn_top1(queries, test_labels, bank.rows, shard_labels, classes, k, sigma),
+        "knn_eval_s": time.perf_counter() - start,
+    }

@@ -1,0 +1,146 @@
+"""InvP and NPID losses over a sharded bank (DESIGN section 2, computed as section 3 prescribes).
+
+Each rank calls the criterion with its own batch. The returned `loss` is this rank's share of the
+global mean (sum over ranks = mean over the global batch), so gradients with respect to every
+embedding equal those of the dense single-process loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from invprop import collectives as coll
+from invprop.bank import ShardedBank, logsumexp_across_ranks, masked_logsumexp
+from invprop.graph import UNKNOWN, NeighbourGraph
+
+
+@dataclass
+class StepOutput:
+    """What one loss evaluation produced; `commit` applies the deferred graph and bank updates."""
+
+    loss: torch.Tensor  # this rank's share of the global mean
+    ids: torch.Tensor  # gathered bank rows of the global batch
+    embeddings: torch.Tensor  # gathered embeddings (detached), for the bank update
+    neighbours: torch.Tensor | None = None  # new G rows for `ids`
+    positives: torch.Tensor | None = None  # chosen positives, UNKNOWN-padded
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def warmup_weight(epoch: int, warmup_epochs: int) -> float:
+    """w(epoch): 0 for the first T epochs (epoch counts completed epochs), then 1."""
+    return 1.0 if epoch >= warmup_epochs else 0.0
+
+
+def _local_share(per_anchor: torch.Tensor) -> torch.Tensor:
+    rank, world = coll.rank_and_world()
+    rows = per_anchor.shape[0] // world
+    return per_anchor[rank * rows : (rank + 1) * rows].sum() / per_anchor.shape[0]
+
+
+class NPIDLoss:
+    """Instance discrimination with a softmax over the whole bank."""
+
+    def __init__(self, bank: ShardedBank, tau: float, bank_momentum: float) -> None:
+        self.bank, self.tau, self.momentum = bank, tau, bank_momentum
+
+    def __call__(self, z: torch.Tensor, ids: torch.Tensor, epoch: int) -> StepOutput:
+        zg, idg = coll.gather_rows(z), coll.gather_rows(ids)
+        scores = self.bank.local_scores(zg)
+        everything = torch.ones_like(scores, dtype=torch.bool)
+        lse = logsumexp_across_ranks(masked_logsumexp(scores / self.tau, everything))
+        self_logit = self.bank.lookup(scores, idg.view(-1, 1)).squeeze(1) / self.tau
+        per_anchor = lse - self_logit
+        loss_mean = per_anchor.detach().mean()
+        return StepOutput(_local_share(per_anchor), idg, zg.detach(),
+                          stats={"loss": loss_mean.item(), "loss_ins": loss_mean.item()})
+
+    def commit(self, out: StepOutput) -> None:
+        self.bank.update(out.ids, out.embeddings, self.momentum)
+
+
+class InvPLoss:
+    """Invariance Propagation: top-M instance term plus the propagated hard-positive term."""
+
+    def __init__(self, bank: ShardedBank, graph: NeighbourGraph, *, tau: float, n_background: int,
+                 n_pos: int, layers: int, lambda_inv: float, warmup_epochs: int, propagation: str = "concat",
+                 positives: str = "hard", denominator: str = "code", bank_momentum: float = 0.5) -> None:
+        self.bank, self.graph = bank, graph
+        self.tau, self.m, self.p, self.layers = tau, min(n_background, bank.n), n_pos, layers
+        self.lambda_inv, self.warmup_epochs, self.momentum = lambda_inv, warmup_epochs, bank_momentum
+        self.propagation, self.positives, self.denominator = propagation, positives, denominator
+
+    def __call__(self, z: torch.Tensor, ids: torch.Tensor, epoch: int) -> StepOutput:
+        zg, idg = coll.gather_rows(z), coll.gather_rows(ids).long()
+        scores = self.bank.local_scores(zg)  # (Q, n_local)
+        top_vals, top_ids, in_top, threshold = self.bank.global_top(scores, self.m)
+        top_logits = top_vals / self.tau
+
+        lse_top = logsumexp_across_ranks(masked_logsumexp(top_logits, in_top))
+        self_score = self.bank.lookup(scores, idg.view(-1, 1)).squeeze(1)
+        loss_ins = lse_top - self_score / self.tau
+
+        w = warmup_weight(epoch, self.warmup_epochs)
+        with torch.no_grad():
+            cands = self.graph.candidates(idg, self.layers, self.propagation)
+        cand_valid = cands != UNKNOWN
+        cand_scores = self.bank.lookup(scores, cands)
+        pos_slot = self._pick_positives(cand_scores.detach(), cand_valid)
+        pos_valid = cand_valid.gather(1, pos_slot)
+        pos_logits = cand_scores.gather(1, pos_slot) / self.tau
+        numerator = masked_logsumexp(pos_logits, pos_valid)
+        denominator = self._denominator(top_logits, top_ids, in_top, idg, cands, numerator)
+        has_pos = pos_valid.any(dim=1)
+        loss_inv = torch.where(has_pos, denominator - numerator, torch.zeros_like(numerator))
+
+        per_anchor = loss_ins + self.lambda_inv * w * loss_inv
+        neighbours = self.bank.nearest(scores, idg, self.graph.k)
+        positives = torch.where(pos_valid, cands.gather(1, pos_slot), torch.full_like(pos_slot, UNKNOWN))
+        own_in_top = (self_score.detach() >= threshold).float()
+        stats = {
+            "loss": per_anchor.detach().mean().item(),
+            "loss_ins": loss_ins.detach().mean().item(),
+            "loss_inv": (loss_inv.detach().sum() / has_pos.sum().clamp(min=1)).item(),
+            "inv_weight": w,
+            "own_in_top_m": own_in_top.mean().item(),
+            "empty_candidates": 1.0 - has_pos.float().mean().item(),
+        }
+        return StepOutput(_local_share(per_anchor), idg, zg.detach(), neighbours, positives, stats)
+
+    def _pick_positives(self, cand_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Slots of the P lowest-scoring (hard) or highest-scoring (easy) valid candidates."""
+        hard = self.positives == "hard"
+        fill = float("inf") if hard else float("-inf")
+        ranked = cand_scores.masked_fill(~valid, fill)
+        return ranked.topk(min(self.p, ranked.shape[1]), dim=1, largest=not hard).indices
+
+    def _denominator(self, top_logits: torch.Tensor, top_ids: torch.Tensor, in_top: torch.Tensor,
+                     idg: torch.Tensor, cands: torch.Tensor, numerator: torch.Tensor) -> torch.Tensor:
+        if self.denominator == "code":
+            # N_M(i) without i itself, excluded only where it is actually in N_M(i).
+            keep = in_top & (top_ids != idg.view(-1, 1))
+            return logsumexp_across_ranks(masked_logsumexp(top_logits, keep))
+        # paper: (N_M(i) minus all candidates) union H(i)
+        ordered, _ = cands.sort(dim=1)
+        slot = torch.searchsorted(ordered, top_ids).clamp(max=ordered.shape[1] - 1)
+        is_cand = ordered.gather(1, slot) == top_ids
+        rest = logsumexp_across_ranks(masked_logsumexp(top_logits, in_top & ~is_cand))
+        return torch.logaddexp(rest, numerator)
+
+    def commit(self, out: StepOutput) -> None:
+        """Graph update (from this step's scores) and owner-writes bank update; call after optimizer.step()."""
+        self.graph.update(out.ids, out.neighbours)
+        self.bank.update(out.ids, out.embeddings, self.momentum)
+
+
+def build_criterion(method_cfg, bank: ShardedBank, graph: NeighbourGraph | None,
+                    n_background: int) -> InvPLoss | NPIDLoss:
+    """Build the loss named by `method.name` from its config section (M already resolved against N)."""
+    if method_cfg.name == "npid":
+        return NPIDLoss(bank, tau=method_cfg.tau, bank_momentum=method_cfg.bank_momentum)
+    return InvPLoss(bank, graph, tau=method_cfg.tau, n_background=n_background,
+                    n_pos=method_cfg.n_pos, layers=method_cfg.l, lambda_inv=method_cfg.lambda_inv,
+                    warmup_epochs=method_cfg.warmup_epochs, propagation=method_cfg.propagation,
+                    positives=method_cfg.positives, denominator=method_cfg.denominator,
+                    bank_momentum=method_cfg.bank_momentum)

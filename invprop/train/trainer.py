@@ -1,0 +1,184 @@
+"""The pretraining loop: one method per job (build, step, epoch, log, save), in the ffcv-imagenet style."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
+
+from invprop import checkpoint
+from invprop import collectives as coll
+from invprop.bank import ShardedBank
+from invprop.config import n_background
+from invprop.data import EpochOrder, load_split, normalization
+from invprop.data.augment import BatchColorAugment
+from invprop.data.loader import IndexedImageDataset, batch_generator, build_train_loader
+from invprop.digest import state_digest
+from invprop.distributed import DistEnv
+from invprop.graph import UNKNOWN, NeighbourGraph
+from invprop.loss import StepOutput, build_criterion
+from invprop.metrics import MetricsLog
+from invprop.models import build_model
+from invprop.train.progress import TrainProgress
+
+
+@dataclass
+class TrainState:
+    """Where training stands; with the RNG states this is all a resume needs besides the weights and bank."""
+
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # global batches done inside the current epoch
+    step: int = 0  # optimiser steps done in total
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, env: DistEnv, device: torch.device, run_dir: Path) -> None:
+        self.cfg, self.env, self.device, self.run_dir = cfg, env, device, Path(run_dir)
+        seed_everything(int(cfg.seed), bool(cfg.deterministic))
+        self.images, self.labels = load_split(cfg.data, "train")
+        self.n = int(self.labels.shape[0])
+        self.label_table = self.labels.to(device)
+        self.model = build_model(cfg.model).to(device)
+        self.net = (DistributedDataParallel(self.model) if env.world_size > 1 else self.model)
+        self.bank = ShardedBank(self.n, int(cfg.model.embedding_dim), rank=env.rank, world=env.world_size,
+                                seed=int(cfg.seed), device=device)
+        self.graph = NeighbourGraph(self.n, int(cfg.method.k), device) if cfg.method.name == "invp" else None
+        self.criterion = build_criterion(cfg.method, self.bank, self.graph, n_background(cfg, self.n))
+        self.order = EpochOrder(self.n, int(cfg.train.batch_size), int(cfg.seed))
+        aug_cfg = cfg.data.get("augment")
+        self.dataset = IndexedImageDataset.from_config(self.images, self.labels, aug_cfg, train=True,
+                                                       seed=int(cfg.seed))
+        self.augment = BatchColorAugment.from_config(aug_cfg, *normalization(cfg.data)).to(device)
+        self.base_lr = float(cfg.train.lr) * int(cfg.train.batch_size) / 128
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.base_lr,
+                                         momentum=float(cfg.train.momentum),
+                                         weight_decay=float(cfg.train.weight_decay))
+        self.total_steps = int(cfg.train.epochs) * self.order.num_batches
+        self.state = TrainState()
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=env.is_main)
+        self.ckpt_root = self.run_dir / "checkpoints"
+
+    # -- schedule ---------------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        """Cosine from the scaled base lr to 0 over all steps."""
+        return 0.5 * self.base_lr * (1 + math.cos(math.pi * step / max(1, self.total_steps)))
+
+    def set_lr(self) -> float:
+        lr = self.lr_at(self.state.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def augment_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Colour augmentations as batched ops on the device; parameters drawn for the whole global batch
+        from (seed, epoch, batch), so they do not depend on the world size."""
+        gen = batch_generator(int(self.cfg.seed), self.state.epoch, self.state.batch, self.device)
+        local = images.shape[0]
+        x = images.to(self.device, non_blocking=True)
+        return self.augment(x, gen, row_offset=self.env.rank * local, rows_total=local * self.env.world_size)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
+        lr = self.set_lr()
+        self.net.train()
+        z = self.net(self.augment_batch(images))
+        out = self.criterion(z, indices.to(self.device), self.state.epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        # out.loss sums to the global mean over ranks; DDP averages gradients, so scale back by W.
+        (out.loss * self.env.world_size).backward()
+        self.optimizer.step()
+        self.criterion.commit(out)
+        return {**out.stats, **self.purity(out), "lr": lr}
+
+    def purity(self, out: StepOutput) -> dict[str, float]:
+        """Monitoring only: share of chosen positives / new graph neighbours with the anchor's label."""
+        if out.positives is None:
+            return {}
+        anchor = self.label_table[out.ids].unsqueeze(1)
+        valid = out.positives != UNKNOWN
+        same = (self.label_table[out.positives.clamp(min=0)] == anchor) & valid
+        graph_same = self.label_table[out.neighbours] == anchor
+        return {"hp_purity": (same.sum() / valid.sum().clamp(min=1)).item(),
+                "graph_purity": graph_same.float().mean().item()}
+
+    # -- loops ------------------------------------------------------------------------------------------
+    def fit(self, stop_requested: Any = None) -> bool:
+        """Train to the configured epochs; returns False if stopped early by `stop_requested()`."""
+        epochs = int(self.cfg.train.epochs)
+        global_batch = int(self.cfg.train.batch_size)
+        with TrainProgress(self.total_steps, self.state.step, enabled=self.env.is_main) as progress:
+            while self.state.epoch < epochs:
+                loader = build_train_loader(self.dataset, self.order, self.state.epoch, self.state.batch,
+                                            self.env.rank, self.env.world_size, int(self.cfg.train.num_workers))
+                window, tick = [], time.perf_counter()
+                for images, labels, indices in loader:
+                    stats = self.train_step(images, labels, indices)
+                    self.state.batch += 1
+                    self.state.step += 1
+                    window.append(stats)
+                    if self.state.step % int(self.cfg.train.log_every) == 0 or \
+                            self.state.batch == self.order.num_batches:
+                        elapsed = time.perf_counter() - tick
+                        record = self.log_window(window, len(window) * global_batch / max(elapsed, 1e-9))
+                        progress.update(self.state.step, record)
+                        window, tick = [], time.perf_counter()
+                    else:
+                        progress.update(self.state.step, None)
+                    if stop_requested is not None and stop_requested():
+                        return False
+                self.state.epoch += 1
+                self.state.batch = 0
+        return True
+
+    def log_window(self, window: list[dict[str, float]], img_s: float) -> dict[str, Any]:
+        record: dict[str, Any] = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
+        record.update(step=self.state.step, epoch=self.state.epoch + self.state.batch / self.order.num_batches,
+                      img_s=img_s, time=time.time())
+        self.metrics.write(record)
+        return record
+
+    # -- state ------------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed by this run."""
+        return {"n": self.n, "dim": int(self.cfg.model.embedding_dim), "arch": str(self.cfg.model.arch),
+                "method": str(self.cfg.method.name), "k": int(self.cfg.method.get("k", 0) or 0)}
+
+    def main_state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "train_state": asdict(self.state),
+            "graph": None if self.graph is None else self.graph.table.cpu(),
+            "rng_torch": torch.get_rng_state(),
+            "describe": self.describe(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        state = self.main_state() if self.env.is_main else None
+        return checkpoint.save(self.ckpt_root, self.state.step, self.env.rank, self.env.world_size, state,
+                               self.bank.rows, self.bank.start, self.n)
+
+    def digest(self) -> str:
+        """Collective: sha256 of weights, the whole bank (gathered in row order) and the graph."""
+        bank = self.bank.gather_full()
+        return state_digest(self.model.state_dict(), bank, None if self.graph is None else self.graph.table)
+
+    def barrier(self) -> None:
+        coll.barrier()

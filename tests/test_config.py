@@ -1,0 +1,81 @@
+"""Bad input fails before any work starts, with one line naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from invprop.config import ConfigError, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["nodes=0"], "nodes"),
+        (["gpus=-1"], "gpus"),
+        (["train.epochs=0"], "train.epochs"),
+        (["train.batch_size=-4"], "train.batch_size"),
+        (["gpus=3", "train.batch_size=128"], "train.batch_size"),
+        (["data=synthetic", "train.batch_size=1024"], "train.batch_size"),
+        (["method.n_pos=100"], "method.n_pos"),  # k=4, l=3 yield 84 candidates
+        (["method.k=0"], "method.k"),
+        (["method.l=0"], "method.l"),
+        (["data=synthetic", "method.n_background=600"], "method.n_background"),  # M > N=512
+        (["method.propagation=dfs"], "method.propagation"),
+        (["method.denominator=other"], "method.denominator"),
+        (["method.tau=0"], "method.tau"),
+        (["data.subset=-5"], "data.subset"),
+    ],
+)
+def test_bad_values_name_their_field(overrides: list[str], field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(_cfg(*overrides))
+    message = str(err.value)
+    assert message.startswith(field) and "\n" not in message
+
+
+def test_defaults_and_documented_overrides_validate() -> None:
+    validate(_cfg())
+    validate(_cfg("data=synthetic", "model=resnet_tiny", "method.k=8", "method.l=2",
+                  "method.n_pos=50", "method.propagation=bfs", "gpus=2"))
+    validate(_cfg("data=synthetic", "method=npid", "method.tau=0.1"))
+    validate(_cfg("data.subset=2000"))  # M defaults to min(4096, N)
+
+
+def test_out_dir_that_is_a_file(tmp_path: Path) -> None:
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    with pytest.raises(ConfigError, match="^out_dir="):
+        validate(_cfg(f"out_dir={target}"))
+
+
+def _launch(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launchers/submit.py"), *overrides], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_launcher_refuses_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _launch("method.n_pos=500", f"out_dir={out}")
+    assert proc.returncode == 2
+    assert "method.n_pos=500" in proc.stdout and "candidates" in proc.stdout
+    assert not out.exists()
+
+
+def test_launcher_unknown_key_and_group(tmp_path: Path) -> None:
+    proc = _launch("train.bogus=1", f"out_dir={tmp_path / 'r'}")
+    assert proc.returncode != 0 and "train.bogus" in proc.stderr
+    proc = _launch("method=nope", f"out_dir={tmp_path / 'r'}")
+    assert proc.returncode != 0 and "method" in proc.stderr and "invp" in proc.stderr
+    assert not (tmp_path / "r").exists()
