@@ -6,6 +6,7 @@ import datetime
 import os
 import re
 import socket
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,21 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def resolve_host(host: str) -> str:
+    """An address for a SLURM node name: DNS first, else the NodeAddr slurmctld knows (single-machine clusters)."""
+    try:
+        socket.gethostbyname(host)
+        return host
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", host], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return host
+    found = re.search(r"NodeAddr=(\S+)", out.stdout)
+    return found.group(1) if found else host
+
+
 def port_for_job(job_id: str) -> int:
     """A port every task of a job derives alike; spread over 20000-39999 so jobs on one node rarely clash."""
     return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
@@ -53,7 +69,8 @@ def read_env(environ: dict[str, str] | None = None) -> DistEnv:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
         job = env.get("SLURM_ARRAY_JOB_ID", env.get("SLURM_JOB_ID", "0")) + env.get("SLURM_ARRAY_TASK_ID", "")
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
-                       first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")), port_for_job(job), "slurm")
+                       resolve_host(first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))), port_for_job(job),
+                       "slurm")
     return DistEnv()
 
 

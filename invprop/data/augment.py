@@ -75,9 +75,7 @@ def resize_uint8(img: torch.Tensor, out_size: int | tuple[int, int]) -> torch.Te
     size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
     if tuple(img.shape[-2:]) == size:
         return img.clone()
-    x = F.interpolate(
-        img.unsqueeze(0).float(), size=size, mode="bilinear", align_corners=False, antialias=True
-    )
+    x = F.interpolate(img.unsqueeze(0).float(), size=size, mode="bilinear", align_corners=False, antialias=True)
     return x.squeeze(0).round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -139,9 +137,7 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     minc, _ = x.min(dim=1)
     delta = maxc - minc
     chroma = delta > 0
-    sat = torch.where(
-        maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc)
-    )
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
     safe = torch.where(chroma, delta, torch.ones_like(delta))
     rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
     hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
@@ -150,20 +146,17 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
 
 
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Batched HSV -> RGB (inverse of :func:`rgb_to_hsv`)."""
+    """Batched HSV -> RGB (inverse of :func:`rgb_to_hsv`).
+
+    Closed form per channel n in (5, 3, 1) for (R, G, B): ``v - v*s*clamp(min(k, 4 - k), 0, 1)`` with
+    ``k = (n + 6h) mod 6``; about twice as fast as selecting among six sector tables.
+    """
     h, s, v = x.unbind(dim=1)
-    h6 = torch.remainder(h, 1.0) * 6.0
-    sector = torch.floor(h6)
-    f = h6 - sector
-    sector = sector.long().remainder_(6).unsqueeze(1)
-    p = v * (1.0 - s)
-    q = v * (1.0 - s * f)
-    t = v * (1.0 - s * (1.0 - f))
-    # For hue sector i, (R, G, B) = rows i of these tables.
-    r = torch.stack((v, q, p, p, t, v), dim=1).gather(1, sector)
-    g = torch.stack((t, v, v, q, p, p), dim=1).gather(1, sector)
-    b = torch.stack((p, p, t, v, v, q), dim=1).gather(1, sector)
-    return torch.cat((r, g, b), dim=1)
+    h6 = torch.remainder(h, 1.0).mul(6.0).unsqueeze(1)
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    k = torch.remainder(n + h6, 6.0)
+    w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return v.unsqueeze(1) - (v * s).unsqueeze(1) * w
 
 
 def _bcast(f: torch.Tensor) -> torch.Tensor:
@@ -341,8 +334,7 @@ class BatchColorAugment(nn.Module):
         if row_offset < 0 or row_offset + bsz > total:
             raise ValueError(f"rows {row_offset}..{row_offset + bsz} outside the {total} drawn")
         params = {
-            k: v[row_offset : row_offset + bsz].to(x.device)
-            for k, v in self.sample_params(total, generator).items()
+            k: v[row_offset : row_offset + bsz].to(x.device) for k, v in self.sample_params(total, generator).items()
         }
         x = to_float01(x)
 

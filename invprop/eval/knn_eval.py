@@ -14,13 +14,15 @@ from invprop.eval.knn import knn_top1
 
 
 def evaluate_knn(cfg: DictConfig, model: torch.nn.Module, bank: ShardedBank, train_images: torch.Tensor,
-                 train_labels: torch.Tensor, device: torch.device) -> dict[str, float]:
+                 train_labels: torch.Tensor, device: torch.device, max_test: int | None = None) -> dict[str, float]:
     """knn_top1 (reference = train features recomputed with the test transform) and knn_bank_top1.
 
     Each rank holds the rows of its bank shard; test features are computed on every rank.
     """
     start = time.perf_counter()
     test_images, test_labels = load_split(cfg.data, "test")
+    if max_test is not None:  # a quick estimate on the first test images, for curves during training
+        test_images, test_labels = test_images[:max_test], test_labels[:max_test]
     classes = num_classes(cfg.data)
     k, sigma, bs = int(cfg.eval.knn_k), float(cfg.eval.knn_sigma), int(cfg.eval.batch_size)
     queries = embed(model, test_images, cfg.data, device, bs)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from invprop import distributed
+from invprop import checkpoint, distributed
 from invprop.eval.knn_eval import evaluate_knn
 from invprop.metrics import read_jsonl, update_results
 from invprop.train.trainer import Trainer
@@ -25,6 +25,9 @@ def pretrain(run_dir: Path, evaluate: bool = True) -> dict:
     device = distributed.init(env, float(cfg.train.dist_timeout_s))
     try:
         trainer = Trainer(cfg, env, device, Path(run_dir))
+        latest = checkpoint.latest(trainer.ckpt_root)
+        if latest is not None:
+            trainer.restore(latest)
         trainer.fit()
         trainer.save_checkpoint()
         digest = trainer.digest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,14 @@ def summary_table(results: dict, run_dir: Path, cfg: DictConfig) -> Table:
     return table
 
 
+def _sweep_element_on_slurm() -> bool:
+    """Hydra's submitit launcher runs each sweep element's task function inside its SLURM job."""
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN and "SLURM_JOB_ID" in os.environ
+    except ValueError:
+        return False
+
+
 def main(cfg: DictConfig) -> int:
     """Validate before anything runs or is submitted; then run locally or submit to SLURM."""
     try:
@@ -58,6 +67,11 @@ def main(cfg: DictConfig) -> int:
         console.print(f"[bold red]config error:[/] {exc}", soft_wrap=True)
         return 2
     run_dir = resolve_run_dir(cfg)
+    if _sweep_element_on_slurm():
+        from invprop.jobs.slurm import run_array_element
+
+        prepare_run_dir(cfg, run_dir)
+        return run_array_element(cfg, run_dir)
     if cfg.cluster.name == "slurm":
         from invprop.jobs.slurm import submit_run
 

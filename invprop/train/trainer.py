@@ -145,7 +145,21 @@ class Trainer:
                         return False
                 self.state.epoch += 1
                 self.state.batch = 0
+                self.evaluate_epoch()
         return True
+
+    def evaluate_epoch(self) -> None:
+        """kNN accuracy over training (eval.every_epochs > 0) into metrics.jsonl, for the curves in reports."""
+        every = int(self.cfg.eval.get("every_epochs", 0) or 0)
+        if every <= 0 or self.state.epoch % every:
+            return
+        from invprop.eval.knn_eval import evaluate_knn  # the evaluation layer sits beside the loop
+
+        test = self.cfg.eval.get("every_epochs_test_images", 2000)
+        found = evaluate_knn(self.cfg, self.model, self.bank, self.images, self.labels, self.device,
+                             max_test=int(test) if test else None)
+        self.metrics.write({"step": self.state.step, "epoch": self.state.epoch, "time": time.time(),
+                            **{f"epoch_{k}": v for k, v in found.items()}})
 
     def log_window(self, window: list[dict[str, float]], img_s: float) -> dict[str, Any]:
         record: dict[str, Any] = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
@@ -169,6 +183,25 @@ class Trainer:
             "rng_torch": torch.get_rng_state(),
             "describe": self.describe(),
         }
+
+    def restore(self, directory: Path) -> None:
+        """Resume from a committed checkpoint, resharding the bank for this world size."""
+        state = checkpoint.load_state(directory, map_location="cpu")
+        saved, mine = state["describe"], self.describe()
+        if saved != mine:
+            diff = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs run {v!r}" for k, v in mine.items()
+                             if saved.get(k) != v)
+            raise ValueError(f"checkpoint {directory} does not match this run ({diff}); "
+                             "use a new out_dir or the original config")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.state = TrainState(**state["train_state"])
+        if self.graph is not None:
+            self.graph.table.copy_(state["graph"].to(self.graph.table.device))
+        torch.set_rng_state(state["rng_torch"])
+        self.bank.rows = checkpoint.load_bank_shard(directory, self.n, self.env.rank, self.env.world_size).to(
+            self.device)
+        self.metrics.truncate_after(self.state.step)
 
     def save_checkpoint(self) -> Path:
         state = self.main_state() if self.env.is_main else None

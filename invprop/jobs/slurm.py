@@ -1,0 +1,149 @@
+"""cluster=slurm: submit pretraining through submitit, chain evaluation with afterok, and return at once."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import submitit
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from invprop.config import ConfigError
+from invprop.distributed import read_env
+from invprop.jobs.evaluate import evaluate_run
+from invprop.jobs.pretrain import pretrain
+from invprop.metrics import write_json_atomic
+
+# What configs/cluster/slurm.yaml holds, for sweeps composed with cluster=local.
+CLUSTER_DEFAULTS = {"partition": None, "account": None, "qos": None, "constraint": None, "timeout_min": 60,
+                    "signal_delay_s": 120, "max_num_timeout": 20, "cpus_per_task": 2, "mem_gb": 4,
+                    "gpus_per_node": 0, "additional_parameters": {}, "eval_timeout_min": 30}
+
+
+class PretrainJob:
+    """Picklable job for submitit; on USR2 (timeout or preemption) submitit calls checkpoint() and requeues."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def __call__(self) -> dict:
+        return pretrain(Path(self.run_dir), evaluate=False)
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        # The restarted job resumes from the newest committed checkpoint in the run directory.
+        return submitit.helpers.DelayedSubmission(PretrainJob(self.run_dir))
+
+
+class EvalJob:
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def __call__(self) -> dict:
+        return evaluate_run(Path(self.run_dir))
+
+
+def available_partitions() -> list[str] | None:
+    """Partition names from sinfo, or None when sinfo is not installed here."""
+    if shutil.which("sinfo") is None:
+        return None
+    out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise ConfigError(f"cluster=slurm: sinfo failed ({out.stderr.strip()}); is the SLURM controller up?")
+    return sorted(set(out.stdout.split()))
+
+
+def check_cluster(cluster: DictConfig) -> None:
+    """Checks that need the cluster itself, still before anything is submitted."""
+    if shutil.which("sbatch") is None:
+        raise ConfigError("cluster=slurm: sbatch is not on PATH; run on a SLURM login node or use cluster=local")
+    partitions = available_partitions()
+    if cluster.partition is not None and partitions is not None and cluster.partition not in partitions:
+        raise ConfigError(f"cluster.partition={cluster.partition} does not exist; available: {', '.join(partitions)}")
+
+
+def _executor(cfg: DictConfig, folder: Path, name: str, nodes: int, tasks_per_node: int,
+              gpus_per_node: int, timeout_min: int, dependency: str | None = None) -> submitit.AutoExecutor:
+    cl = OmegaConf.merge(OmegaConf.create(CLUSTER_DEFAULTS), cfg.cluster)  # cluster=local sweeps lack these keys
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=int(cl.max_num_timeout))
+    extra = dict(OmegaConf.to_container(cl.additional_parameters, resolve=True) or {})
+    params = dict(name=name, nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=int(cl.cpus_per_task),
+                  mem_gb=int(cl.mem_gb), timeout_min=timeout_min, slurm_signal_delay_s=int(cl.signal_delay_s))
+    if gpus_per_node:
+        params["gpus_per_node"] = gpus_per_node
+    for key in ("partition", "account", "qos", "constraint"):
+        if cl.get(key) is not None:
+            params[f"slurm_{key}"] = str(cl[key])
+    if dependency:
+        extra.update(dependency=dependency, kill_on_invalid_dep="yes")
+    if extra:
+        params["slurm_additional_parameters"] = extra
+    executor.update_parameters(**params)
+    return executor
+
+
+def in_slurm_job() -> bool:
+    """True inside a SLURM allocation (a sweep element started by Hydra's submitit launcher)."""
+    return "SLURM_JOB_ID" in os.environ
+
+
+@contextlib.contextmanager
+def _outside_job_env() -> Iterator[None]:
+    """sbatch exports our environment: hide this job's SLURM_* so the new job does not take them for its own."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith(("SLURM_", "SUBMITIT_")) and k != "SLURM_CONF"}
+    for key in saved:
+        del os.environ[key]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def run_array_element(cfg: DictConfig, run_dir: Path) -> int:
+    """A sweep element: submit this element's evaluation (afterok on itself), then pretrain in this allocation."""
+    env = read_env()
+    if env.is_main:
+        me = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
+        if "SLURM_ARRAY_TASK_ID" in os.environ:
+            me = f"{me}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        gpus_per_node = int(cfg.cluster.get("gpus_per_node") or 0)
+        ev = _executor(cfg, run_dir / "submitit", f"invprop-eval-{run_dir.name}", 1, 1, min(gpus_per_node, 1),
+                       int(cfg.cluster.get("eval_timeout_min", 30)), dependency=f"afterok:{me}")
+        with _outside_job_env():
+            job = ev.submit(EvalJob(str(run_dir)))
+        write_json_atomic(run_dir / "jobs.json", {"jobs": {"pretrain": me, "eval_knn": job.job_id},
+                                                  "logs": str(run_dir / "submitit")})
+    pretrain(run_dir, evaluate=False)
+    return 0
+
+
+def submit_run(cfg: DictConfig, run_dir: Path, console: Console) -> int:
+    """Submit pretraining and its chained evaluation; print the jobs and return without waiting."""
+    try:
+        check_cluster(cfg.cluster)
+    except ConfigError as exc:
+        console.print(f"[bold red]config error:[/] {exc}", soft_wrap=True)
+        return 2
+    logs = run_dir / "submitit"
+    gpus_per_node = int(cfg.cluster.gpus_per_node) if cfg.cluster.gpus_per_node else 0
+    pre = _executor(cfg, logs, f"invprop-pretrain-{run_dir.name}", int(cfg.nodes), int(cfg.gpus), gpus_per_node,
+                    int(cfg.cluster.timeout_min)).submit(PretrainJob(str(run_dir)))
+    ev = _executor(cfg, logs, f"invprop-eval-{run_dir.name}", 1, 1, min(gpus_per_node, 1),
+                   int(cfg.cluster.eval_timeout_min), dependency=f"afterok:{pre.job_id}").submit(EvalJob(str(run_dir)))
+    jobs = {"pretrain": pre.job_id, "eval_knn": ev.job_id}
+    write_json_atomic(run_dir / "jobs.json", {"jobs": jobs, "logs": str(logs)})
+    table = Table(title="submitted")
+    for col in ("role", "job id", "runs", "log"):
+        table.add_column(col)
+    table.add_row("pretrain", pre.job_id, f"{cfg.nodes} node(s) x {cfg.gpus} rank(s)", str(pre.paths.stdout))
+    table.add_row("eval_knn", ev.job_id, f"after pretrain succeeds (afterok:{pre.job_id})", str(ev.paths.stdout))
+    console.print(table)
+    console.print(f"run dir: {run_dir}\nstatus:  .venv/bin/python tools/status.py {run_dir}")
+    print(json.dumps({"run_dir": str(run_dir), "jobs": jobs}))
+    return 0

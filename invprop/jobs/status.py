@@ -1,0 +1,60 @@
+"""State of a run's (or a sweep's) SLURM jobs from sacct, with restarts and results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+
+def sacct_records(job_ids: list[str]) -> dict[str, list[dict[str, str]]]:
+    """Every allocation record (requeued runs included, -D) per job id, oldest first."""
+    if not job_ids:
+        return {}
+    out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", ",".join(job_ids),
+                          "--format=JobID,State,Elapsed,Start,End,ExitCode"],
+                         capture_output=True, text=True, timeout=30)
+    records: dict[str, list[dict[str, str]]] = {j: [] for j in job_ids}
+    for line in out.stdout.splitlines():
+        job, state, elapsed, start, end, code = line.split("|")
+        if job in records:
+            records[job].append({"state": state.split()[0], "elapsed": elapsed, "start": start, "end": end,
+                                 "exit": code})
+    return records
+
+
+def find_runs(path: Path) -> list[Path]:
+    """A run directory (with jobs.json) or the run directories under a sweep directory."""
+    path = Path(path)
+    if (path / "jobs.json").exists():
+        return [path]
+    return sorted((p.parent for p in path.glob("*/jobs.json")), key=lambda p: (len(p.name), p.name))
+
+
+def job_rows(run_dir: Path) -> list[dict[str, Any]]:
+    jobs = json.loads((run_dir / "jobs.json").read_text())["jobs"]
+    records = sacct_records(list(jobs.values()))
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    rows = []
+    for role, job_id in jobs.items():
+        recs = records.get(job_id) or [{"state": "UNKNOWN", "elapsed": "", "start": "", "end": "", "exit": ""}]
+        last = recs[-1]
+        state = last["state"]
+        if state == "CANCELLED" and role != "pretrain":
+            pre = records.get(jobs.get("pretrain", ""), [{}])[-1].get("state", "")
+            state = f"CANCELLED (pretrain {pre})" if pre in ("FAILED", "CANCELLED", "TIMEOUT") else state
+        rows.append({"run": run_dir.name, "role": role, "job_id": job_id, "state": state,
+                     "restarts": len(recs) - 1, "elapsed": last["elapsed"], "start": last["start"],
+                     "end": last["end"],
+                     "result": _result_for(role, results)})
+    return rows
+
+
+def _result_for(role: str, results: dict[str, Any]) -> str:
+    if role == "pretrain" and "final_train_loss" in results:
+        return f"loss {results['final_train_loss']:.3f}"
+    if role.startswith("eval") and "knn_top1" in results:
+        return f"kNN {results['knn_top1']:.4f} (bank {results.get('knn_bank_top1', float('nan')):.4f})"
+    return ""

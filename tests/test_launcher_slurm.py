@@ -1,0 +1,108 @@
+"""launchers/submit.py against the real local SLURM cluster: chained evaluation, arrays, failures, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+SMALL = ["data=synthetic", "train.epochs=1", "train.batch_size=64", "train.num_workers=0"]
+
+
+def _launch(cluster, *overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launchers/submit.py"), *overrides], cwd=cwd, env=cluster.env,
+                          capture_output=True, text=True, timeout=240)
+
+
+def _jobs(run_dir: Path) -> dict[str, str]:
+    return json.loads((run_dir / "jobs.json").read_text())["jobs"]
+
+
+def _status(cluster, path: Path) -> list[dict]:
+    out = subprocess.run([sys.executable, str(ROOT / "tools/status.py"), str(path), "--json"], env=cluster.env,
+                         capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+def test_two_node_pretrain_then_chained_eval(slurm_cluster, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    start = time.monotonic()
+    proc = _launch(slurm_cluster, "cluster=slurm", "nodes=2", "gpus=1", *SMALL, f"out_dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - start < 60  # returns at once, never waits on the cluster
+    jobs = _jobs(run)
+    assert "pretrain" in proc.stdout and jobs["eval_knn"] in proc.stdout
+    pre = slurm_cluster.wait_sacct(jobs["pretrain"], timeout=200)
+    ev = slurm_cluster.wait_sacct(jobs["eval_knn"], timeout=120)
+    assert pre["State"] == "COMPLETED" and ev["State"] == "COMPLETED", (pre, ev)
+    assert pre["NodeList"] == "node[1-2]"
+    assert ev["Start"] >= pre["End"]  # ISO timestamps: the evaluation began only after pretraining ended
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 2 and 0 <= results["knn_top1"] <= 1
+    assert results["eval_checkpoint"] == f"step_{results['steps']}"  # written by the eval job from the checkpoint
+    rows = {r["role"]: r for r in _status(slurm_cluster, run)}
+    assert rows["pretrain"]["state"] == "COMPLETED" and rows["eval_knn"]["state"] == "COMPLETED"
+
+
+def test_failed_pretrain_cancels_its_evaluation(slurm_cluster, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _launch(slurm_cluster, "cluster=slurm", "data=fashion_mnist", "data.root=/nonexistent/fmnist",
+                   "train.epochs=1", f"out_dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    jobs = _jobs(run)
+    assert slurm_cluster.wait_sacct(jobs["pretrain"], timeout=120)["State"] == "FAILED"
+    assert slurm_cluster.wait_sacct(jobs["eval_knn"], timeout=60)["State"] == "CANCELLED"
+    assert slurm_cluster.squeue(jobs["eval_knn"]) is None  # not left pending forever
+    rows = {r["role"]: r for r in _status(slurm_cluster, run)}
+    assert rows["pretrain"]["state"] == "FAILED"
+    assert rows["eval_knn"]["state"] == "CANCELLED (pretrain FAILED)"
+    assert not (run / "results.json").exists()
+
+
+def test_array_sweep_runs_every_element_and_its_evaluation(slurm_cluster, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = _launch(slurm_cluster, "-m", "hydra/launcher=slurm_array", "cluster=slurm", *SMALL, "method.k=3,4",
+                   "method.n_pos=10", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p for p in sweep.iterdir() if (p / "jobs.json").exists())
+    assert [p.name for p in runs] == ["0", "1"]
+    array_ids = {_jobs(r)["pretrain"].split("_")[0] for r in runs}
+    assert len(array_ids) == 1  # one SLURM array
+    for run, k in zip(runs, (3, 4), strict=True):
+        ev = slurm_cluster.wait_sacct(_jobs(run)["eval_knn"], timeout=120)
+        assert ev["State"] == "COMPLETED"
+        assert "knn_top1" in json.loads((run / "results.json").read_text())
+        assert f"k: {k}" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["nodes=0"], "nodes"),
+        (["gpus=-1"], "gpus"),
+        (["cluster.partition=nosuchpartition"], "cluster.partition"),
+        (["train.bogus=1"], "train.bogus"),
+    ],
+)
+def test_bad_overrides_submit_nothing(slurm_cluster, tmp_path: Path, overrides: list[str], field: str) -> None:
+    before = slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.split()
+    proc = _launch(slurm_cluster, "cluster=slurm", *overrides, f"out_dir={tmp_path / 'run'}")
+    assert proc.returncode != 0
+    assert field in proc.stdout + proc.stderr
+    after = slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.split()
+    assert set(after) <= set(before)
+    assert not (tmp_path / "run" / "jobs.json").exists()
+
+
+def test_bad_sweep_element_submits_nothing(slurm_cluster, tmp_path: Path) -> None:
+    before = slurm_cluster.run("sacct", "-X", "-n", "-o", "JobID").stdout.split()
+    proc = _launch(slurm_cluster, "-m", "hydra/launcher=slurm_array", "cluster=slurm", *SMALL, "method.k=2,4",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "method.n_pos=20" in proc.stderr and "method.k=2" in proc.stderr
+    assert slurm_cluster.run("sacct", "-X", "-n", "-o", "JobID").stdout.split() == before
