@@ -17,4 +17,5 @@ def run_local(cfg: DictConfig, run_dir: Path) -> dict:
     if world == 1:
         return pretrain(run_dir)
     spawn_ranks(pretrain_rank, world, (str(run_dir),), timeout_s=float(cfg.get("local_timeout_s", 24 * 3600)))
-    return json.loads((Path(run_dir) / "results.json").read_text())
+    results = Path(run_dir) / "results.json"
+    return json.loads(results.read_text()) if results.exists() else {"preempted_at_step": -1}

@@ -6,11 +6,15 @@ import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 
 from invprop import checkpoint, distributed
 from invprop.eval.knn_eval import evaluate_knn
 from invprop.metrics import read_jsonl, update_results
+from invprop.train.boundary import StepBoundary
 from invprop.train.trainer import Trainer
+
+console = Console(stderr=True)
 
 
 def load_run_config(run_dir: Path) -> DictConfig:
@@ -18,22 +22,33 @@ def load_run_config(run_dir: Path) -> DictConfig:
 
 
 def pretrain(run_dir: Path, evaluate: bool = True) -> dict:
-    """Train (this rank's part), save the final checkpoint, then optionally evaluate kNN; returns results."""
+    """Train (this rank's part) from the newest committed checkpoint if any, save, then optionally evaluate.
+
+    On USR2 the ranks save a committed checkpoint at the next step boundary and hand over to submitit
+    (rank 0), which requeues the job; the requeued job lands here again and resumes from that step.
+    """
     start = time.perf_counter()
+    run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     env = distributed.read_env()
     device = distributed.init(env, float(cfg.train.dist_timeout_s))
+    boundary = StepBoundary(device, int(cfg.train.get("checkpoint_every_steps", 0) or 0),
+                            float(cfg.train.get("checkpoint_every_min", 0) or 0))
     try:
-        trainer = Trainer(cfg, env, device, Path(run_dir))
+        trainer = Trainer(cfg, env, device, run_dir)
         latest = checkpoint.latest(trainer.ckpt_root)
         if latest is not None:
             trainer.restore(latest)
-        trainer.fit()
+            if env.is_main:
+                console.print(f"resumed from {latest} (epoch {trainer.state.epoch}, batch {trainer.state.batch}, "
+                              f"step {trainer.state.step})", soft_wrap=True)
+        if not trainer.fit(boundary):
+            return _preempted(trainer, boundary, env)
         trainer.save_checkpoint()
         digest = trainer.digest()
         results = {}
         if env.is_main:
-            losses = [r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl")]
+            losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
             results = {"state_digest": digest, "final_train_loss": losses[-1] if losses else float("nan"),
                        "epochs": int(cfg.train.epochs), "images": trainer.n, "steps": trainer.state.step,
                        "world_size": env.world_size, "train_wall_s": time.perf_counter() - start}
@@ -41,10 +56,22 @@ def pretrain(run_dir: Path, evaluate: bool = True) -> dict:
             results.update(evaluate_knn(cfg, trainer.model, trainer.bank, trainer.images, trainer.labels, device))
         if env.is_main:
             results["wall_s"] = time.perf_counter() - start
-            return update_results(Path(run_dir), results)
+            return update_results(run_dir, results)
         return results
     finally:
+        boundary.close()
         distributed.shutdown()
+
+
+def _preempted(trainer: Trainer, boundary: StepBoundary, env: distributed.DistEnv) -> dict:
+    """The committed checkpoint is on disk; requeue through submitit (rank 0) or tell a local user to rerun."""
+    if env.is_main:
+        console.print(f"preempted: committed checkpoint at step {trainer.state.step}; handing over for requeue")
+        boundary.hand_over()  # submitit's handler: checkpoint() + scontrol requeue + exit
+        console.print("no scheduler to requeue this run: start the same command again to resume")
+    elif env.source == "slurm":
+        time.sleep(float(trainer.cfg.train.get("requeue_wait_s", 120)))  # rank 0's requeue ends this task
+    return {"preempted_at_step": trainer.state.step}
 
 
 def pretrain_rank(rank: int, world: int, run_dir: str) -> None:

@@ -81,6 +81,10 @@ def main(cfg: DictConfig) -> int:
 
     prepare_run_dir(cfg, run_dir)
     results = run_local(cfg, run_dir)
+    if "preempted_at_step" in results:
+        console.print(f"stopped at step {results['preempted_at_step']} with a committed checkpoint in {run_dir}; "
+                      "run the same command again to resume", soft_wrap=True)
+        return 3
     console.print(summary_table(results, run_dir, cfg))
     return 0
 

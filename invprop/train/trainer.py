@@ -27,6 +27,7 @@ from invprop.graph import UNKNOWN, NeighbourGraph
 from invprop.loss import StepOutput, build_criterion
 from invprop.metrics import MetricsLog
 from invprop.models import build_model
+from invprop.train.boundary import StepBoundary
 from invprop.train.progress import TrainProgress
 
 
@@ -45,6 +46,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True)
+        # MKL may shrink its thread team under load (MKL_DYNAMIC), changing summation order between runs.
+        torch.set_num_threads(1)
         torch.backends.cudnn.benchmark = False
 
 
@@ -119,34 +122,51 @@ class Trainer:
                 "graph_purity": graph_same.float().mean().item()}
 
     # -- loops ------------------------------------------------------------------------------------------
-    def fit(self, stop_requested: Any = None) -> bool:
-        """Train to the configured epochs; returns False if stopped early by `stop_requested()`."""
+    def fit(self, boundary: StepBoundary | None = None) -> bool:
+        """Train to the configured epochs; returns False when the ranks agreed to stop for preemption.
+
+        At every step boundary the ranks poll `boundary` together; a stop or a periodic save writes a
+        committed checkpoint first, so a requeued job continues from exactly this step.
+        """
         epochs = int(self.cfg.train.epochs)
-        global_batch = int(self.cfg.train.batch_size)
         with TrainProgress(self.total_steps, self.state.step, enabled=self.env.is_main) as progress:
             while self.state.epoch < epochs:
                 loader = build_train_loader(self.dataset, self.order, self.state.epoch, self.state.batch,
                                             self.env.rank, self.env.world_size, int(self.cfg.train.num_workers))
                 window, tick = [], time.perf_counter()
                 for images, labels, indices in loader:
-                    stats = self.train_step(images, labels, indices)
+                    window.append(self.train_step(images, labels, indices))
                     self.state.batch += 1
                     self.state.step += 1
-                    window.append(stats)
-                    if self.state.step % int(self.cfg.train.log_every) == 0 or \
-                            self.state.batch == self.order.num_batches:
+                    if self.state.batch == self.order.num_batches:  # the epoch is complete
+                        self.state.epoch += 1
+                        self.state.batch = 0
+                    if self.state.step % int(self.cfg.train.log_every) == 0 or self.state.batch == 0:
                         elapsed = time.perf_counter() - tick
-                        record = self.log_window(window, len(window) * global_batch / max(elapsed, 1e-9))
+                        record = self.log_window(window, len(window) * self.order.global_batch / max(elapsed, 1e-9))
                         progress.update(self.state.step, record)
                         window, tick = [], time.perf_counter()
                     else:
                         progress.update(self.state.step, None)
-                    if stop_requested is not None and stop_requested():
-                        return False
-                self.state.epoch += 1
-                self.state.batch = 0
-                self.evaluate_epoch()
+                    if self.state.batch == 0:
+                        self.evaluate_epoch()
+                    if boundary is not None:
+                        stop, save = boundary.poll(self.state.step)
+                        if save:
+                            self.save_checkpoint()
+                            boundary.saved()
+                        if stop:
+                            return False
+                    if self.state.batch == 0:
+                        break  # the loader of a finished epoch has nothing left
         return True
+
+    def log_window(self, window: list[dict[str, float]], img_s: float) -> dict[str, Any]:
+        record: dict[str, Any] = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
+        record.update(step=self.state.step, epoch=self.state.epoch + self.state.batch / self.order.num_batches,
+                      img_s=img_s, time=time.time())
+        self.metrics.write(record)
+        return record
 
     def evaluate_epoch(self) -> None:
         """kNN accuracy over training (eval.every_epochs > 0) into metrics.jsonl, for the curves in reports."""
@@ -160,13 +180,6 @@ class Trainer:
                              max_test=int(test) if test else None)
         self.metrics.write({"step": self.state.step, "epoch": self.state.epoch, "time": time.time(),
                             **{f"epoch_{k}": v for k, v in found.items()}})
-
-    def log_window(self, window: list[dict[str, float]], img_s: float) -> dict[str, Any]:
-        record: dict[str, Any] = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
-        record.update(step=self.state.step, epoch=self.state.epoch + self.state.batch / self.order.num_batches,
-                      img_s=img_s, time=time.time())
-        self.metrics.write(record)
-        return record
 
     # -- state ------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -206,7 +219,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         state = self.main_state() if self.env.is_main else None
         return checkpoint.save(self.ckpt_root, self.state.step, self.env.rank, self.env.world_size, state,
-                               self.bank.rows, self.bank.start, self.n)
+                               self.bank.rows, self.bank.start, self.n,
+                               keep=int(self.cfg.train.get("keep_checkpoints", 3)))
 
     def digest(self) -> str:
         """Collective: sha256 of weights, the whole bank (gathered in row order) and the graph."""

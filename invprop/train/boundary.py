@@ -1,0 +1,51 @@
+"""What the ranks decide together at each step boundary: stop for preemption, or save a periodic checkpoint.
+
+SLURM's USR2 (time limit near, or preemption) may land anywhere inside a step, and submitit would call
+checkpoint() on rank 0 alone inside the signal handler. Here the handler only sets a flag; at the next
+boundary one all-reduce(MAX) makes every rank see the same decision, so the save is collective and exact.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from invprop import collectives as coll
+
+
+class StepBoundary:
+    def __init__(self, device: torch.device, every_steps: int = 0, every_min: float = 0.0,
+                 sig: signal.Signals = signal.SIGUSR2) -> None:
+        self.device, self.every_steps, self.every_s = device, every_steps, every_min * 60
+        self.sig = sig
+        self.preempted = False
+        self.last_save = time.monotonic()
+        self.previous: Callable[..., Any] | int | None = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.preempted = True  # nothing else: we may be inside a collective or an optimiser step
+
+    def poll(self, step: int) -> tuple[bool, bool]:
+        """(stop now, save now), identical on every rank."""
+        time_due = self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
+        step_due = self.every_steps > 0 and step % self.every_steps == 0
+        flags = torch.tensor([float(self.preempted), float(time_due)], device=self.device)
+        stop, timed = (coll.max_across_ranks(flags) > 0).tolist()
+        return stop, stop or timed or step_due
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def hand_over(self) -> None:
+        """After the committed save: let the handler that was there before (submitit's) requeue the job."""
+        signal.signal(self.sig, self.previous if self.previous is not None else signal.SIG_DFL)
+        if callable(self.previous):
+            self.previous(self.sig, None)
+
+    def close(self) -> None:
+        if signal.getsignal(self.sig) == self._on_signal:
+            signal.signal(self.sig, self.previous if self.previous is not None else signal.SIG_DFL)
