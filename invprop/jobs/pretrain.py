@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -51,7 +52,8 @@ def pretrain(run_dir: Path, evaluate: bool = True) -> dict:
             losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
             results = {"state_digest": digest, "final_train_loss": losses[-1] if losses else float("nan"),
                        "epochs": int(cfg.train.epochs), "images": trainer.n, "steps": trainer.state.step,
-                       "world_size": env.world_size, "train_wall_s": time.perf_counter() - start}
+                       "world_size": env.world_size, "train_wall_s": time.perf_counter() - start,
+                       "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
         if evaluate:
             results.update(evaluate_knn(cfg, trainer.model, trainer.bank, trainer.images, trainer.labels, device))
         if env.is_main:

@@ -1,0 +1,88 @@
+"""Preemption on the real local SLURM cluster: USR2 -> committed save -> requeue -> exact resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slurm]
+# 960 / 48 = 20 steps per epoch, 2 epochs; deterministic on the CPU
+RUN = ["data=synthetic", "data.n_train=960", "data.n_test=128", "train.batch_size=48", "train.epochs=2",
+       "deterministic=true", "train.num_workers=0", "train.log_every=1", "method.warmup_epochs=1",
+       "method.n_pos=10"]
+
+
+def _launch(env, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launchers/submit.py"), *RUN, *overrides], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=240)
+
+
+def _metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _steps(run: Path) -> list[int]:
+    return [r["step"] for r in _metrics(run) if "loss" in r]
+
+
+@pytest.mark.timeout(600)
+def test_three_usr2_requeues_end_equal_to_uninterrupted(slurm_cluster, tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    proc = _launch(slurm_cluster.env, "gpus=2", f"out_dir={reference}")  # same 2 ranks, locally, uninterrupted
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run = tmp_path / "run"
+    proc = _launch(slurm_cluster.env, "cluster=slurm", "nodes=2", "gpus=1", "cluster.timeout_min=20",
+                   f"out_dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = json.loads((run / "jobs.json").read_text())["jobs"]["pretrain"]
+    latencies = []
+    for target in (6, 17, 29):  # 6 and 29 are mid-epoch, 17 is near an epoch's end
+        deadline = time.monotonic() + 150
+        while max(_steps(run), default=0) < target:
+            assert time.monotonic() < deadline, f"job {job} never reached step {target}"
+            time.sleep(0.05)
+        sent = time.time()
+        slurm_cluster.run("scancel", "--signal=USR2", job)
+        # wait for the requeued job's first new step
+        deadline = time.monotonic() + 150
+        while True:
+            assert time.monotonic() < deadline, f"job {job} did not resume after USR2 at step {target}"
+            resumed = [r for r in _metrics(run) if "loss" in r and r["time"] > sent + 1]
+            records = slurm_cluster.run("sacct", "-X", "-D", "-n", "-P", "-j", job, "-o", "State").stdout.split()
+            if resumed and len(records) > len(latencies) + 1:
+                latencies.append(resumed[0]["time"] - sent)
+                break
+            time.sleep(0.2)
+    ev = slurm_cluster.wait_sacct(json.loads((run / "jobs.json").read_text())["jobs"]["eval_knn"], timeout=300)
+    assert ev["State"] == "COMPLETED"
+    results = json.loads((run / "results.json").read_text())
+    assert results["slurm_restart_count"] == 3
+    assert _steps(run) == list(range(1, 41))  # no step repeated or skipped
+    assert results["state_digest"] == json.loads((reference / "results.json").read_text())["state_digest"]
+    (tmp_path / "requeue_latency.json").write_text(json.dumps(latencies))
+    print(f"USR2 -> first step after requeue: {[round(x, 1) for x in latencies]} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_time_limit_requeue_resumes_and_finishes(slurm_cluster, tmp_path: Path) -> None:
+    """timeout_min=2 with a short signal delay: USR2 comes before the limit, the job requeues and finishes."""
+    run = tmp_path / "run"
+    proc = _launch(slurm_cluster.env, "cluster=slurm", "cluster.timeout_min=2", "cluster.signal_delay_s=45",
+                   "data.n_train=4800", "train.epochs=6", "train.log_every=10", f"out_dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = json.loads((run / "jobs.json").read_text())["jobs"]
+    ev = slurm_cluster.wait_sacct(jobs["eval_knn"], timeout=840)
+    assert ev["State"] == "COMPLETED"
+    results = json.loads((run / "results.json").read_text())
+    assert results["slurm_restart_count"] >= 1 and results["steps"] == 600
