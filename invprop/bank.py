@@ -7,6 +7,7 @@ scores against the local shard and for exact global reductions over those scores
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -14,6 +15,20 @@ from invprop import collectives as coll
 
 # Rows are initialised in fixed chunks, each from its own seed, so the bank is the same for any world size.
 _INIT_CHUNK = 65536
+
+# global_top: the sampled bound is only worth it when the shard is this many times larger than M.
+_MIN_SHARD_OVER_M = 4
+# Block of consecutive scores whose maximum is tested first where scores above the bound are sparse.
+_BLOCK = 32
+# Expected number of sampled scores above the local M-th largest, and how many standard deviations the bound
+# sits below it: ~1e-6 of queries per step need the exact fallback, and the kept set is ~(1 + 5/sqrt(192))M.
+_SAMPLE_HITS = 192
+_SAMPLE_SIGMAS = 5.0
+
+
+def _chunk_elements(device: torch.device) -> int:
+    """Scores per chunk of the shard scan: cache-sized on CPU, large on accelerators (fewer launches)."""
+    return 1 << 20 if device.type == "cpu" else 1 << 26
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -50,13 +65,42 @@ def _ordered_to_float(key: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int32).view(torch.float32)
 
 
-def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """logsumexp over the entries where mask is true; -inf (with a zero gradient) where none is."""
-    masked = x.masked_fill(~mask, float("-inf"))
-    peak = masked.detach().amax(dim=dim, keepdim=True)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = torch.exp(masked - peak).sum(dim=dim)
-    return _safe_log(total) + peak.squeeze(dim)
+def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor, dim: int = -1, tau: float = 1.0) -> torch.Tensor:
+    """logsumexp of x / tau over the entries where mask is true; -inf (with a zero gradient) where none is.
+
+    One fused autograd node: a handful of passes over x instead of the ~10 of masked_fill + exp + sum and
+    their backward, which matters for the (Q x ~M) top-M scores.
+    """
+    return _MaskedLogSumExp.apply(x, mask, dim, tau)
+
+
+class _MaskedLogSumExp(torch.autograd.Function):
+    # Branch-free masking: torch.where / masked_fill on a random boolean pattern are ~10x slower than plain
+    # vectorised passes, and exp() of arguments that underflow (-inf, or below about -87 in float32) takes a
+    # slow path. So the peak is taken with -2^126 added to dropped entries, exp() sees arguments clamped to
+    # [-80, 0], and the mask (0/1) multiplies the result. The clamp only changes kept terms below e^-80 of the
+    # peak term, which are below float32 resolution of the sum.
+    _DROP = float(2.0**126)
+    _FLOOR = -80.0
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, dim: int, tau: float):  # type: ignore[override]
+        keep = mask.to(x.dtype)
+        logits = torch.div(x, tau) if tau != 1.0 else x
+        peak = torch.add(logits, keep - 1.0, alpha=_MaskedLogSumExp._DROP).amax(dim=dim, keepdim=True)
+        peak = torch.where(peak > -0.5 * _MaskedLogSumExp._DROP, peak, torch.zeros_like(peak))  # none kept
+        e = torch.sub(logits, peak).clamp_(_MaskedLogSumExp._FLOOR, 0.0).exp_().mul_(keep)
+        total = e.sum(dim=dim, keepdim=True)
+        ctx.save_for_backward(e, total)
+        ctx.dim, ctx.tau = dim, tau
+        return (_safe_log(total) + peak).squeeze(dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        e, total = ctx.saved_tensors
+        # d/dx = softmax over the kept entries / tau; rows with nothing kept get 0, not 0/0.
+        coef = torch.where(total > 0, grad.unsqueeze(ctx.dim) / (total * ctx.tau), torch.zeros_like(total))
+        return e * coef, None, None, None
 
 
 def _safe_log(total: torch.Tensor) -> torch.Tensor:
@@ -74,6 +118,76 @@ def logsumexp_across_ranks(local: torch.Tensor) -> torch.Tensor:
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     total = coll.sum_across_ranks(torch.exp(local - peak))
     return _safe_log(total) + peak
+
+
+@dataclass
+class TopCandidates:
+    """This rank's share of the global top-M, per query (Q x C, padded with score -inf and id -1).
+
+    Holds every local score at or above a per-query lower bound of the local M-th largest, so a superset of
+    the local top-M; `in_top` marks those in the exact global top-M (score >= `threshold`, the global M-th
+    largest). Global ids ascend along each row.
+    """
+
+    vals: torch.Tensor  # scores, differentiable in the queries
+    ids: torch.Tensor
+    in_top: torch.Tensor
+    threshold: torch.Tensor  # (Q,)
+
+
+class _SelectedScores(torch.autograd.Function):
+    """Scores z_q . V_c already computed (without grad) for a few columns c per query; the backward is
+    sum_c g_qc V_c, a weighted gather of the rows, instead of a dense (Q x n_local) matmul."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,  # type: ignore[override]
+                vals: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows, cols)  # saving `rows` makes an in-place bank update before backward fail
+        ctx.z_dtype = z.dtype
+        return vals.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        rows, cols = ctx.saved_tensors
+        weights = grad.to(rows.dtype).contiguous()
+        # Zero weights (padding, scores outside every mask) read row 0 instead of a random row.
+        cols = cols * (weights != 0)
+        out = torch.nn.functional.embedding_bag(cols, rows, per_sample_weights=weights, mode="sum")
+        return out.to(ctx.z_dtype), None, None, None
+
+
+def _hits(s: torch.Tensor, lower: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major flat positions, and values, of the entries of s (q x b) that are >= lower (q x 1).
+
+    With block > 1 (dividing b) the per-block maxima are tested first and only blocks that reach the bound are
+    looked into: the same result, much cheaper when hits are sparse (one block max pass instead of a compare
+    and a nonzero over every score).
+    """
+    q, b = s.shape
+    if block <= 1:
+        flat = (s >= lower).view(-1).nonzero().squeeze(1)
+        return flat, s.view(-1).index_select(0, flat)
+    nb = b // block
+    hot = (s.view(q, nb, block).amax(2) >= lower).view(-1).nonzero().squeeze(1)  # blocks holding a hit
+    cand = s.view(q * nb, block).index_select(0, hot)
+    lim = lower.view(-1).index_select(0, torch.div(hot, nb, rounding_mode="floor")).unsqueeze(1)
+    pos = (cand >= lim).view(-1).nonzero().squeeze(1)
+    blk = torch.div(pos, block, rounding_mode="floor")
+    flat = hot.index_select(0, blk) * block + (pos - blk * block)
+    return flat, cand.view(-1).index_select(0, pos)
+
+
+def _replace_rows(vals: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor, new_vals: torch.Tensor,
+                  new_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vals/cols with the given rows replaced, both padded to a common width."""
+    width = max(vals.shape[1], new_vals.shape[1])
+
+    def widen(x: torch.Tensor, fill: float) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=fill)
+
+    vals, cols = widen(vals, float("-inf")), widen(cols, -1)
+    vals[rows], cols[rows] = widen(new_vals, float("-inf")), widen(new_cols, -1)
+    return vals, cols
 
 
 class ShardedBank:
@@ -106,13 +220,23 @@ class ShardedBank:
         picked = scores.gather(1, local_cols) * own
         return coll.sum_across_ranks(picked)
 
+    def pair_scores(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Global scores z_q . V_ids[q, c] (ids < 0 give 0) from the owner shards, without a full score matrix;
+        differentiable in z. Non-owners contribute exact zeros, so every rank receives bit-identical values."""
+        own = self.owned(ids)
+        local = torch.where(own, ids - self.start, torch.zeros_like(ids))
+        rows = self.rows.index_select(0, local.reshape(-1)).view(*local.shape, self.dim)
+        picked = torch.bmm(rows, z.unsqueeze(2)).squeeze(2) * own
+        return coll.sum_across_ranks(picked)
+
     def kth_largest(self, top_vals: torch.Tensor, k: int) -> torch.Tensor:
-        """Exact global k-th largest score per query, from each rank's local top-k values.
+        """Exact global k-th largest score per query, from any superset of each rank's local top-k values
+        (in any order; -inf padding allowed as long as the ranks hold k real values between them).
 
         Radix select on order-preserving integer keys: 4 rounds of all-reduced 256-bin histograms.
         """
         if self.world == 1:
-            return top_vals[:, k - 1]
+            return top_vals.detach().topk(k, dim=1, sorted=False).values.amin(1)
         keys = _float_to_ordered(top_vals.detach().float())
         q = keys.shape[0]
         need = torch.full((q,), k, dtype=torch.int64, device=keys.device)
@@ -132,27 +256,118 @@ class ShardedBank:
             prefix = prefix | (chosen << shift)
         return _ordered_to_float(prefix)
 
-    def global_top(self, scores: torch.Tensor, m: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Local part of the global top-m: (values with grad, global ids, in-top-m mask, global threshold)."""
-        m_local = min(m, self.n_local)
-        with torch.no_grad():
-            _, cols = scores.detach().topk(m_local, dim=1)
-        vals = scores.gather(1, cols)
-        threshold = self.kth_largest(vals.detach(), m)
-        return vals, cols + self.start, vals.detach() >= threshold.unsqueeze(1), threshold
+    def global_top(self, z: torch.Tensor, m: int, keep: int = 0) -> TopCandidates:
+        """This rank's part of the exact global top-m of every query in `z` (Q x D).
 
-    def nearest(self, scores: torch.Tensor, query_ids: torch.Tensor, k: int) -> torch.Tensor:
-        """Global ids of the k largest scores per query, the query's own row excluded."""
+        The shard is scored in column chunks and only the scores at or above a cheap per-query lower bound of
+        the local max(m, keep)-th largest score are kept (so the result also holds the local top-`keep`,
+        for `nearest`); the full Q x n_local score matrix is never held. The bound comes from a strided sample
+        of the shard; where it fails (fewer than max(m, keep) scores reach it) the query is redone with its
+        exact local bound, so the result never depends on the sample.
+        """
+        q = z.shape[0]
+        m_sel = min(max(m, keep), self.n_local)
         with torch.no_grad():
-            take = min(k + 1, self.n_local)
-            vals, cols = scores.detach().topk(take, dim=1)
-            ids = cols + self.start
-            vals = vals.masked_fill(ids == query_ids.unsqueeze(1), float("-inf"))
+            zq = z.detach()
+            bound, expect = self._sample_bound(zq, m_sel)
+            if bound is None:  # small shard: every score is a candidate
+                vals = zq @ self.rows.t()
+                cols = torch.arange(self.n_local, device=vals.device).expand(q, -1)
+            else:
+                vals, cols, count = self._scan(zq, bound, expect)
+                short = (count < m_sel).nonzero().squeeze(1)
+                if short.numel():  # the sampled bound overshot for these queries: use their exact bound
+                    exact = (zq[short] @ self.rows.t()).topk(m_sel, dim=1, sorted=False).values.amin(1)
+                    vals, cols = _replace_rows(vals, cols, short, *self._scan(zq[short], exact, m_sel)[:2])
+            threshold = self.kth_largest(vals, m)
+            in_top = vals >= threshold.unsqueeze(1)
+        ids = torch.where(cols >= 0, cols + self.start, cols)
+        return TopCandidates(_SelectedScores.apply(z, self.rows, cols, vals), ids, in_top, threshold)
+
+    def _sample_bound(self, zq: torch.Tensor, m_sel: int) -> tuple[torch.Tensor | None, int]:
+        """Per query, a value that w.h.p. lies at or just below the m_sel-th largest local score (None: no bound
+        worth having), and a generous guess of how many scores reach it.
+
+        It is (at most) the r-th largest score of a strided column sample, r a few sigmas above the expected
+        number of sampled scores above the m_sel-th largest. On a large sample the r-th largest of the maxima of
+        blocks of _BLOCK sampled scores stands in for it: a lower bound of it (r blocks reach it, so r scores
+        do), a little looser, and far cheaper to select than from every sampled score.
+        """
+        n = self.n_local
+        if n < _MIN_SHARD_OVER_M * m_sel:
+            return None, n
+        stride = max(1, n // math.ceil(_SAMPLE_HITS * n / m_sel))
+        sample = self.rows[::stride]
+        s = sample.shape[0]
+        mean = m_sel * s / n
+        spread = math.sqrt(mean * (1.0 - m_sel / n) * max(0.0, (n - s) / max(1, n - 1)))
+        r = min(s, math.ceil(mean + _SAMPLE_SIGMAS * spread) + 1)
+        scores = zq @ sample.t()
+        blocks = s // _BLOCK
+        if blocks >= 8 * r:
+            scores = scores[:, : blocks * _BLOCK].reshape(zq.shape[0], blocks, _BLOCK).amax(2)
+        bound = scores.topk(r, dim=1, sorted=False).values.amin(1)
+        return bound, math.ceil((r + 3.0 * math.sqrt(r)) * n / s)
+
+    def _scan(self, zq: torch.Tensor, bound: torch.Tensor, width: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every local score >= bound[q], per query in ascending column order, padded with (-inf, -1).
+
+        Returns (values, local columns, count per query); `width` is a guess of the largest count. The shard
+        is scored in column chunks, each into the same buffer.
+        """
+        q, n, dev = zq.shape[0], self.n_local, zq.device
+        chunk = max(_BLOCK, _chunk_elements(dev) // max(1, q) // _BLOCK * _BLOCK)
+        width = max(1, width)
+        # Sparse hits (the usual case for n >> M): test per-block maxima first, then only the blocks that reach
+        # the bound. Dense hits: test every score.
+        blocked = width * _BLOCK < n // 4
+        out_vals = torch.full((q, width), float("-inf"), dtype=self.rows.dtype, device=dev)
+        out_cols = torch.full((q, width), -1, dtype=torch.int64, device=dev)
+        fill = torch.zeros(q, dtype=torch.int64, device=dev)
+        query = torch.arange(q, dtype=torch.int64, device=dev)
+        lower = bound.unsqueeze(1).to(self.rows.dtype)
+        buffer = torch.empty(q * min(chunk, n), dtype=self.rows.dtype, device=dev)
+        for c0 in range(0, n, chunk):
+            part = self.rows[c0 : c0 + chunk]
+            b = part.shape[0]
+            s = buffer[: q * b].view(q, b)
+            torch.matmul(zq, part.t(), out=s)
+            flat, vals = _hits(s, lower, _BLOCK if blocked and b % _BLOCK == 0 else 1)
+            if flat.numel() == 0:
+                continue
+            first = torch.searchsorted(flat, query * b)  # where each query's hits start in `flat`
+            count = torch.diff(first, append=first.new_full((1,), flat.numel()))
+            new_fill = fill + count
+            need = int(new_fill.max())
+            if need > width:  # more hits than guessed: widen the output
+                grow = max(need, 2 * width) - width
+                out_vals = torch.nn.functional.pad(out_vals, (0, grow), value=float("-inf"))
+                out_cols = torch.nn.functional.pad(out_cols, (0, grow), value=-1)
+                width += grow
+            # hit i, of query r, goes to out[r, fill[r] + i - first[r]]; its column is flat[i] - r * b + c0
+            at = torch.repeat_interleave(query * width + fill - first, count) + torch.arange(flat.numel(), device=dev)
+            out_vals.view(-1).index_copy_(0, at, vals)
+            out_cols.view(-1).index_copy_(0, at, flat + torch.repeat_interleave(c0 - query * b, count))
+            fill = new_fill
+        used = int(fill.max()) if q else 0
+        return out_vals[:, :used], out_cols[:, :used], fill
+
+    def nearest(self, vals: torch.Tensor, ids: torch.Tensor, query_ids: torch.Tensor, k: int) -> torch.Tensor:
+        """Global ids of the k largest scores per query, the query's own row excluded.
+
+        `vals`/`ids` (Q x C, ids -1 for padding) must hold at least this rank's top k+1 scores per query, e.g.
+        `global_top(..., keep=k + 1)` or the full local scores with their global ids.
+        """
+        with torch.no_grad():
+            take = min(k + 1, vals.shape[1])
+            top, slot = vals.detach().topk(take, dim=1)
+            ids = ids.gather(1, slot)
+            top = top.masked_fill((ids == query_ids.unsqueeze(1)) | (ids < 0), float("-inf"))
             if take < k + 1:  # a tiny shard: pad so every rank gathers the same shape
-                vals = torch.nn.functional.pad(vals, (0, k + 1 - take), value=float("-inf"))
+                top = torch.nn.functional.pad(top, (0, k + 1 - take), value=float("-inf"))
                 ids = torch.nn.functional.pad(ids, (0, k + 1 - take), value=-1)
-            all_vals = coll.gather_stack(vals).permute(1, 0, 2).reshape(vals.shape[0], -1)
+            all_vals = coll.gather_stack(top).permute(1, 0, 2).reshape(top.shape[0], -1)
             all_ids = coll.gather_stack(ids).permute(1, 0, 2).reshape(ids.shape[0], -1)
             best = all_vals.topk(k, dim=1).indices
             return all_ids.gather(1, best)

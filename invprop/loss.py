@@ -48,9 +48,8 @@ class NPIDLoss:
     def __call__(self, z: torch.Tensor, ids: torch.Tensor, epoch: int) -> StepOutput:
         zg, idg = coll.gather_rows(z), coll.gather_rows(ids)
         scores = self.bank.local_scores(zg)
-        everything = torch.ones_like(scores, dtype=torch.bool)
-        lse = logsumexp_across_ranks(masked_logsumexp(scores / self.tau, everything))
-        self_logit = self.bank.lookup(scores, idg.view(-1, 1)).squeeze(1) / self.tau
+        lse = logsumexp_across_ranks(torch.logsumexp(scores / self.tau, dim=1))
+        self_logit = self.bank.pair_scores(zg, idg.view(-1, 1).long()).squeeze(1) / self.tau
         per_anchor = lse - self_logit
         loss_mean = per_anchor.detach().mean()
         return StepOutput(_local_share(per_anchor), idg, zg.detach(),
@@ -73,31 +72,30 @@ class InvPLoss:
 
     def __call__(self, z: torch.Tensor, ids: torch.Tensor, epoch: int) -> StepOutput:
         zg, idg = coll.gather_rows(z), coll.gather_rows(ids).long()
-        scores = self.bank.local_scores(zg)  # (Q, n_local)
-        top_vals, top_ids, in_top, threshold = self.bank.global_top(scores, self.m)
-        top_logits = top_vals / self.tau
-
-        lse_top = logsumexp_across_ranks(masked_logsumexp(top_logits, in_top))
-        self_score = self.bank.lookup(scores, idg.view(-1, 1)).squeeze(1)
-        loss_ins = lse_top - self_score / self.tau
+        # This rank's scores at or above a bound of the M-th largest (never the full Q x n_local matrix),
+        # with the exact global threshold; also holds the local top-(k+1) for the graph update.
+        top = self.bank.global_top(zg, self.m, keep=self.graph.k + 1)
+        lse_top = logsumexp_across_ranks(masked_logsumexp(top.vals, top.in_top, tau=self.tau))
 
         w = warmup_weight(epoch, self.warmup_epochs)
         with torch.no_grad():
             cands = self.graph.candidates(idg, self.layers, self.propagation)
         cand_valid = cands != UNKNOWN
-        cand_scores = self.bank.lookup(scores, cands)
+        picked = self.bank.pair_scores(zg, torch.cat([idg.view(-1, 1), cands], dim=1))
+        self_score, cand_scores = picked[:, 0], picked[:, 1:]
+        loss_ins = lse_top - self_score / self.tau
         pos_slot = self._pick_positives(cand_scores.detach(), cand_valid)
         pos_valid = cand_valid.gather(1, pos_slot)
         pos_logits = cand_scores.gather(1, pos_slot) / self.tau
         numerator = masked_logsumexp(pos_logits, pos_valid)
-        denominator = self._denominator(top_logits, top_ids, in_top, idg, cands, numerator)
+        denominator = self._denominator(top.vals, top.ids, top.in_top, idg, cands, numerator)
         has_pos = pos_valid.any(dim=1)
         loss_inv = torch.where(has_pos, denominator - numerator, torch.zeros_like(numerator))
 
         per_anchor = loss_ins + self.lambda_inv * w * loss_inv
-        neighbours = self.bank.nearest(scores, idg, self.graph.k)
+        neighbours = self.bank.nearest(top.vals.detach(), top.ids, idg, self.graph.k)
         positives = torch.where(pos_valid, cands.gather(1, pos_slot), torch.full_like(pos_slot, UNKNOWN))
-        own_in_top = (self_score.detach() >= threshold).float()
+        own_in_top = (self_score.detach() >= top.threshold).float()
         stats = {
             "loss": per_anchor.detach().mean().item(),
             "loss_ins": loss_ins.detach().mean().item(),
@@ -115,17 +113,22 @@ class InvPLoss:
         ranked = cand_scores.masked_fill(~valid, fill)
         return ranked.topk(min(self.p, ranked.shape[1]), dim=1, largest=not hard).indices
 
-    def _denominator(self, top_logits: torch.Tensor, top_ids: torch.Tensor, in_top: torch.Tensor,
+    def _denominator(self, top_vals: torch.Tensor, top_ids: torch.Tensor, in_top: torch.Tensor,
                      idg: torch.Tensor, cands: torch.Tensor, numerator: torch.Tensor) -> torch.Tensor:
         if self.denominator == "code":
             # N_M(i) without i itself, excluded only where it is actually in N_M(i).
             keep = in_top & (top_ids != idg.view(-1, 1))
-            return logsumexp_across_ranks(masked_logsumexp(top_logits, keep))
-        # paper: (N_M(i) minus all candidates) union H(i)
-        ordered, _ = cands.sort(dim=1)
-        slot = torch.searchsorted(ordered, top_ids).clamp(max=ordered.shape[1] - 1)
-        is_cand = ordered.gather(1, slot) == top_ids
-        rest = logsumexp_across_ranks(masked_logsumexp(top_logits, in_top & ~is_cand))
+            return logsumexp_across_ranks(masked_logsumexp(top_vals, keep, tau=self.tau))
+        # paper: (N_M(i) minus all candidates) union H(i). Ids ascend along each row of top_ids, so each
+        # candidate is looked up there (Q x K binary searches) rather than the other way round.
+        width = top_ids.shape[1]
+        with torch.no_grad():
+            ordered = torch.where(top_ids >= 0, top_ids, torch.full_like(top_ids, torch.iinfo(torch.int64).max))
+            slot = torch.searchsorted(ordered, cands.contiguous()).clamp(max=width - 1)
+            found = (ordered.gather(1, slot) == cands) & (cands >= 0)
+            is_cand = torch.zeros(top_ids.shape[0], width + 1, dtype=torch.bool, device=top_ids.device)
+            is_cand.scatter_(1, torch.where(found, slot, torch.full_like(slot, width)), True)
+        rest = logsumexp_across_ranks(masked_logsumexp(top_vals, in_top & ~is_cand[:, :width], tau=self.tau))
         return torch.logaddexp(rest, numerator)
 
     def commit(self, out: StepOutput) -> None:

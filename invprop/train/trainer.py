@@ -59,7 +59,11 @@ class Trainer:
         self.n = int(self.labels.shape[0])
         self.label_table = self.labels.to(device)
         self.model = build_model(cfg.model).to(device)
-        self.net = (DistributedDataParallel(self.model) if env.world_size > 1 else self.model)
+        self.channels_last = bool(cfg.train.get("channels_last", False))
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.bf16 = cfg.train.get("precision", "fp32") == "bf16"
+        self.net = self._wrap(self.model, bool(cfg.train.get("compile", False)))
         self.bank = ShardedBank(self.n, int(cfg.model.embedding_dim), rank=env.rank, world=env.world_size,
                                 seed=int(cfg.seed), device=device)
         self.graph = NeighbourGraph(self.n, int(cfg.method.k), device) if cfg.method.name == "invp" else None
@@ -77,6 +81,19 @@ class Trainer:
         self.state = TrainState()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=env.is_main)
         self.ckpt_root = self.run_dir / "checkpoints"
+
+    def _wrap(self, model: torch.nn.Module, compile_model: bool) -> torch.nn.Module:
+        """DDP across ranks, then optionally torch.compile (DDP-aware graph breaks at bucket boundaries)."""
+        net = DistributedDataParallel(model) if self.env.world_size > 1 else model
+        return torch.compile(net) if compile_model else net
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward under bf16 autocast when asked; the bank and the loss's exp-sums always stay fp32."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            z = self.net(x)
+        return torch.nn.functional.normalize(z.float(), dim=1) if self.bf16 else z
 
     # -- schedule ---------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -101,7 +118,7 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
         lr = self.set_lr()
         self.net.train()
-        z = self.net(self.augment_batch(images))
+        z = self.embed(self.augment_batch(images))
         out = self.criterion(z, indices.to(self.device), self.state.epoch)
         self.optimizer.zero_grad(set_to_none=True)
         # out.loss sums to the global mean over ranks; DDP averages gradients, so scale back by W.
@@ -132,7 +149,8 @@ class Trainer:
         with TrainProgress(self.total_steps, self.state.step, enabled=self.env.is_main) as progress:
             while self.state.epoch < epochs:
                 loader = build_train_loader(self.dataset, self.order, self.state.epoch, self.state.batch,
-                                            self.env.rank, self.env.world_size, int(self.cfg.train.num_workers))
+                                            self.env.rank, self.env.world_size, int(self.cfg.train.num_workers),
+                                            pin_memory=self.device.type == "cuda")
                 window, tick = [], time.perf_counter()
                 for images, labels, indices in loader:
                     window.append(self.train_step(images, labels, indices))

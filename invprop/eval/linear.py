@@ -1,0 +1,182 @@
+"""Linear probe: a frozen backbone, BatchNorm1d + Linear trained on its pooled features (DESIGN section 2).
+
+The backbone never changes, so its pooled features are computed once (test transform, plus optionally a few
+randomly cropped views of every training image) and the head is trained on those tensors with SGD and a
+cosine learning-rate schedule: fast even on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from invprop.data import geometric_augment, load_split, num_classes
+from invprop.data.seeding import derive_seed
+from invprop.eval.features import embed
+
+# Defaults of the `eval.linear` config node (every key optional).
+LINEAR_DEFAULTS: dict[str, Any] = {
+    "epochs": 100,
+    "lr": 0.1,              # for `batch_size` images; BatchNorm in front of the classifier keeps this scale-free
+    "batch_size": 256,
+    "weight_decay": 0.0,
+    "momentum": 0.9,
+    "aug_views": 0,         # extra randomly cropped views of each training image (features precomputed too)
+    "seed": 0,
+}
+
+
+def cfg_get(node: Mapping[str, Any] | Any, key: str, default: Any) -> Any:
+    value = node.get(key, default) if node is not None else default
+    return default if value is None else value
+
+
+def eval_section(cfg: Any, name: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg.eval.<name>`` merged over ``defaults`` (a missing section or key takes the default)."""
+    eval_cfg = cfg_get(cfg, "eval", None)
+    node = cfg_get(eval_cfg, name, None)
+    return {key: cfg_get(node, key, value) for key, value in defaults.items()}
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
+    """Fraction (0..1) of rows whose label is among the k highest logits, for each k (k capped at C)."""
+    labels = labels.to(logits.device)
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hit = top == labels.view(-1, 1)
+    return [hit[:, : min(k, kmax)].any(dim=1).float().mean().item() for k in ks]
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, images: torch.Tensor, data_cfg: Any, device: torch.device,
+                    batch_size: int = 512, *, view: int | None = None, seed: int = 0,
+                    crop_scale: tuple[float, float] = (0.2, 1.0), flip: bool = False) -> torch.Tensor:
+    """Pooled backbone features of uint8 images with the test transform (``view=None``), or of random
+    resized crops: view ``v`` of image ``i`` is cropped with a generator seeded from (seed, v, i)."""
+    if view is None:
+        return embed(model, images, data_cfg, device, batch_size, pooled=True)
+    size = int(images.shape[-1])
+    out = []
+    for lo in range(0, images.shape[0], batch_size):
+        crops = torch.stack([
+            geometric_augment(img, size, torch.Generator().manual_seed(derive_seed(seed, 0x11FEA7, view, lo + j)),
+                              scale=crop_scale, flip=flip)
+            for j, img in enumerate(images[lo : lo + batch_size])
+        ])
+        out.append(embed(model, crops, data_cfg, device, batch_size, pooled=True))
+    return torch.cat(out)
+
+
+class LinearClassifier(nn.Module):
+    """BatchNorm1d (no affine: it only standardises the frozen features) followed by a Linear layer."""
+
+    def __init__(self, in_dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(in_dim, affine=False)
+        self.fc = nn.Linear(in_dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(x))
+
+
+def fit_linear_head(train_feats: torch.Tensor, train_labels: torch.Tensor, n_classes: int, epochs: int,
+                    lr: float, *, batch_size: int = 256, weight_decay: float = 0.0, momentum: float = 0.9,
+                    seed: int = 0) -> LinearClassifier:
+    """Train a :class:`LinearClassifier` on ``(N, D)`` features, or ``(V, N, D)`` views of them (each epoch
+    uses one randomly chosen view per sample). SGD with momentum, cosine lr to 0 over all steps."""
+    if train_feats.ndim == 2:
+        train_feats = train_feats.unsqueeze(0)
+    n_views, n, dim = train_feats.shape
+    if train_labels.shape[0] != n:
+        raise ValueError(f"{n} training features but {train_labels.shape[0]} labels")
+    device = train_feats.device
+    labels = train_labels.to(device)
+    with torch.random.fork_rng(devices=[]):  # the head's init must not touch (or depend on) the global RNG
+        torch.manual_seed(derive_seed(seed, 0x1EAD))
+        head = LinearClassifier(dim, n_classes)
+    head.to(device).train()
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(derive_seed(seed, 0x5BFF1E))
+    # Drop a trailing batch of one: BatchNorm cannot train on it.
+    steps_per_epoch = max(1, n // batch_size + (1 if n % batch_size > 1 else 0))
+    total = max(1, epochs * steps_per_epoch)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).to(device)
+        views = torch.randint(n_views, (n,), generator=gen).to(device) if n_views > 1 else None
+        for b in range(steps_per_epoch):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            x = train_feats[0, idx] if views is None else train_feats[views[idx], idx]
+            for group in optimizer.param_groups:
+                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
+            loss = nn.functional.cross_entropy(head(x), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return head.eval()
+
+
+@torch.no_grad()
+def predict(head: nn.Module, feats: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    was_training = head.training
+    head.eval()
+    out = torch.cat([head(feats[lo : lo + chunk]) for lo in range(0, feats.shape[0], chunk)])
+    head.train(was_training)
+    return out
+
+
+def train_linear_head(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                      test_labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 0.1, *,
+                      batch_size: int = 256, weight_decay: float = 0.0, momentum: float = 0.9,
+                      seed: int = 0) -> dict[str, float]:
+    """Fit the probe on precomputed features and report ``linear_top1`` / ``linear_top5`` (0..1) on the test
+    features. ``train_feats`` is ``(N, D)`` or ``(V, N, D)`` (augmented views)."""
+    head = fit_linear_head(train_feats, train_labels, num_classes, epochs, lr, batch_size=batch_size,
+                           weight_decay=weight_decay, momentum=momentum, seed=seed)
+    top1, top5 = topk_accuracy(predict(head, test_feats.to(train_feats.device)), test_labels)
+    return {"linear_top1": top1, "linear_top5": top5}
+
+
+def linear_probe(cfg: Any, model: nn.Module, device: torch.device, *, epochs: int | None = None,
+                 lr: float | None = None, batch_size: int | None = None, weight_decay: float | None = None,
+                 aug_views: int | None = None, seed: int | None = None,
+                 train_split: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 test_split: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    """The linear-probe evaluation of ``model`` (an EmbeddingModel; only ``.features`` is used, frozen).
+
+    Settings come from ``cfg.eval.linear`` (see :data:`LINEAR_DEFAULTS`); keyword arguments override them.
+    ``train_split`` / ``test_split`` (uint8 images, labels) default to ``load_split(cfg.data, ...)``.
+    Returns ``linear_top1``, ``linear_top5`` (fractions) and ``linear_eval_s``.
+    """
+    start = time.perf_counter()
+    opts = eval_section(cfg, "linear", LINEAR_DEFAULTS)
+    given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
+             "aug_views": aug_views, "seed": seed}
+    opts.update({k: v for k, v in given.items() if v is not None})
+    train_images, train_labels = train_split if train_split is not None else load_split(cfg.data, "train")
+    test_images, test_labels = test_split if test_split is not None else load_split(cfg.data, "test")
+    embed_bs = int(cfg_get(cfg_get(cfg, "eval", None), "batch_size", 512))
+    aug_cfg = cfg_get(cfg.data, "augment", None)
+    crop_scale = tuple(float(v) for v in cfg_get(aug_cfg, "crop_scale", (0.2, 1.0)))
+    flip = bool(cfg_get(aug_cfg, "flip", False))
+
+    feats = [pooled_features(model, train_images, cfg.data, device, embed_bs)]
+    for view in range(int(opts["aug_views"])):
+        feats.append(pooled_features(model, train_images, cfg.data, device, embed_bs, view=view,
+                                     seed=int(opts["seed"]), crop_scale=crop_scale, flip=flip))
+    train_feats = torch.stack(feats) if len(feats) > 1 else feats[0]
+    test_feats = pooled_features(model, test_images, cfg.data, device, embed_bs)
+    features_s = time.perf_counter() - start
+    results = train_linear_head(train_feats, train_labels, test_feats, test_labels, num_classes(cfg.data),
+                                int(opts["epochs"]), float(opts["lr"]), batch_size=int(opts["batch_size"]),
+                                weight_decay=float(opts["weight_decay"]), momentum=float(opts["momentum"]),
+                                seed=int(opts["seed"]))
+    results["linear_features_s"] = features_s
+    results["linear_eval_s"] = time.perf_counter() - start
+    return results

@@ -1,0 +1,242 @@
+"""Summaries of finished runs: a comparison table and PNG plots (library part of ``tools/report.py``).
+
+A run directory holds ``config.yaml``, ``metrics.jsonl`` and ``results.json`` (DESIGN section 5); a sweep
+directory holds run directories (at any depth). The table shows, per run, the config keys whose values differ
+across the runs (flattened, dotted) and the evaluation figures from ``results.json``. The plots overlay all
+runs: loss terms and lr over steps, kNN accuracy over epochs, and the propagation monitors over epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from invprop.metrics import read_jsonl
+
+# Config keys that differ between any two runs without saying anything about them.
+IGNORED_CONFIG_KEYS = ("out_dir",)
+# results.json figures shown in the table, in this order (others matching RESULT_PATTERNS follow).
+RESULT_KEYS = ("knn_top1", "knn_bank_top1", "linear_top1", "linear_top5")
+RESULT_PATTERNS = (r"^semisup_.*_top[15]$",)
+TRAILING_RESULT_KEYS = ("final_train_loss", "epochs", "steps", "world_size", "train_wall_s")
+
+LOSS_KEYS = ("loss", "loss_ins", "loss_inv", "lr")
+KNN_KEYS = ("epoch_knn_top1", "epoch_knn_bank_top1")
+PURITY_KEYS = ("hp_purity", "graph_purity", "own_in_top_m", "empty_candidates")
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / "config.yaml").is_file()
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def find_run_dirs(paths: Path | Iterable[Path]) -> list[Path]:
+    """Run directories among ``paths``: each path that is a run, else every run below it (sweeps)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if is_run_dir(path):
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted((p.parent for p in path.rglob("config.yaml")
+                                 if "checkpoints" not in p.parts and "subsets" not in p.parts), key=_natural_key))
+    unique: list[Path] = []
+    for p in found:
+        if p.resolve() not in {q.resolve() for q in unique}:
+            unique.append(p)
+    return unique
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> ``{"a.b.c": leaf}``; lists are leaves."""
+    if not isinstance(tree, Mapping):
+        return {prefix: tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def load_config(run_dir: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(Path(run_dir) / "config.yaml")
+    return flatten(OmegaConf.to_container(conf, resolve=False))
+
+
+def load_results(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "results.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+_MISSING = "-"
+
+
+def differing_keys(configs: list[dict[str, Any]]) -> list[str]:
+    """Flattened keys whose values (or presence) are not the same in every config, in first-seen order."""
+    keys: dict[str, None] = {}
+    for conf in configs:
+        keys.update(dict.fromkeys(conf))
+    return [k for k in keys if k not in IGNORED_CONFIG_KEYS
+            and len({json.dumps(c.get(k, _MISSING), sort_keys=True, default=str) for c in configs}) > 1]
+
+
+def result_columns(results: list[dict[str, Any]]) -> list[str]:
+    present: dict[str, None] = {}
+    for res in results:
+        present.update(dict.fromkeys(res))
+    cols = [k for k in RESULT_KEYS if k in present]
+    cols += sorted(k for k in present if k not in cols and any(re.match(p, k) for p in RESULT_PATTERNS))
+    cols += [k for k in TRAILING_RESULT_KEYS if k in present]
+    return cols
+
+
+def run_label(run_dir: Path, runs: list[Path]) -> str:
+    """Shortest readable name: the path relative to the runs' common parent."""
+    if len(runs) <= 1:
+        return Path(run_dir).name or str(run_dir)
+    parts = [Path(r).resolve().parts for r in runs]
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    return "/".join(Path(run_dir).resolve().parts[common:])
+
+
+def table_rows(run_dirs: list[Path]) -> tuple[list[str], list[dict[str, Any]]]:
+    """``(columns, rows)``: one row per run with its differing config values and its result figures."""
+    configs = [load_config(r) for r in run_dirs]
+    results = [load_results(r) for r in run_dirs]
+    diff = differing_keys(configs)
+    res_cols = result_columns(results)
+    rows = []
+    for run, conf, res in zip(run_dirs, configs, results, strict=True):
+        row: dict[str, Any] = {"run": run_label(run, run_dirs), "path": str(run)}
+        row.update({k: conf.get(k, None) for k in diff})
+        row.update({k: res.get(k, None) for k in res_cols})
+        rows.append(row)
+    return ["run", *diff, *res_cols], rows
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return _MISSING
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def render_table(columns: list[str], rows: list[dict[str, Any]], title: str = "runs"):
+    """A rich Table (config-difference columns, then result columns)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col == "run" else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*(format_value(row.get(c)) for c in columns))
+    return table
+
+
+# -- curves -------------------------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(step records, epoch-kNN records)`` from metrics.jsonl, each sorted and de-duplicated by step
+    (a resumed run may have rewritten lines: the last one wins)."""
+    step_recs: dict[int, dict[str, Any]] = {}
+    knn_recs: dict[int, dict[str, Any]] = {}
+    for rec in read_jsonl(Path(run_dir) / "metrics.jsonl"):
+        if "step" not in rec:
+            continue
+        if any(k in rec for k in KNN_KEYS):
+            knn_recs[int(rec["step"])] = rec
+        elif "loss" in rec:
+            step_recs[int(rec["step"])] = rec
+    return [step_recs[s] for s in sorted(step_recs)], [knn_recs[s] for s in sorted(knn_recs)]
+
+
+def _series(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+    pts = [(float(r[x]), float(r[y])) for r in records if r.get(y) is not None and r.get(x) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _figure(keys: tuple[str, ...], series: list[tuple[str, list[dict[str, Any]]]], x: str, xlabel: str,
+            title: str, path: Path, styles: dict[str, str] | None = None, one_panel: bool = False) -> bool:
+    """Panels of ``keys`` against ``x`` for every labelled run; False (nothing written) without data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(_series(recs, x, k)[0] for _, recs in series for k in keys):
+        return False
+    panels = [keys] if one_panel else [(k,) for k in keys]
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 3.6 * rows), squeeze=False)
+    legend_runs = len(series) <= 12
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for i, (label, recs) in enumerate(series):
+            color = f"C{i % 10}"
+            for key in panel:
+                xs, ys = _series(recs, x, key)
+                if xs:
+                    name = label if not one_panel else f"{label} {key}"
+                    ax.plot(xs, ys, color=color, linestyle=(styles or {}).get(key, "-"), marker="." if
+                            len(xs) < 30 else None, label=name if legend_runs else None)
+        ax.set_xlabel(xlabel)
+        ax.set_title(", ".join(panel) if not one_panel else title)
+        ax.grid(True, alpha=0.3)
+        if legend_runs and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if not one_panel:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def write_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    """``losses.png``, ``knn.png`` and ``purity.png`` in ``out_dir`` (a plot without data is skipped)."""
+    out_dir = Path(out_dir)
+    labelled = [(run_label(r, run_dirs), read_metrics(r)) for r in run_dirs]
+    steps = [(label, recs[0]) for label, recs in labelled]
+    knn = [(label, recs[1]) for label, recs in labelled]
+    written = []
+    if _figure(LOSS_KEYS, steps, "step", "step", "loss terms and learning rate", out_dir / "losses.png"):
+        written.append(out_dir / "losses.png")
+    if _figure(KNN_KEYS, knn, "epoch", "epoch", "kNN top-1 (solid: recomputed features, dashed: bank)",
+               out_dir / "knn.png", styles={"epoch_knn_bank_top1": "--"}, one_panel=True):
+        written.append(out_dir / "knn.png")
+    if _figure(PURITY_KEYS, steps, "epoch", "epoch", "propagation monitors", out_dir / "purity.png"):
+        written.append(out_dir / "purity.png")
+    return written
+
+
+def default_out_dir(paths: list[Path]) -> Path:
+    """Where plots go by default: the single run or sweep directory given, else the first one."""
+    return Path(paths[0])
