@@ -1,0 +1,26 @@
+"""tools/gpu_check.sh --dry-run: the prepared GPU check runs the same code on the CPU at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(600)
+def test_gpu_check_dry_run_writes_every_part(tmp_path: Path) -> None:
+    out = tmp_path / "check.json"
+    proc = subprocess.run(["bash", str(ROOT / "tools/gpu_check.sh"), "--dry-run", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["env"]["dry_run"] is True and summary["env"]["device"] == "cpu"
+    for key in ("step_resnet50_224", "step_resnet18_32", "bank_step_2000", "bank_step_5000", "fmnist_invp"):
+        assert "error" not in summary[key], summary[key]
+    assert summary["step_resnet50_224"]["invp_img_s"] > 0 and summary["step_resnet50_224"]["ratio"] > 0
+    assert summary["bank_step_5000"]["ms"] > 0
+    assert 0 <= summary["fmnist_invp"]["knn_top1"] <= 1

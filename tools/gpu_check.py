@@ -1,0 +1,194 @@
+"""One prepared GPU check (issue: GPU path). Writes a JSON summary; `--dry-run` runs the same code on the CPU, tiny.
+
+    python tools/gpu_check.py --out gpu_check.json            # on one H100/H200, < 8 minutes
+    python tools/gpu_check.py --dry-run --out /tmp/check.json  # CPU, seconds (the test suite runs this)
+
+Measures: images/s of an InvP training step against a plain supervised step of the same backbone and input
+pipeline (ResNet-50 at 224 px, CIFAR ResNet-18 at 32 px), the bank step (scores, exact top-M, candidates,
+positives, backward, updates) at N = 1.28M and 10M rows, peak GPU memory, and a short Fashion-MNIST InvP run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from invprop.bank import ShardedBank  # noqa: E402
+from invprop.data.augment import BatchColorAugment  # noqa: E402
+from invprop.graph import NeighbourGraph  # noqa: E402
+from invprop.loss import InvPLoss  # noqa: E402
+from invprop.models import build_model  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds per call after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def make_criterion(n: int, device: torch.device, m: int = 4096) -> InvPLoss:
+    bank = ShardedBank(n, 128, seed=0, device=device)
+    graph = NeighbourGraph(n, 4, device)
+    graph.table.copy_(torch.randint(0, n, (n, 4), device=device, dtype=torch.int32))
+    return InvPLoss(bank, graph, tau=0.07, n_background=min(m, n), n_pos=20, layers=3, lambda_inv=0.6,
+                    warmup_epochs=0)
+
+
+def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch.device, bf16: bool,
+                    warmup: int, iters: int) -> dict:
+    """InvP step vs supervised step: same backbone, same batched augmentation of the same uint8 batch."""
+    head = "mlp" if arch != "resnet_tiny" else "linear"
+    model = build_model(OmegaConf.create({"arch": arch, "head": head, "embedding_dim": 128,
+                                          "hidden_dim": None})).to(device).to(memory_format=torch.channels_last)
+    classifier = torch.nn.Linear(model.feature_dim, 1000).to(device)
+    params = list(model.parameters()) + list(classifier.parameters())
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    augment = BatchColorAugment((0.5,) * 3, (0.25,) * 3).to(device)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    crit = make_criterion(n_bank, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def batch_in() -> torch.Tensor:
+        x = images.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else images
+        return augment(x, gen).contiguous(memory_format=torch.channels_last)
+
+    def supervised() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(classifier(model.features(batch_in())), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def invp() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            z = model(batch_in())
+        out = crit(torch.nn.functional.normalize(z.float(), dim=1), torch.randperm(n_bank, device=device)[:batch], 1)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        crit.commit(out)
+
+    sup_s = timed(supervised, device, warmup, iters)
+    invp_s = timed(invp, device, warmup, iters)
+    return {"arch": arch, "size": size, "batch": batch, "bank_rows": n_bank, "supervised_img_s": batch / sup_s,
+            "invp_img_s": batch / invp_s, "ratio": sup_s / invp_s}
+
+
+def bank_step(n: int, batch: int, device: torch.device, warmup: int, iters: int) -> dict:
+    crit = make_criterion(n, device)
+    z0 = torch.nn.functional.normalize(torch.randn(batch, 128, device=device), dim=1)
+
+    def step() -> None:
+        z = z0.clone().requires_grad_()
+        out = crit(z, torch.randperm(n, device=device)[:batch], 1)
+        out.loss.backward()
+        crit.commit(out)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = timed(step, device, warmup, iters) * 1000
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"rows": n, "batch": batch, "ms": ms, "peak_gib": peak}
+
+
+def fmnist_run(device: torch.device, epochs: int, subset: int, root: str | None, arch: str) -> dict:
+    """A short InvP run through the real job body (pretrain + kNN), on whatever data root is given."""
+    from invprop.jobs.pretrain import pretrain
+
+    cfg = OmegaConf.load(ROOT / "configs" / "config.yaml")
+    for group, name in (("data", "fashion_mnist"), ("model", arch), ("method", "invp"), ("cluster", "local")):
+        cfg[group] = OmegaConf.load(ROOT / "configs" / group / f"{name}.yaml")
+    cfg.pop("defaults", None)
+    cfg.pop("hydra", None)
+    cfg.data.root, cfg.data.subset = root, subset
+    cfg.train.update(epochs=epochs, batch_size=512, num_workers=min(8, os.cpu_count() or 1), log_every=50,
+                     precision="bf16" if device.type == "cuda" else "fp32", channels_last=True, checkpoint_every_min=0)
+    cfg.method.update(tau=0.1, warmup_epochs=max(1, epochs // 5))
+    run = Path(tempfile.mkdtemp(prefix="gpu_check_fmnist_"))
+    cfg.out_dir = str(run)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    start = time.perf_counter()
+    results = pretrain(run)
+    return {"knn_top1": results["knn_top1"], "knn_bank_top1": results["knn_bank_top1"], "epochs": epochs,
+            "images": results["images"], "arch": arch, "wall_s": time.perf_counter() - start}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
+    parser.add_argument("--fmnist-root", default=None, help="folder with the Fashion-MNIST IDX files")
+    parser.add_argument("--fmnist-epochs", type=int, default=15)
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: steps,bank,fmnist")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    skip = set(filter(None, args.skip.split(",")))
+    dry = args.dry_run
+    summary: dict = {
+        "env": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+                "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "device": str(device),
+                "dry_run": dry, "loader": "in-memory uint8 batch + batched on-device augmentation"},
+    }
+
+    def record(key: str, fn) -> None:
+        start = time.perf_counter()
+        try:
+            summary[key] = fn()
+        except Exception as exc:  # one failing part must not cost the others' numbers
+            summary[key] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps({key: summary[key], "s": round(time.perf_counter() - start, 1)}), flush=True)
+        args.out.write_text(json.dumps(summary, indent=2))
+
+    bf16 = device.type == "cuda"
+    if "steps" not in skip:
+        record("step_resnet50_224", lambda: step_throughput(
+            "resnet50", 64 if dry else 224, 4 if dry else 256, 1000 if dry else 1_281_167, device, bf16,
+            1 if dry else 5, 2 if dry else 20))
+        record("step_resnet18_32", lambda: step_throughput(
+            "resnet_tiny" if dry else "resnet18_cifar", 32, 8 if dry else 512, 1000 if dry else 50_000, device,
+            bf16, 1 if dry else 5, 2 if dry else 30))
+    if "bank" not in skip:
+        for n in ((2000, 5000) if dry else (1_281_167, 10_000_000)):
+            record(f"bank_step_{n}", lambda n=n: bank_step(n, 16 if dry else 256, device, 1 if dry else 5,
+                                                            2 if dry else 20))
+    if "fmnist" not in skip:
+        record("fmnist_invp", lambda: fmnist_run(device, 1 if dry else args.fmnist_epochs, 512 if dry else 0,
+                                                 args.fmnist_root, "resnet_tiny" if dry else "resnet18_cifar"))
+    if device.type == "cuda":
+        summary["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
