@@ -57,8 +57,9 @@ import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.libffcv import ctypes_imdecode, ctypes_resize
 from ffcv.loader import Loader
+from ffcv.loader.epoch_iterator import IS_CUDA as _FFCV_CUDA
 from ffcv.pipeline.compiler import Compiler
 from ffcv.reader import Reader
 from ffcv.transforms import ToTensor, ToTorchImage
@@ -244,18 +245,6 @@ def _center_box(height, width, ratio):
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-_native_compiled: dict[str, Any] = {}
-
-
-def _native() -> tuple[Any, Any]:
-    """FFCV's JPEG decoder and crop-resize kernel, compiled once per process. (Compiling them per Loader,
-    as FFCV's own decoders do, also makes numba print a KeyError when each Loader is collected.)"""
-    if not _native_compiled:
-        _native_compiled["imdecode"] = Compiler.compile(imdecode)
-        _native_compiled["resize_crop"] = Compiler.compile(resize_crop)
-    return _native_compiled["imdecode"], _native_compiled["resize_crop"]
-
-
 _libc = ctypes.CDLL("libc.so.6")
 _memcpy_u64 = _libc.memcpy
 _memcpy_u64.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
@@ -301,11 +290,16 @@ class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
         sample_key, crop_box, flip_bit = _sample_key, _crop_box, _flip_bit
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        imdecode_c, resize_crop_c = _native()
+        # FFCV's C functions, called through ctypes straight from this compiled function. (FFCV's decoders
+        # wrap them in small numba functions compiled per Loader; sharing such wrappers between Loaders hits
+        # a numba KeyError on their literal-argument overloads, and collecting them prints the same error.)
+        imdecode_c = ctypes_imdecode
+        resize_c = ctypes_resize
         center_box = _center_box
         memcpy_u64 = _memcpy_u64
         state_addr = np.uint64(self._state.ctypes.data)
         jpg = IMAGE_MODES["jpg"]
+        zero, one, false = np.uint32(0), np.uint32(1), False
         mode = {"none": 0, "random": 1, "center": 2}[self.crop]
         center_ratio = self.center_ratio
         do_flip = self.flip
@@ -326,7 +320,8 @@ class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
                 if field["mode"] == jpg:
                     temp_buffer = temp_storage[dst_ix]
                     imdecode_c(
-                        image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False
+                        image_data.ctypes.data, image_data.size, height, width, temp_buffer.ctypes.data,
+                        height, width, zero, zero, one, one, false, false,
                     )
                     n_bytes = 3 * height * width
                     image = temp_buffer.reshape(-1)[:n_bytes].reshape(height, width, 3)
@@ -342,7 +337,10 @@ class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
                 else:
                     top, left, ch_, cw = 0, 0, hh, ww
                 out = destination[dst_ix]
-                resize_crop_c(image, top, top + ch_, left, left + cw, out)
+                resize_c(
+                    0, image.ctypes.data, hh, ww, top, top + ch_, left, left + cw,
+                    out.ctypes.data, out.shape[0], out.shape[1],
+                )
                 if do_flip and flip_bit(key):
                     n_cols = out.shape[1]
                     for r in range(out.shape[0]):
@@ -393,6 +391,32 @@ def _to_batch(out: tuple, channels_last: bool) -> Batch:
     return images, labels, indices
 
 
+def _next_batch(it: Any) -> tuple:
+    """``EpochIterator.__next__`` that cannot hang: FFCV's blocks forever on its queue when the loader
+    thread died (e.g. a numba compilation error), since the end marker is then never queued."""
+    while True:
+        try:
+            item = it.output_queue.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not it.is_alive():
+                try:
+                    item = it.output_queue.get_nowait()
+                    break
+                except queue.Empty:
+                    raise RuntimeError(
+                        "FFCV's loader thread stopped without finishing the epoch; its exception was "
+                        "reported by threading.excepthook (printed to stderr by default)"
+                    ) from None
+    if item is None:
+        it.close()
+        raise StopIteration
+    slot, result = item
+    if _FFCV_CUDA:
+        it.current_stream.wait_stream(it.cuda_streams[slot])
+    return result
+
+
 class _Pass:
     """One pass over a Loader: iterates batches, remembers its position, and can be closed early."""
 
@@ -415,7 +439,7 @@ class _Pass:
             self.close()
             raise StopIteration
         try:
-            out = next(self._it)
+            out = _next_batch(self._it)
         except StopIteration:
             self.close()
             raise

@@ -73,6 +73,7 @@ class Trainer:
         self.dataset = IndexedImageDataset.from_config(self.images, self.labels, aug_cfg, train=True,
                                                        seed=int(cfg.seed))
         self.augment = BatchColorAugment.from_config(aug_cfg, *normalization(cfg.data)).to(device)
+        self.ffcv = self._build_ffcv() if cfg.data.get("format", "torchvision") == "ffcv" else None
         self.base_lr = float(cfg.train.lr) * int(cfg.train.batch_size) / 128
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.base_lr,
                                          momentum=float(cfg.train.momentum),
@@ -81,6 +82,27 @@ class Trainer:
         self.state = TrainState()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=env.is_main)
         self.ckpt_root = self.run_dir / "checkpoints"
+
+    def _build_ffcv(self) -> Any:
+        """The FFCV loader, built once per process and reused every epoch (its pipeline compiles once)."""
+        from invprop.data.beton import ensure_beton
+        from invprop.data.ffcv_loader import build_ffcv_train_loader
+
+        beton = ensure_beton(self.cfg.data, "train", Path(str(self.cfg.data.get("beton_dir", ".cache/betons"))),
+                             progress=self.env.is_main)
+        aug = self.cfg.data.get("augment") or {}
+        return build_ffcv_train_loader(beton, self.order, self.env.rank, self.env.world_size,
+                                       int(self.cfg.train.num_workers), int(self.cfg.data.image_size),
+                                       int(self.cfg.seed), scale=tuple(aug.get("crop_scale", (0.2, 1.0))),
+                                       flip=bool(aug.get("flip", False)))
+
+    def batches(self) -> Any:
+        """This rank's batches of the current epoch from the saved position: FFCV or the torchvision path."""
+        if self.ffcv is not None:
+            return self.ffcv.epoch(self.state.epoch, self.state.batch)
+        return build_train_loader(self.dataset, self.order, self.state.epoch, self.state.batch, self.env.rank,
+                                  self.env.world_size, int(self.cfg.train.num_workers),
+                                  pin_memory=self.device.type == "cuda")
 
     def _wrap(self, model: torch.nn.Module, compile_model: bool) -> torch.nn.Module:
         """DDP across ranks, then optionally torch.compile (DDP-aware graph breaks at bucket boundaries)."""
@@ -148,9 +170,7 @@ class Trainer:
         epochs = int(self.cfg.train.epochs)
         with TrainProgress(self.total_steps, self.state.step, enabled=self.env.is_main) as progress:
             while self.state.epoch < epochs:
-                loader = build_train_loader(self.dataset, self.order, self.state.epoch, self.state.batch,
-                                            self.env.rank, self.env.world_size, int(self.cfg.train.num_workers),
-                                            pin_memory=self.device.type == "cuda")
+                loader = self.batches()
                 window, tick = [], time.perf_counter()
                 for images, labels, indices in loader:
                     window.append(self.train_step(images, labels, indices))
