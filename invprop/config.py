@@ -66,6 +66,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.batch_size={batch} is larger than the {n} training images; lower it "
                           "or raise data.subset")
     _validate_method(cfg.method, n)
+    _validate_eval(cfg.eval)
     out = str(cfg.out_dir)
     if os.path.isfile(out):
         raise ConfigError(f"out_dir={out} is a file; give a directory path")
@@ -105,6 +106,20 @@ def _validate_method(method: DictConfig, n: int) -> None:
     _choice(method.propagation, "method.propagation", ("concat", "bfs"))
     _choice(method.positives, "method.positives", ("hard", "easy"))
     _choice(method.denominator, "method.denominator", ("code", "paper"))
+
+
+def _validate_eval(ev: DictConfig) -> None:
+    for protocol in ev.get("protocols", ["knn"]):
+        _choice(protocol, "eval.protocols", ("knn", "linear", "semisup"))
+    _positive_int(ev.knn_k, "eval.knn_k")
+    _positive_int(ev.linear.epochs, "eval.linear.epochs")
+    _positive_int(ev.linear.batch_size, "eval.linear.batch_size")
+    _positive_int(ev.semisup.epochs, "eval.semisup.epochs")
+    _positive_int(ev.semisup.batch_size, "eval.semisup.batch_size")
+    for fraction in ev.semisup.fractions:
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"eval.semisup.fractions has {fraction}; each must be in (0, 1]")
+    _choice(ev.semisup.augment, "eval.semisup.augment", ("crop", "none"))
 
 
 def _validate_slurm(cluster: DictConfig) -> None:

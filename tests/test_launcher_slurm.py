@@ -33,21 +33,27 @@ def _status(cluster, path: Path) -> list[dict]:
 def test_two_node_pretrain_then_chained_eval(slurm_cluster, tmp_path: Path) -> None:
     run = tmp_path / "run"
     start = time.monotonic()
-    proc = _launch(slurm_cluster, "cluster=slurm", "nodes=2", "gpus=1", *SMALL, f"out_dir={run}")
+    proc = _launch(slurm_cluster, "cluster=slurm", "nodes=2", "gpus=1", *SMALL, "eval.protocols=[knn,linear]",
+                   "eval.linear.epochs=3", f"out_dir={run}")
     assert proc.returncode == 0, proc.stderr
     assert time.monotonic() - start < 60  # returns at once, never waits on the cluster
     jobs = _jobs(run)
-    assert "pretrain" in proc.stdout and jobs["eval_knn"] in proc.stdout
+    assert set(jobs) == {"pretrain", "eval_knn", "eval_linear"}
+    assert "pretrain" in proc.stdout and jobs["eval_knn"] in proc.stdout and jobs["eval_linear"] in proc.stdout
     pre = slurm_cluster.wait_sacct(jobs["pretrain"], timeout=200)
-    ev = slurm_cluster.wait_sacct(jobs["eval_knn"], timeout=120)
-    assert pre["State"] == "COMPLETED" and ev["State"] == "COMPLETED", (pre, ev)
+    assert pre["State"] == "COMPLETED", pre
     assert pre["NodeList"] == "node[1-2]"
-    assert ev["Start"] >= pre["End"]  # ISO timestamps: the evaluation began only after pretraining ended
+    for role in ("eval_knn", "eval_linear"):
+        ev = slurm_cluster.wait_sacct(jobs[role], timeout=120)
+        assert ev["State"] == "COMPLETED", (role, ev)
+        assert ev["Start"] >= pre["End"]  # ISO timestamps: each evaluation began only after pretraining ended
     results = json.loads((run / "results.json").read_text())
-    assert results["world_size"] == 2 and 0 <= results["knn_top1"] <= 1
-    assert results["eval_checkpoint"] == f"step_{results['steps']}"  # written by the eval job from the checkpoint
+    assert results["world_size"] == 2 and 0 <= results["knn_top1"] <= 1 and 0 <= results["linear_top1"] <= 1
+    # written by the evaluation jobs from the final committed checkpoint
+    assert results["eval_knn_checkpoint"] == results["eval_linear_checkpoint"] == f"step_{results['steps']}"
     rows = {r["role"]: r for r in _status(slurm_cluster, run)}
-    assert rows["pretrain"]["state"] == "COMPLETED" and rows["eval_knn"]["state"] == "COMPLETED"
+    assert {r["state"] for r in rows.values()} == {"COMPLETED"}
+    assert rows["eval_linear"]["result"].startswith("linear ")
 
 
 def test_failed_pretrain_cancels_its_evaluation(slurm_cluster, tmp_path: Path) -> None:

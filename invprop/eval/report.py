@@ -47,7 +47,8 @@ def find_run_dirs(paths: Path | Iterable[Path]) -> list[Path]:
             found.append(path)
         elif path.is_dir():
             found.extend(sorted((p.parent for p in path.rglob("config.yaml")
-                                 if "checkpoints" not in p.parts and "subsets" not in p.parts), key=_natural_key))
+                                 if not any(part.startswith(".") or part in ("checkpoints", "subsets", "submitit")
+                                            for part in p.relative_to(path).parts)), key=_natural_key))
     unique: list[Path] = []
     for p in found:
         if p.resolve() not in {q.resolve() for q in unique}:
@@ -98,7 +99,8 @@ def result_columns(results: list[dict[str, Any]]) -> list[str]:
     for res in results:
         present.update(dict.fromkeys(res))
     cols = [k for k in RESULT_KEYS if k in present]
-    cols += sorted(k for k in present if k not in cols and any(re.match(p, k) for p in RESULT_PATTERNS))
+    cols += sorted((k for k in present if k not in cols and any(re.match(p, k) for p in RESULT_PATTERNS)),
+                   key=lambda k: [float(t) if re.fullmatch(r"[\d.]+", t) else t for t in re.split(r"([\d.]+)", k)])
     cols += [k for k in TRAILING_RESULT_KEYS if k in present]
     return cols
 
@@ -143,15 +145,30 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def render_table(columns: list[str], rows: list[dict[str, Any]], title: str = "runs"):
-    """A rich Table (config-difference columns, then result columns)."""
+def render_table(columns: list[str], rows: list[dict[str, Any]], title: str = "runs", layout: str = "auto"):
+    """A rich Table. ``layout="runs"``: a row per run, a column per key (config differences, then results);
+    ``"keys"``: the transpose, a column per run (easier to read for a few runs); ``"auto"``: ``keys`` for up
+    to 8 runs."""
     from rich.table import Table
 
+    if layout == "auto":
+        layout = "keys" if len(rows) <= 8 else "runs"
+    if layout not in ("runs", "keys"):
+        raise ValueError(f"layout must be auto, runs or keys, got {layout!r}")
     table = Table(title=title)
-    for col in columns:
-        table.add_column(col, justify="left" if col == "run" else "right", overflow="fold")
+    if layout == "runs":
+        for col in columns:
+            table.add_column(col, justify="left" if col == "run" else "right", overflow="fold")
+        for row in rows:
+            table.add_row(*(format_value(row.get(c)) for c in columns))
+        return table
+    table.add_column("key", justify="left", overflow="fold")
     for row in rows:
-        table.add_row(*(format_value(row.get(c)) for c in columns))
+        table.add_column(str(row["run"]), justify="right", overflow="fold")
+    n_config = next((i for i, c in enumerate(columns) if c in RESULT_KEYS or c in TRAILING_RESULT_KEYS
+                     or any(re.match(p, c) for p in RESULT_PATTERNS)), len(columns))
+    for i, col in enumerate(columns[1:], 1):
+        table.add_row(col, *(format_value(row.get(col)) for row in rows), end_section=i == n_config - 1)
     return table
 
 

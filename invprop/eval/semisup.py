@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from invprop.data import geometric_augment, load_split, normalization, num_classes
+from invprop.data import load_split, normalization, num_classes
 from invprop.data.seeding import derive_seed
-from invprop.eval.linear import cfg_get, eval_section, topk_accuracy
+from invprop.eval.linear import cfg_get, crop_batch, eval_section, topk_accuracy
 from invprop.eval.subsets import fraction_tag, load_or_create_subset
 
 # Defaults of the `eval.semisup` config node (every key optional).
@@ -26,7 +26,7 @@ SEMISUP_DEFAULTS: dict[str, Any] = {
     "fractions": [0.01, 0.1],
     "epochs": 30,
     "milestones": [15, 20, 25],
-    "milestones_epochs": 30,   # the schedule length `milestones` are written for; they scale to `epochs`
+    "milestones_epochs": 30,   # the schedule length `milestones` are written for; they scale to `epochs` (0: as is)
     "gamma": 0.1,
     "lr": 0.01,                # backbone; for `batch_size` images
     "classifier_lr_mult": 50,
@@ -47,6 +47,21 @@ def scaled_milestones(milestones: list[float], written_for: float | None, epochs
     return sorted(float(m) * epochs / float(written_for) for m in milestones)
 
 
+def lr_factor(progress: float, milestones: list[float], gamma: float) -> float:
+    """Step schedule: ``gamma`` to the number of milestones reached at ``progress`` (epochs, fractional)."""
+    return gamma ** sum(1 for m in milestones if m <= progress)
+
+
+def finetune_optimizer(net: FineTuneNet, lr: float, classifier_lr_mult: float, momentum: float,
+                       weight_decay: float) -> torch.optim.SGD:
+    """SGD over the whole network; the new classifier's lr is ``classifier_lr_mult`` times the backbone's.
+    Each group keeps its ``base_lr`` for the schedule."""
+    head_lr = lr * float(classifier_lr_mult)
+    return torch.optim.SGD([{"params": net.backbone.parameters(), "lr": lr, "base_lr": lr},
+                            {"params": net.classifier.parameters(), "lr": head_lr, "base_lr": head_lr}],
+                           lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 class FineTuneNet(nn.Module):
     def __init__(self, backbone: nn.Module, feature_dim: int, n_classes: int) -> None:
         super().__init__()
@@ -55,16 +70,6 @@ class FineTuneNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.backbone(x))
-
-
-def _augment_batch(images: torch.Tensor, indices: torch.Tensor, epoch: int, seed: int,
-                   crop_scale: tuple[float, float], flip: bool) -> torch.Tensor:
-    size = int(images.shape[-1])
-    return torch.stack([
-        geometric_augment(images[i], size, torch.Generator().manual_seed(derive_seed(seed, 0xF17E, epoch, i)),
-                          scale=crop_scale, flip=flip)
-        for i in indices.tolist()
-    ])
 
 
 def _normalise(x: torch.Tensor, mean_t: torch.Tensor, std_t: torch.Tensor) -> torch.Tensor:
@@ -86,7 +91,8 @@ def finetune_subset(cfg: Any, model: nn.Module, device: torch.device, run_dir: P
     """Fine-tune a copy of ``model.backbone`` + a new classifier on the ``fraction`` label subset of the run
     (list file reused if present) and return ``semisup_<pct>_top1`` / ``_top5`` (0..1) on the test split.
 
-    Settings come from ``cfg.eval.semisup`` (:data:`SEMISUP_DEFAULTS`); ``overrides`` (same names) win.
+    Settings come from ``cfg.eval.semisup`` (:data:`SEMISUP_DEFAULTS`); ``overrides`` (same names) win,
+    ``None`` included (``milestones_epochs=None``: milestones as written).
     ``model`` itself is not modified.
     """
     start = time.perf_counter()
@@ -94,7 +100,7 @@ def finetune_subset(cfg: Any, model: nn.Module, device: torch.device, run_dir: P
     unknown = set(overrides) - set(opts)
     if unknown:
         raise TypeError(f"unknown semisup settings {sorted(unknown)}; expected some of {sorted(opts)}")
-    opts.update({k: v for k, v in overrides.items() if v is not None})
+    opts.update(overrides)
     if opts["augment"] not in ("crop", "none"):
         raise ValueError(f"eval.semisup.augment must be 'crop' or 'none', got {opts['augment']!r}")
     tag = fraction_tag(fraction)
@@ -115,11 +121,8 @@ def finetune_subset(cfg: Any, model: nn.Module, device: torch.device, run_dir: P
         torch.manual_seed(derive_seed(seed, 0xC1A55, subset.numel()))
         net = FineTuneNet(copy.deepcopy(model.backbone), int(model.feature_dim), num_classes(cfg.data))
     net.to(device)
-    optimizer = torch.optim.SGD(
-        [{"params": net.backbone.parameters(), "lr": lr, "base_lr": lr},
-         {"params": net.classifier.parameters(), "lr": lr * float(opts["classifier_lr_mult"]),
-          "base_lr": lr * float(opts["classifier_lr_mult"])}],
-        lr=lr, momentum=float(opts["momentum"]), weight_decay=float(opts["weight_decay"]))
+    optimizer = finetune_optimizer(net, lr, float(opts["classifier_lr_mult"]), float(opts["momentum"]),
+                                   float(opts["weight_decay"]))
     mean, std = normalization(cfg.data)
     mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
@@ -130,13 +133,13 @@ def finetune_subset(cfg: Any, model: nn.Module, device: torch.device, run_dir: P
         net.train()
         order = torch.randperm(n, generator=gen)
         for b in range(steps):
-            progress = epoch + b / steps
-            factor = gamma ** sum(1 for m in milestones if m <= progress)
+            factor = lr_factor(epoch + b / steps, milestones, gamma)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             idx = order[b * bs : (b + 1) * bs]
             if opts["augment"] == "crop":
-                x = _augment_batch(images, idx, epoch, seed, crop_scale, flip)
+                ids = idx.tolist()
+                x = crop_batch(images, ids, [derive_seed(seed, 0xF17E, epoch, i) for i in ids], crop_scale, flip)
             else:
                 x = images[idx]
             loss = nn.functional.cross_entropy(net(_normalise(x.to(device), mean_t, std_t)), labels[idx.to(device)])

@@ -1,4 +1,4 @@
-"""Evaluation job body: load a run's newest committed checkpoint and add its figures to results.json."""
+"""Evaluation job body: load a run's newest committed checkpoint, run one protocol, merge into results.json."""
 
 from __future__ import annotations
 
@@ -11,13 +11,19 @@ from invprop import checkpoint
 from invprop.bank import ShardedBank
 from invprop.data import load_split
 from invprop.eval.knn_eval import evaluate_knn
+from invprop.eval.linear import linear_probe
+from invprop.eval.semisup import semisup_eval
 from invprop.jobs.pretrain import load_run_config
 from invprop.metrics import update_results
 from invprop.models import build_model
 
+PROTOCOLS = ("knn", "linear", "semisup")
 
-def evaluate_run(run_dir: Path) -> dict:
-    """weighted kNN over bank rows and recomputed features, single process, from the committed checkpoint."""
+
+def evaluate_run(run_dir: Path, protocol: str = "knn") -> dict:
+    """Run `protocol` (knn | linear | semisup) on the committed checkpoint, single process."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown evaluation {protocol!r}; expected one of {PROTOCOLS}")
     start = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -25,13 +31,19 @@ def evaluate_run(run_dir: Path) -> dict:
     if latest is None:
         raise FileNotFoundError(f"no committed checkpoint under {run_dir / 'checkpoints'}; did pretraining finish?")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    state = checkpoint.load_state(latest)
     model = build_model(cfg.model).to(device)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(checkpoint.load_state(latest)["model"])
+    model.eval()
     images, labels = load_split(cfg.data, "train")
-    bank = ShardedBank(len(labels), int(cfg.model.embedding_dim), device=device)
-    bank.rows = checkpoint.load_bank_shard(latest, len(labels), 0, 1).to(device)
-    results = evaluate_knn(cfg, model, bank, images, labels, device)
-    results["eval_checkpoint"] = latest.name
-    results["eval_wall_s"] = time.perf_counter() - start
+    if protocol == "knn":
+        bank = ShardedBank(len(labels), int(cfg.model.embedding_dim), device=device)
+        bank.rows = checkpoint.load_bank_shard(latest, len(labels), 0, 1).to(device)
+        results = evaluate_knn(cfg, model, bank, images, labels, device)
+    elif protocol == "linear":
+        results = linear_probe(cfg, model, device, train_split=(images, labels))
+    else:
+        results = semisup_eval(cfg, model, device, run_dir, train_split=(images, labels))
+    # per-protocol bookkeeping keys: concurrent evaluation jobs must not overwrite each other's
+    results[f"eval_{protocol}_checkpoint"] = latest.name
+    results[f"eval_{protocol}_wall_s"] = time.perf_counter() - start
     return update_results(run_dir, results)

@@ -42,11 +42,23 @@ class PretrainJob:
 
 
 class EvalJob:
-    def __init__(self, run_dir: str) -> None:
-        self.run_dir = run_dir
+    def __init__(self, run_dir: str, protocol: str = "knn") -> None:
+        self.run_dir, self.protocol = run_dir, protocol
 
     def __call__(self) -> dict:
-        return evaluate_run(Path(self.run_dir))
+        return evaluate_run(Path(self.run_dir), self.protocol)
+
+
+def submit_evaluations(cfg: DictConfig, run_dir: Path, after: str) -> dict[str, submitit.Job]:
+    """One job per protocol in eval.protocols, each afterok on pretraining (cancelled if it fails)."""
+    gpus_per_node = int(cfg.cluster.get("gpus_per_node") or 0)
+    jobs = {}
+    for protocol in cfg.eval.get("protocols", ["knn"]):
+        ev = _executor(cfg, run_dir / "submitit", f"invprop-{protocol}-{run_dir.name}", 1, 1,
+                       min(gpus_per_node, 1), int(cfg.cluster.get("eval_timeout_min", 30)),
+                       dependency=f"afterok:{after}")
+        jobs[f"eval_{protocol}"] = ev.submit(EvalJob(str(run_dir), protocol))
+    return jobs
 
 
 def available_partitions() -> list[str] | None:
@@ -112,13 +124,11 @@ def run_array_element(cfg: DictConfig, run_dir: Path) -> int:
         me = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
         if "SLURM_ARRAY_TASK_ID" in os.environ:
             me = f"{me}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-        gpus_per_node = int(cfg.cluster.get("gpus_per_node") or 0)
-        ev = _executor(cfg, run_dir / "submitit", f"invprop-eval-{run_dir.name}", 1, 1, min(gpus_per_node, 1),
-                       int(cfg.cluster.get("eval_timeout_min", 30)), dependency=f"afterok:{me}")
-        with _outside_job_env():
-            job = ev.submit(EvalJob(str(run_dir)))
-        write_json_atomic(run_dir / "jobs.json", {"jobs": {"pretrain": me, "eval_knn": job.job_id},
-                                                  "logs": str(run_dir / "submitit")})
+        if not (run_dir / "jobs.json").exists():  # a requeued element must not chain its evaluations twice
+            with _outside_job_env():
+                evals = submit_evaluations(cfg, run_dir, after=me)
+            jobs = {"pretrain": me, **{role: job.job_id for role, job in evals.items()}}
+            write_json_atomic(run_dir / "jobs.json", {"jobs": jobs, "logs": str(run_dir / "submitit")})
     pretrain(run_dir, evaluate=False)
     return 0
 
@@ -134,15 +144,15 @@ def submit_run(cfg: DictConfig, run_dir: Path, console: Console) -> int:
     gpus_per_node = int(cfg.cluster.gpus_per_node) if cfg.cluster.gpus_per_node else 0
     pre = _executor(cfg, logs, f"invprop-pretrain-{run_dir.name}", int(cfg.nodes), int(cfg.gpus), gpus_per_node,
                     int(cfg.cluster.timeout_min)).submit(PretrainJob(str(run_dir)))
-    ev = _executor(cfg, logs, f"invprop-eval-{run_dir.name}", 1, 1, min(gpus_per_node, 1),
-                   int(cfg.cluster.eval_timeout_min), dependency=f"afterok:{pre.job_id}").submit(EvalJob(str(run_dir)))
-    jobs = {"pretrain": pre.job_id, "eval_knn": ev.job_id}
+    evals = submit_evaluations(cfg, run_dir, after=pre.job_id)
+    jobs = {"pretrain": pre.job_id, **{role: job.job_id for role, job in evals.items()}}
     write_json_atomic(run_dir / "jobs.json", {"jobs": jobs, "logs": str(logs)})
     table = Table(title="submitted")
     for col in ("role", "job id", "runs", "log"):
         table.add_column(col)
     table.add_row("pretrain", pre.job_id, f"{cfg.nodes} node(s) x {cfg.gpus} rank(s)", str(pre.paths.stdout))
-    table.add_row("eval_knn", ev.job_id, f"after pretrain succeeds (afterok:{pre.job_id})", str(ev.paths.stdout))
+    for role, job in evals.items():
+        table.add_row(role, job.job_id, f"after pretrain succeeds (afterok:{pre.job_id})", str(job.paths.stdout))
     console.print(table)
     console.print(f"run dir: {run_dir}\nstatus:  .venv/bin/python tools/status.py {run_dir}")
     print(json.dumps({"run_dir": str(run_dir), "jobs": jobs}))

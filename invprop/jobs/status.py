@@ -38,7 +38,7 @@ def job_rows(run_dir: Path) -> list[dict[str, Any]]:
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     rows = []
-    for role, job_id in jobs.items():
+    for role, job_id in sorted(jobs.items(), key=lambda item: (item[0] != "pretrain", item[0])):
         recs = records.get(job_id) or [{"state": "UNKNOWN", "elapsed": "", "start": "", "end": "", "exit": ""}]
         last = recs[-1]
         state = last["state"]
@@ -55,6 +55,12 @@ def job_rows(run_dir: Path) -> list[dict[str, Any]]:
 def _result_for(role: str, results: dict[str, Any]) -> str:
     if role == "pretrain" and "final_train_loss" in results:
         return f"loss {results['final_train_loss']:.3f}"
-    if role.startswith("eval") and "knn_top1" in results:
+    if role == "eval_knn" and "knn_top1" in results:
         return f"kNN {results['knn_top1']:.4f} (bank {results.get('knn_bank_top1', float('nan')):.4f})"
+    if role == "eval_linear" and "linear_top1" in results:
+        return f"linear {results['linear_top1']:.4f} / top-5 {results['linear_top5']:.4f}"
+    if role == "eval_semisup":
+        found = [f"{k.split('_')[1]} {results[k]:.4f}" for k in sorted(results) if k.startswith("semisup_")
+                 and k.endswith("_top1")]
+        return "semisup " + ", ".join(found) if found else ""
     return ""

@@ -1,0 +1,257 @@
+"""Evaluation protocols: weighted kNN, linear probe, label subsets, semi-supervised fine-tuning, results.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import tempfile
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from invprop.bank import ShardedBank
+from invprop.data import load_split
+from invprop.eval.features import embed
+from invprop.eval.knn import knn_predict, knn_top1
+from invprop.eval.knn_eval import evaluate_knn
+from invprop.eval.linear import linear_probe, topk_accuracy, train_linear_head
+from invprop.eval.semisup import (
+    FineTuneNet,
+    finetune_optimizer,
+    finetune_subset,
+    lr_factor,
+    scaled_milestones,
+    semisup_eval,
+)
+from invprop.eval.subsets import (
+    balanced_subset,
+    fraction_tag,
+    load_or_create_subset,
+    read_subset,
+    subset_path,
+    write_subset,
+)
+from invprop.metrics import update_results
+from invprop.models import build_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models and batches: one intra-op thread is faster than two on shared cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(**eval_sections):
+    return OmegaConf.create({
+        "seed": 0,
+        "data": {"name": "synthetic", "n_train": 200, "n_test": 100, "num_classes": 4, "image_size": 16,
+                 "augment": {"crop_scale": [0.2, 1.0], "flip": False}},
+        "model": {"arch": "resnet_tiny", "head": "linear", "embedding_dim": 16},
+        "eval": {"knn_k": 20, "knn_sigma": 0.07, "batch_size": 256, **eval_sections},
+    })
+
+
+def _model(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg.model)
+
+
+# -- weighted kNN -------------------------------------------------------------------------------------------
+
+
+def test_knn_votes_on_hand_made_features():
+    ref = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
+    ref_labels = torch.tensor([0, 0, 1, 2])
+    q = torch.tensor([[0.6, 0.8]])  # similarities 0.6, 0.96, 0.8, -0.6
+    sigma = 0.5
+    votes = knn_predict(q, ref, ref_labels, num_classes=3, k=3, sigma=sigma)
+    expected = torch.tensor([[math.exp(0.96 / sigma) + math.exp(0.6 / sigma), math.exp(0.8 / sigma), 0.0]],
+                            dtype=torch.float64)
+    torch.testing.assert_close(votes, expected)
+    # K larger than the reference set: padded candidates must add nothing.
+    torch.testing.assert_close(knn_predict(q, ref, ref_labels, 3, k=200, sigma=sigma)[:, :2],
+                               knn_predict(q, ref, ref_labels, 3, k=4, sigma=sigma)[:, :2])
+
+
+def test_knn_weighting_beats_majority_and_top1_is_a_fraction():
+    # One very close neighbour of class 1 against two far ones of class 0: the exp(sim/sigma) weights decide.
+    ref = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [0.5, 0.9], [0.5, -0.9]]), dim=1)
+    ref_labels = torch.tensor([1, 0, 0])
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert knn_predict(queries[:1], ref, ref_labels, 2, k=3, sigma=0.07).argmax(1).item() == 1
+    assert knn_predict(queries[:1], ref, ref_labels, 2, k=3, sigma=100.0).argmax(1).item() == 0  # ~majority
+    assert knn_top1(queries, torch.tensor([1, 0]), ref, ref_labels, 2, k=3, sigma=0.07) == 1.0
+    assert knn_top1(queries, torch.tensor([1, 1]), ref, ref_labels, 2, k=3, sigma=0.07) == 0.5
+
+
+def test_bank_knn_equals_recomputed_knn_when_the_bank_holds_the_features():
+    cfg = _cfg()
+    model = _model(cfg)
+    images, labels = load_split(cfg.data, "train")
+    bank = ShardedBank(len(labels), 16)
+    bank.rows = embed(model, images, cfg.data, CPU, 256)
+    out = evaluate_knn(cfg, model, bank, images, labels, CPU)
+    assert out["knn_top1"] == out["knn_bank_top1"]
+    bank.rows = torch.nn.functional.normalize(torch.randn_like(bank.rows), dim=1)  # the check can fail
+    assert evaluate_knn(cfg, model, bank, images, labels, CPU)["knn_bank_top1"] != out["knn_top1"]
+
+
+# -- linear probe -------------------------------------------------------------------------------------------
+
+
+def _separable(n, classes=5, dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, classes, generator=torch.Generator().manual_seed(123))
+    x = torch.randn(n, dim, generator=g) * 3 + 1.5  # off-centre and scaled: BatchNorm has work to do
+    return x, ((x - 1.5) @ w).argmax(1)
+
+
+def test_topk_accuracy_by_hand():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
+    assert topk_accuracy(logits, torch.tensor([0, 1]), (1, 2)) == [0.5, 1.0]
+    assert topk_accuracy(logits, torch.tensor([1, 0]), (1, 5)) == [0.0, 1.0]  # k capped at C
+
+
+def test_linear_probe_separates_separable_features_and_not_shuffled_labels():
+    x, y = _separable(2000)
+    xt, yt = _separable(1000, seed=1)
+    out = train_linear_head(x, y, xt, yt, 5, epochs=20, lr=0.1, batch_size=256)
+    assert out["linear_top1"] > 0.93 and out["linear_top5"] == 1.0
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    chance = train_linear_head(x, shuffled, xt, yt, 5, epochs=20, lr=0.1, batch_size=256)
+    majority = torch.bincount(yt, minlength=5).max().item() / len(yt)
+    assert chance["linear_top1"] < majority + 0.06
+    # Views (V, N, D): a second, noisy copy of the features still trains.
+    views = torch.stack([x, x + 0.1 * torch.randn_like(x)])
+    assert train_linear_head(views, y, xt, yt, 5, epochs=20, lr=0.1, batch_size=256)["linear_top1"] > 0.9
+
+
+def test_linear_probe_on_a_model_reads_config_and_is_deterministic():
+    cfg = _cfg(linear={"epochs": 3, "batch_size": 64, "lr": 0.1})
+    model = _model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = linear_probe(cfg, model, CPU)
+    b = linear_probe(cfg, model, CPU)
+    assert set(a) >= {"linear_top1", "linear_top5", "linear_eval_s"}
+    assert 0.0 <= a["linear_top1"] <= a["linear_top5"] <= 1.0
+    assert a["linear_top1"] == b["linear_top1"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # frozen backbone
+    with_views = linear_probe(cfg, model, CPU, aug_views=1, epochs=2)
+    assert 0.0 <= with_views["linear_top1"] <= 1.0
+
+
+# -- label subsets ------------------------------------------------------------------------------------------
+
+
+def test_fraction_tags():
+    assert [fraction_tag(f) for f in (0.01, 0.1, 0.005, 1.0)] == ["1pct", "10pct", "0.5pct", "100pct"]
+    with pytest.raises(ValueError):
+        fraction_tag(0)
+
+
+def test_balanced_subsets_are_balanced_deterministic_and_nested():
+    # Unequal class sizes (300, 200, 500): a balanced subset takes the same number from each.
+    labels = torch.cat([torch.full((300,), 0), torch.full((200,), 1), torch.full((500,), 2)])
+    labels = labels[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
+    small, big = balanced_subset(labels, 0.03, seed=0), balanced_subset(labels, 0.3, seed=0)
+    assert torch.bincount(labels[small], minlength=3).tolist() == [10, 10, 10]
+    assert torch.bincount(labels[big], minlength=3).tolist() == [100, 100, 100]
+    assert len(set(small.tolist())) == 30 and set(small.tolist()) <= set(big.tolist())
+    assert torch.equal(small, balanced_subset(labels, 0.03, seed=0))
+    assert not torch.equal(small, balanced_subset(labels, 0.03, seed=1))
+    # A class smaller than its share gives all it has; every class gets at least one.
+    tiny = balanced_subset(labels, 0.001, seed=0)
+    assert torch.bincount(labels[tiny], minlength=3).tolist() == [1, 1, 1]
+
+
+def test_subset_files_are_written_once_and_reused(tmp_path):
+    labels = torch.arange(400) % 4
+    path = subset_path(tmp_path, 0.1, 7)
+    assert path == tmp_path / "subsets" / "labels_10pct_seed7.txt"
+    first = load_or_create_subset(tmp_path, labels, 0.1, 7)
+    assert path.read_text().split() == [str(i) for i in first.tolist()]
+    assert not list(path.parent.glob(".*"))  # no temporary files left
+    edited = torch.tensor([3, 1, 2, 0])
+    path.write_text("# hand-picked\n" + "".join(f"{i}\n" for i in edited.tolist()))
+    assert torch.equal(load_or_create_subset(tmp_path, labels, 0.1, 7), edited)  # read back, not redrawn
+    write_subset(path, torch.tensor([5, 400]))
+    with pytest.raises(ValueError, match="outside"):
+        read_subset(path, 400)
+
+
+# -- semi-supervised fine-tuning ----------------------------------------------------------------------------
+
+
+def test_milestones_scale_with_epochs():
+    assert scaled_milestones([15, 20, 25], 30, 30) == [15, 20, 25]
+    assert scaled_milestones([15, 20, 25], 30, 60) == [30, 40, 50]
+    assert scaled_milestones([15, 20, 25], 30, 3) == [1.5, 2.0, 2.5]
+    assert scaled_milestones([5, 8], None, 3) == [5, 8]
+    steps = [15, 20, 25]
+    assert [lr_factor(p, steps, 0.1) for p in (0, 14.9, 15, 19.99, 20, 25, 29.9)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.001, 0.001])
+
+
+def test_classifier_learns_fifty_times_faster():
+    net = FineTuneNet(torch.nn.Sequential(torch.nn.Linear(4, 8)), 8, 3)
+    opt = finetune_optimizer(net, 0.01, 50, 0.9, 5e-4)
+    backbone, head = opt.param_groups
+    assert {id(p) for p in head["params"]} == {id(p) for p in net.classifier.parameters()}
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in net.backbone.parameters()}
+    assert backbone["lr"] == pytest.approx(0.01) and head["lr"] == pytest.approx(0.5)
+
+
+def test_semisup_writes_and_reuses_subsets_and_leaves_the_model_alone(tmp_path):
+    cfg = _cfg(semisup={"epochs": 1, "batch_size": 16, "fractions": [0.05, 0.2]})
+    model = _model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = semisup_eval(cfg, model, CPU, tmp_path)
+    for tag, n in (("5pct", 8), ("20pct", 40)):  # 200 images, 4 classes: 2 and 10 per class
+        assert 0.0 <= out[f"semisup_{tag}_top1"] <= out[f"semisup_{tag}_top5"] <= 1.0
+        assert out[f"semisup_{tag}_labels"] == n
+        assert len(read_subset(tmp_path / "subsets" / f"labels_{tag}_seed0.txt")) == n
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # A rerun trains on the list file as it is on disk.
+    write_subset(subset_path(tmp_path, 0.05, 0), torch.arange(6))
+    again = finetune_subset(cfg, model, CPU, tmp_path, 0.05, augment="none")
+    assert again["semisup_5pct_labels"] == 6
+
+
+def test_semisup_finetuning_learns():
+    # All labels, no augmentation, a few epochs: far above chance (0.25) on the synthetic classes.
+    cfg = _cfg()
+    cfg.data.n_train = 128
+    model = _model(cfg)
+    with tempfile.TemporaryDirectory() as run_dir:
+        out = finetune_subset(cfg, model, CPU, run_dir, 1.0, epochs=4, milestones=[3], milestones_epochs=None,
+                              batch_size=16, augment="none", lr=0.05)
+    assert out["semisup_100pct_top1"] > 0.6
+
+
+# -- results.json under concurrent writers ------------------------------------------------------------------
+
+
+def _writer(run_dir, name, barrier, rounds):
+    barrier.wait()
+    for i in range(rounds):
+        update_results(run_dir, {f"{name}_{i}": i})
+
+
+def test_concurrent_update_results_keeps_every_key(tmp_path):
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_writer, args=(tmp_path, name, barrier, 60)) for name in ("knn", "linear")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {f"{name}_{i}" for name in ("knn", "linear") for i in range(60)}

@@ -1,0 +1,168 @@
+"""User tools on real run directories: export_backbone, export_features, report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from omegaconf import OmegaConf
+
+from invprop import checkpoint
+from invprop.data import load_split, normalization
+from invprop.eval.report import differing_keys, find_run_dirs, flatten, read_metrics, table_rows
+from invprop.models import build_backbone, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ARGS = ("data=synthetic", "data.n_train=256", "data.n_test=128", "train.epochs=2", "train.batch_size=64",
+            "train.log_every=1", "eval.every_epochs=1", "train.num_workers=0")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models and batches: one intra-op thread is faster than two on shared cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """Two real one-process runs side by side (differing in method.k), like a sweep's run directories."""
+    root = tmp_path_factory.mktemp("sweep")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two runs side by side: one thread each, no oversubscription
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "launchers/submit.py"), *RUN_ARGS, *extra,
+                               f"out_dir={root / str(i)}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for i, extra in enumerate([(), ("method.k=3",)])]
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+    return root
+
+
+def _model_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load_state(checkpoint.latest(run_dir / "checkpoints"))["model"]
+
+
+def test_export_backbone_reloads_strictly(sweep, tmp_path, capsys):
+    tool = _tool("export_backbone")
+    out = tmp_path / "backbone.pth"
+    assert tool.main([str(sweep / "0"), "--out", str(out)]) == 0
+    assert "resnet_tiny" in capsys.readouterr().out
+    state = torch.load(out, weights_only=True)
+    assert not any(k.startswith(("head.", "backbone.")) for k in state)
+    backbone, _ = build_backbone("resnet_tiny")
+    backbone.load_state_dict(state, strict=True)
+    saved = _model_state(sweep / "0")
+    assert all(torch.equal(v, saved[f"backbone.{k}"]) for k, v in state.items())
+    assert len(state) == sum(k.startswith("backbone.") for k in saved)
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+    # --format invprop wraps the same tensors with their arch.
+    wrapped = tmp_path / "wrapped.pth"
+    assert tool.main([str(sweep / "0"), "--out", str(wrapped), "--format", "invprop"]) == 0
+    meta = torch.load(wrapped, weights_only=True)
+    assert meta["arch"] == "resnet_tiny" and meta["state_dict"].keys() == state.keys()
+
+
+def test_export_backbone_resnet50_loads_into_torchvision(tmp_path):
+    run = tmp_path / "r50"
+    run.mkdir()
+    OmegaConf.save(OmegaConf.create({"model": {"arch": "resnet50", "head": "mlp", "embedding_dim": 128,
+                                               "hidden_dim": 2048}}), run / "config.yaml")
+    torch.manual_seed(0)
+    model = build_model({"arch": "resnet50", "head": "mlp", "embedding_dim": 128, "hidden_dim": 2048}).eval()
+    with torch.no_grad():  # non-default BN statistics, so buffers are checked too
+        model.backbone.bn1.running_mean.uniform_(-1, 1)
+    checkpoint.save(run / "checkpoints", 1, 0, 1, {"model": model.state_dict()}, torch.zeros(4, 128), 0, 4)
+    out = tmp_path / "r50.pth"
+    assert _tool("export_backbone").main([str(run), "--out", str(out)]) == 0
+    state = torch.load(out, weights_only=True)
+    tv = torchvision.models.resnet50()
+    missing, unexpected = tv.load_state_dict(state, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    tv.fc = torch.nn.Identity()
+    tv.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(tv(x), model.features(x))
+
+
+def test_export_features_shapes_and_labels(sweep, tmp_path):
+    tool = _tool("export_features")
+    run = sweep / "1"
+    cfg = OmegaConf.load(run / "config.yaml")
+    model = build_model(cfg.model)
+    model.load_state_dict(_model_state(run))
+    model.eval()
+    for split, n in (("train", 256), ("test", 128)):
+        out = tmp_path / f"{split}.npz"
+        assert tool.main([str(run), "--split", split, "--out", str(out), "--device", "cpu"]) == 0
+        arrays = np.load(out)
+        images, labels = load_split(cfg.data, split)
+        assert arrays["features"].shape == (n, 128) and arrays["features"].dtype == np.float32
+        np.testing.assert_array_equal(arrays["labels"], labels.numpy())
+        assert str(arrays["checkpoint"]) == checkpoint.latest(run / "checkpoints").name
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization(cfg.data))
+        with torch.no_grad():
+            expected = model.features((images[:4].float() / 255 - mean) / std)
+        np.testing.assert_allclose(arrays["features"][:4], expected.numpy(), rtol=1e-4, atol=1e-5)
+    emb = tmp_path / "emb.npz"
+    assert tool.main([str(run), "--split", "test", "--out", str(emb), "--embedding"]) == 0
+    np.testing.assert_allclose(np.linalg.norm(np.load(emb)["features"], axis=1), 1.0, rtol=1e-5)
+
+
+def test_report_table_and_plots(sweep, tmp_path, capsys):
+    runs = find_run_dirs(sweep)
+    assert [r.name for r in runs] == ["0", "1"]
+    steps, knn = read_metrics(runs[0])
+    assert len(steps) == 8 and [r["epoch"] for r in knn] == [1, 2]
+    columns, rows = table_rows(runs)
+    assert "method.k" in columns and "out_dir" not in columns and "knn_top1" in columns
+    assert [(r["run"], r["method.k"]) for r in rows] == [("0", 4), ("1", 3)]
+    assert all(isinstance(r["knn_top1"], float) for r in rows)
+
+    tool = _tool("report")
+    plots = tmp_path / "plots"
+    assert tool.main([str(sweep), "--out", str(plots)]) == 0
+    printed = capsys.readouterr().out
+    assert "method.k" in printed and "knn_top1" in printed
+    for name in ("losses.png", "knn.png", "purity.png"):
+        data = (plots / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    # A single run gets its plots in the run directory; --json prints the rows (and plots nothing).
+    assert tool.main([str(sweep / "1")]) == 0
+    assert (sweep / "1" / "losses.png").exists() and not (sweep / "losses.png").exists()
+    capsys.readouterr()
+    assert tool.main([str(sweep / "0"), str(sweep / "1"), "--json"]) == 0
+    rows_json = json.loads(capsys.readouterr().out)
+    assert [(r["run"], r["method.k"]) for r in rows_json] == [("0", 4), ("1", 3)]
+
+
+def test_report_config_differences():
+    a = flatten({"method": {"k": 4, "tau": 0.07}, "out_dir": "a", "train": {"lr": 0.03}})
+    b = flatten({"method": {"k": 8, "tau": 0.07}, "out_dir": "b", "train": {"lr": 0.03, "extra": 1}})
+    assert a == {"method.k": 4, "method.tau": 0.07, "out_dir": "a", "train.lr": 0.03}
+    assert differing_keys([a, b]) == ["method.k", "train.extra"]
+    assert differing_keys([a, a]) == []
+
+
+def test_report_cli_without_runs(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/report.py"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "no run directory" in proc.stderr

@@ -1,0 +1,72 @@
+"""`python tools/export_backbone.py <run dir> --out r50.pth [--format torchvision|invprop]`.
+
+Writes the backbone of the run's newest committed checkpoint as a plain state_dict (projection head and
+memory bank dropped). For model.arch=resnet50 the keys are torchvision's: the file loads into
+`torchvision.models.resnet50()` with `strict=False`, reporting only `fc.weight`/`fc.bias` missing. For the
+CIFAR ResNets it loads strictly into `invprop.models.build_backbone(arch)[0]`. `--format torchvision` (the
+default) writes nothing but the state_dict; `--format invprop` wraps it with the arch and the checkpoint name.
+The file is checked by loading it into a fresh backbone, then written to a temporary name and os.replace'd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from invprop import checkpoint
+from invprop.models import build_backbone
+
+PREFIX = "backbone."
+
+
+def backbone_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``backbone.*`` entries of an EmbeddingModel state_dict, prefix stripped, as standalone tensors."""
+    return {k[len(PREFIX):]: v.detach().clone().contiguous() for k, v in model_state.items() if k.startswith(PREFIX)}
+
+
+def export_backbone(run_dir: Path, out: Path, fmt: str = "torchvision") -> dict:
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    latest = checkpoint.latest(run_dir / "checkpoints")
+    if latest is None:
+        raise FileNotFoundError(f"no committed checkpoint under {run_dir / 'checkpoints'}")
+    arch = str(cfg.model.arch)
+    state = backbone_state_dict(checkpoint.load_state(latest)["model"])
+    fresh, feature_dim = build_backbone(arch)
+    fresh.load_state_dict(state, strict=True)  # our backbone; resnet50's has no fc keys (fc is Identity)
+    payload = state if fmt == "torchvision" else {"arch": arch, "feature_dim": feature_dim,
+                                                  "checkpoint": str(latest), "state_dict": state}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)
+    return {"arch": arch, "checkpoint": latest.name, "tensors": len(state),
+            "parameters": sum(v.numel() for k, v in state.items() if "running_" not in k and "num_batches" not in k)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--format", choices=("torchvision", "invprop"), default="torchvision")
+    args = parser.parse_args(argv)
+    try:
+        info = export_backbone(args.run_dir, args.out, args.format)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {info['arch']} backbone from {info['checkpoint']}, {info['tensors']} tensors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

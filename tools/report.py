@@ -1,0 +1,51 @@
+"""`python tools/report.py <run dirs or sweep dir> [--out DIR] [--json]`: compare runs in a table and plots.
+
+The table has one row per run: the config keys whose values differ across the runs, then the figures from
+results.json. Plots (losses.png, knn.png, purity.png) go into the run or sweep directory given (the first
+one if several), or into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from invprop.eval.report import default_out_dir, find_run_dirs, render_table, table_rows, write_plots
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", type=Path, nargs="+", help="run directories and/or sweep directories")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the PNG plots")
+    parser.add_argument("--json", action="store_true", help="print the table rows as JSON (no plots)")
+    parser.add_argument("--no-plots", action="store_true", help="only the table")
+    parser.add_argument("--layout", choices=("auto", "runs", "keys"), default="auto",
+                        help="a row per run, or a column per run (auto: columns for up to 8 runs)")
+    args = parser.parse_args(argv)
+    runs = find_run_dirs(args.paths)
+    if not runs:
+        print(f"error: no run directory (with config.yaml) in {', '.join(map(str, args.paths))}", file=sys.stderr)
+        return 2
+    columns, rows = table_rows(runs)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: do not fold the table to 80 columns
+        console = Console(width=max(console.width, 240))
+    console.print(render_table(columns, rows, title=", ".join(map(str, args.paths)), layout=args.layout))
+    if not args.no_plots:
+        written = write_plots(runs, args.out or default_out_dir(args.paths))
+        for path in written:
+            console.print(f"wrote {path}")
+        if not written:
+            console.print("no metrics.jsonl records to plot")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
