@@ -6,6 +6,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import invprop  # noqa: F401  (registers the config resolvers)
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
