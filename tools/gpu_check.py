@@ -127,6 +127,7 @@ def fmnist_run(device: torch.device, epochs: int, subset: int, root: str | None,
     cfg.pop("defaults", None)
     cfg.pop("hydra", None)
     cfg.data.root, cfg.data.subset = root, subset
+    cfg.data.format = "torchvision"  # FFCV is not installable on a machine without a registry
     cfg.train.update(epochs=epochs, batch_size=512, num_workers=min(8, os.cpu_count() or 1), log_every=50,
                      precision="bf16" if device.type == "cuda" else "fp32", channels_last=True, checkpoint_every_min=0)
     cfg.method.update(tau=0.1, warmup_epochs=max(1, epochs // 5))
