@@ -16,8 +16,9 @@ from invprop import collectives as coll
 # Rows are initialised in fixed chunks, each from its own seed, so the bank is the same for any world size.
 _INIT_CHUNK = 65536
 
-# global_top: the sampled bound is only worth it when the shard is this many times larger than M.
-_MIN_SHARD_OVER_M = 4
+# global_top: the sampled bound is only worth it when the shard is this many times larger than M (below, most
+# scores would pass it, and a top-M selection over the whole shard is cheaper than compacting them).
+_MIN_SHARD_OVER_M = 8
 # Block of consecutive scores whose maximum is tested first where scores above the bound are sparse.
 _BLOCK = 32
 # Expected number of sampled scores above the local M-th largest, and how many standard deviations the bound
@@ -26,8 +27,13 @@ _SAMPLE_HITS = 192
 _SAMPLE_SIGMAS = 5.0
 
 
+# Accelerators: scores per chunk of the top-k route (1 GiB of float32).
+_TOPK_CHUNK_ELEMENTS = 1 << 28
+
+
 def _chunk_elements(device: torch.device) -> int:
-    """Scores per chunk of the shard scan: cache-sized on CPU, large on accelerators (fewer launches)."""
+    """Scores per chunk of the shard scan and of the sampled bound (both CPU-only in global_top): cache-sized on
+    CPU, large elsewhere (fewer launches)."""
     return 1 << 20 if device.type == "cpu" else 1 << 26
 
 
@@ -85,7 +91,7 @@ class _MaskedLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, mask: torch.Tensor, dim: int, tau: float):  # type: ignore[override]
-        keep = mask.to(x.dtype)
+        keep = (mask & (x > float("-inf"))).to(x.dtype)  # kept -inf terms are 0, also after the clamp below
         logits = torch.div(x, tau) if tau != 1.0 else x
         peak = torch.add(logits, keep - 1.0, alpha=_MaskedLogSumExp._DROP).amax(dim=dim, keepdim=True)
         peak = torch.where(peak > -0.5 * _MaskedLogSumExp._DROP, peak, torch.zeros_like(peak))  # none kept
@@ -126,34 +132,73 @@ class TopCandidates:
 
     Holds every local score at or above a per-query lower bound of the local M-th largest, so a superset of
     the local top-M; `in_top` marks those in the exact global top-M (score >= `threshold`, the global M-th
-    largest). Global ids ascend along each row.
+    largest). Global ids ascend along each row where `ascending`.
     """
 
     vals: torch.Tensor  # scores, differentiable in the queries
     ids: torch.Tensor
     in_top: torch.Tensor
     threshold: torch.Tensor  # (Q,)
+    ascending: bool = True
 
 
 class _SelectedScores(torch.autograd.Function):
-    """Scores z_q . V_c already computed (without grad) for a few columns c per query; the backward is
-    sum_c g_qc V_c, a weighted gather of the rows, instead of a dense (Q x n_local) matmul."""
+    """Scores z_q . V_j already computed (without grad) for a few bank rows j per query (global ids, -1 for
+    padding; `start` is this shard's first id); the backward is sum_j g_qj V_j, a weighted gather of rows,
+    instead of a dense (Q x n_local) matmul."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,  # type: ignore[override]
-                vals: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(rows, cols)  # saving `rows` makes an in-place bank update before backward fail
-        ctx.z_dtype = z.dtype
+    def forward(ctx, z: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,  # type: ignore[override]
+                vals: torch.Tensor, start: int) -> torch.Tensor:
+        ctx.save_for_backward(rows, ids)  # saving `rows` makes an in-place bank update before backward fail
+        ctx.z_dtype, ctx.start = z.dtype, start
         return vals.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        rows, cols = ctx.saved_tensors
+        rows, ids = ctx.saved_tensors
         weights = grad.to(rows.dtype).contiguous()
         # Zero weights (padding, scores outside every mask) read row 0 instead of a random row.
-        cols = cols * (weights != 0)
+        cols = (ids - ctx.start) * (weights != 0)
         out = torch.nn.functional.embedding_bag(cols, rows, per_sample_weights=weights, mode="sum")
-        return out.to(ctx.z_dtype), None, None, None
+        return out.to(ctx.z_dtype), None, None, None, None
+
+
+# On CPU the scan's compare-and-compact runs as one numba loop (numba is a dependency already, for the FFCV
+# loader): a single pass over the scores that writes only the hits, ~4x cheaper than the torch ops below
+# (compare, nonzero, gathers, index arithmetic). Tests switch it off to cover the torch path too.
+USE_NUMBA = True
+_COLLECT: object = None  # the compiled kernel; False where numba is unavailable
+
+
+def _collect_hits(s, lower, out_vals, out_ids, fill, id0):  # pragma: no cover - runs compiled
+    """Append each s[r, c] >= lower[r] to row r of out_vals / out_ids (id0 + c) at position fill[r]; fill[r]
+    counts on past the width of the outputs, which then have to be widened and the chunk collected again."""
+    q, b = s.shape
+    width = out_vals.shape[1]
+    for r in range(q):
+        t = lower[r]
+        k = fill[r]
+        for c in range(b):
+            v = s[r, c]
+            if v >= t:
+                if k < width:
+                    out_vals[r, k] = v
+                    out_ids[r, k] = id0 + c
+                k += 1
+        fill[r] = k
+
+
+def _collect_kernel():
+    global _COLLECT
+    if _COLLECT is None:
+        try:
+            import numba
+        except ImportError:  # pragma: no cover
+            _COLLECT = False
+        else:
+            _COLLECT = numba.njit(nogil=True, cache=True)(_collect_hits)
+    return _COLLECT or None
 
 
 def _hits(s: torch.Tensor, lower: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,6 +281,8 @@ class ShardedBank:
         Radix select on order-preserving integer keys: 4 rounds of all-reduced 256-bin histograms.
         """
         if self.world == 1:
+            if top_vals.shape[1] == k:
+                return top_vals.detach().amin(1)
             return top_vals.detach().topk(k, dim=1, sorted=False).values.amin(1)
         keys = _float_to_ordered(top_vals.detach().float())
         q = keys.shape[0]
@@ -259,30 +306,51 @@ class ShardedBank:
     def global_top(self, z: torch.Tensor, m: int, keep: int = 0) -> TopCandidates:
         """This rank's part of the exact global top-m of every query in `z` (Q x D).
 
-        The shard is scored in column chunks and only the scores at or above a cheap per-query lower bound of
-        the local max(m, keep)-th largest score are kept (so the result also holds the local top-`keep`,
-        for `nearest`); the full Q x n_local score matrix is never held. The bound comes from a strided sample
-        of the shard; where it fails (fewer than max(m, keep) scores reach it) the query is redone with its
-        exact local bound, so the result never depends on the sample.
+        The candidates always include the local top-max(m, keep) (so `nearest` can use them too).
+
+        On CPU, for a shard much larger than M, the shard is scored in column chunks and only the scores at or
+        above a cheap per-query lower bound of the local max(m, keep)-th largest are kept; the full Q x n_local
+        score matrix is never held. The bound comes from a strided sample of the shard; where it fails (fewer
+        than max(m, keep) scores reach it) the query is redone with its exact local bound, so the result never
+        depends on the sample. Ids then ascend along each row. On a smaller shard (where most scores would
+        pass any bound), and on accelerators (whose radix top-k is cheap and which dislike the host syncs of
+        compaction), the candidates are exactly the local top-max(m, keep), from a top-k per chunk of columns
+        merged into a running top-k, in no particular order.
         """
-        q = z.shape[0]
         m_sel = min(max(m, keep), self.n_local)
-        with torch.no_grad():
-            zq = z.detach()
-            bound, expect = self._sample_bound(zq, m_sel)
-            if bound is None:  # small shard: every score is a candidate
-                vals = zq @ self.rows.t()
-                cols = torch.arange(self.n_local, device=vals.device).expand(q, -1)
+        ascending = True
+        # Selection in full precision whatever autocast region the caller is in: the result must be exact.
+        with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
+            zq = z.detach().to(self.rows.dtype)
+            bound, expect = self._sample_bound(zq, m_sel) if zq.device.type == "cpu" else (None, 0)
+            if bound is None:
+                chunk = self.n_local if zq.device.type == "cpu" else _TOPK_CHUNK_ELEMENTS // max(1, zq.shape[0])
+                vals, ids = self._chunked_topk(zq, m_sel, max(chunk, 2 * m_sel))
+                ascending = False
             else:
-                vals, cols, count = self._scan(zq, bound, expect)
+                vals, ids, count = self._scan(zq, bound, expect)
                 short = (count < m_sel).nonzero().squeeze(1)
                 if short.numel():  # the sampled bound overshot for these queries: use their exact bound
                     exact = (zq[short] @ self.rows.t()).topk(m_sel, dim=1, sorted=False).values.amin(1)
-                    vals, cols = _replace_rows(vals, cols, short, *self._scan(zq[short], exact, m_sel)[:2])
+                    vals, ids = _replace_rows(vals, ids, short, *self._scan(zq[short], exact, m_sel)[:2])
             threshold = self.kth_largest(vals, m)
             in_top = vals >= threshold.unsqueeze(1)
-        ids = torch.where(cols >= 0, cols + self.start, cols)
-        return TopCandidates(_SelectedScores.apply(z, self.rows, cols, vals), ids, in_top, threshold)
+        return TopCandidates(_SelectedScores.apply(z, self.rows, ids, vals, self.start), ids, in_top, threshold,
+                             ascending)
+
+    def _chunked_topk(self, zq: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local top-k (values, global ids; unordered) of every query, `chunk` columns at a time."""
+        best_vals = best_ids = None
+        for c0 in range(0, self.n_local, chunk):
+            vals, cols = (zq @ self.rows[c0 : c0 + chunk].t()).topk(min(k, chunk, self.n_local - c0), dim=1,
+                                                                    sorted=False)
+            ids = cols + (self.start + c0)
+            if best_vals is not None:
+                vals, ids = torch.cat([best_vals, vals], dim=1), torch.cat([best_ids, ids], dim=1)
+                vals, slot = vals.topk(min(k, vals.shape[1]), dim=1, sorted=False)
+                ids = ids.gather(1, slot)
+            best_vals, best_ids = vals, ids
+        return best_vals, best_ids
 
     def _sample_bound(self, zq: torch.Tensor, m_sel: int) -> tuple[torch.Tensor | None, int]:
         """Per query, a value that w.h.p. lies at or just below the m_sel-th largest local score (None: no bound
@@ -296,16 +364,24 @@ class ShardedBank:
         n = self.n_local
         if n < _MIN_SHARD_OVER_M * m_sel:
             return None, n
-        stride = max(1, n // math.ceil(_SAMPLE_HITS * n / m_sel))
+        stride = max(4, n // math.ceil(_SAMPLE_HITS * n / m_sel))  # at most a quarter of the shard
         sample = self.rows[::stride]
         s = sample.shape[0]
         mean = m_sel * s / n
         spread = math.sqrt(mean * (1.0 - m_sel / n) * max(0.0, (n - s) / max(1, n - 1)))
-        r = min(s, math.ceil(mean + _SAMPLE_SIGMAS * spread) + 1)
-        scores = zq @ sample.t()
-        blocks = s // _BLOCK
-        if blocks >= 8 * r:
-            scores = scores[:, : blocks * _BLOCK].reshape(zq.shape[0], blocks, _BLOCK).amax(2)
+        r = max(1, min(s, math.ceil(mean + _SAMPLE_SIGMAS * spread) + 1))
+        q, blocks = zq.shape[0], s // _BLOCK
+        if blocks >= 4 * r:  # block maxima, the sample scored in chunks (never held whole)
+            chunk = max(1, _chunk_elements(zq.device) // max(1, q) // _BLOCK) * _BLOCK
+            scores = torch.empty(q, blocks, dtype=self.rows.dtype, device=zq.device)
+            buffer = torch.empty(q * min(chunk, blocks * _BLOCK), dtype=self.rows.dtype, device=zq.device)
+            for c0 in range(0, blocks * _BLOCK, chunk):
+                part = sample[c0 : min(c0 + chunk, blocks * _BLOCK)]
+                out = buffer[: q * part.shape[0]].view(q, part.shape[0])
+                torch.matmul(zq, part.t(), out=out)
+                scores[:, c0 // _BLOCK : c0 // _BLOCK + part.shape[0] // _BLOCK] = out.view(q, -1, _BLOCK).amax(2)
+        else:
+            scores = zq @ sample.t()
         bound = scores.topk(r, dim=1, sorted=False).values.amin(1)
         return bound, math.ceil((r + 3.0 * math.sqrt(r)) * n / s)
 
@@ -313,8 +389,8 @@ class ShardedBank:
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every local score >= bound[q], per query in ascending column order, padded with (-inf, -1).
 
-        Returns (values, local columns, count per query); `width` is a guess of the largest count. The shard
-        is scored in column chunks, each into the same buffer.
+        Returns (values, global ids, count per query); `width` is a guess of the largest count. The shard is
+        scored in column chunks, each into the same buffer.
         """
         q, n, dev = zq.shape[0], self.n_local, zq.device
         chunk = max(_BLOCK, _chunk_elements(dev) // max(1, q) // _BLOCK * _BLOCK)
@@ -328,11 +404,26 @@ class ShardedBank:
         query = torch.arange(q, dtype=torch.int64, device=dev)
         lower = bound.unsqueeze(1).to(self.rows.dtype)
         buffer = torch.empty(q * min(chunk, n), dtype=self.rows.dtype, device=dev)
+        kernel = _collect_kernel() if USE_NUMBA and dev.type == "cpu" else None
+        if kernel is not None:
+            lower_np = lower.view(-1).contiguous().numpy()
         for c0 in range(0, n, chunk):
             part = self.rows[c0 : c0 + chunk]
             b = part.shape[0]
             s = buffer[: q * b].view(q, b)
             torch.matmul(zq, part.t(), out=s)
+            if kernel is not None:
+                before = fill.clone()
+                kernel(s.numpy(), lower_np, out_vals.numpy(), out_cols.numpy(), fill.numpy(), self.start + c0)
+                need = int(fill.max())
+                if need > width:  # more hits than guessed: widen the output and collect this chunk again
+                    grow = max(need, 2 * width) - width
+                    out_vals = torch.nn.functional.pad(out_vals, (0, grow), value=float("-inf"))
+                    out_cols = torch.nn.functional.pad(out_cols, (0, grow), value=-1)
+                    width += grow
+                    fill.copy_(before)
+                    kernel(s.numpy(), lower_np, out_vals.numpy(), out_cols.numpy(), fill.numpy(), self.start + c0)
+                continue
             flat, vals = _hits(s, lower, _BLOCK if blocked and b % _BLOCK == 0 else 1)
             if flat.numel() == 0:
                 continue
@@ -348,7 +439,7 @@ class ShardedBank:
             # hit i, of query r, goes to out[r, fill[r] + i - first[r]]; its column is flat[i] - r * b + c0
             at = torch.repeat_interleave(query * width + fill - first, count) + torch.arange(flat.numel(), device=dev)
             out_vals.view(-1).index_copy_(0, at, vals)
-            out_cols.view(-1).index_copy_(0, at, flat + torch.repeat_interleave(c0 - query * b, count))
+            out_cols.view(-1).index_copy_(0, at, flat + torch.repeat_interleave(self.start + c0 - query * b, count))
             fill = new_fill
         used = int(fill.max()) if q else 0
         return out_vals[:, :used], out_cols[:, :used], fill

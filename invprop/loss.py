@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from invprop import collectives as coll
-from invprop.bank import ShardedBank, logsumexp_across_ranks, masked_logsumexp
+from invprop.bank import ShardedBank, TopCandidates, logsumexp_across_ranks, masked_logsumexp
 from invprop.graph import UNKNOWN, NeighbourGraph
 
 
@@ -88,7 +88,7 @@ class InvPLoss:
         pos_valid = cand_valid.gather(1, pos_slot)
         pos_logits = cand_scores.gather(1, pos_slot) / self.tau
         numerator = masked_logsumexp(pos_logits, pos_valid)
-        denominator = self._denominator(top.vals, top.ids, top.in_top, idg, cands, numerator)
+        denominator = self._denominator(top, idg, cands, numerator)
         has_pos = pos_valid.any(dim=1)
         loss_inv = torch.where(has_pos, denominator - numerator, torch.zeros_like(numerator))
 
@@ -113,22 +113,27 @@ class InvPLoss:
         ranked = cand_scores.masked_fill(~valid, fill)
         return ranked.topk(min(self.p, ranked.shape[1]), dim=1, largest=not hard).indices
 
-    def _denominator(self, top_vals: torch.Tensor, top_ids: torch.Tensor, in_top: torch.Tensor,
-                     idg: torch.Tensor, cands: torch.Tensor, numerator: torch.Tensor) -> torch.Tensor:
+    def _denominator(self, top: TopCandidates, idg: torch.Tensor, cands: torch.Tensor,
+                     numerator: torch.Tensor) -> torch.Tensor:
         if self.denominator == "code":
             # N_M(i) without i itself, excluded only where it is actually in N_M(i).
-            keep = in_top & (top_ids != idg.view(-1, 1))
-            return logsumexp_across_ranks(masked_logsumexp(top_vals, keep, tau=self.tau))
-        # paper: (N_M(i) minus all candidates) union H(i). Ids ascend along each row of top_ids, so each
-        # candidate is looked up there (Q x K binary searches) rather than the other way round.
-        width = top_ids.shape[1]
+            keep = top.in_top & (top.ids != idg.view(-1, 1))
+            return logsumexp_across_ranks(masked_logsumexp(top.vals, keep, tau=self.tau))
+        # paper: (N_M(i) minus all candidates) union H(i). Each candidate is looked up (binary search) in its
+        # row of ids, Q x K searches, rather than each of the Q x ~M ids among the candidates.
+        width = top.ids.shape[1]
         with torch.no_grad():
-            ordered = torch.where(top_ids >= 0, top_ids, torch.full_like(top_ids, torch.iinfo(torch.int64).max))
+            ordered = torch.where(top.ids >= 0, top.ids, torch.full_like(top.ids, torch.iinfo(torch.int64).max))
+            order = None
+            if not top.ascending:
+                ordered, order = ordered.sort(dim=1)
             slot = torch.searchsorted(ordered, cands.contiguous()).clamp(max=width - 1)
             found = (ordered.gather(1, slot) == cands) & (cands >= 0)
-            is_cand = torch.zeros(top_ids.shape[0], width + 1, dtype=torch.bool, device=top_ids.device)
+            if order is not None:
+                slot = order.gather(1, slot)
+            is_cand = torch.zeros(top.ids.shape[0], width + 1, dtype=torch.bool, device=top.ids.device)
             is_cand.scatter_(1, torch.where(found, slot, torch.full_like(slot, width)), True)
-        rest = logsumexp_across_ranks(masked_logsumexp(top_vals, in_top & ~is_cand[:, :width], tau=self.tau))
+        rest = logsumexp_across_ranks(masked_logsumexp(top.vals, top.in_top & ~is_cand[:, :width], tau=self.tau))
         return torch.logaddexp(rest, numerator)
 
     def commit(self, out: StepOutput) -> None:

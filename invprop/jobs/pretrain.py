@@ -43,6 +43,8 @@ def pretrain(run_dir: Path, evaluate: bool = True) -> dict:
             if env.is_main:
                 console.print(f"resumed from {latest} (epoch {trainer.state.epoch}, batch {trainer.state.batch}, "
                               f"step {trainer.state.step})", soft_wrap=True)
+        elif cfg.eval.get("untrained_baseline", False):
+            _untrained_baseline(cfg, trainer, device, env)
         if not trainer.fit(boundary):
             return _preempted(trainer, boundary, env)
         trainer.save_checkpoint()
@@ -63,6 +65,13 @@ def pretrain(run_dir: Path, evaluate: bool = True) -> dict:
     finally:
         boundary.close()
         distributed.shutdown()
+
+
+def _untrained_baseline(cfg: DictConfig, trainer: Trainer, device, env: distributed.DistEnv) -> None:
+    """kNN of the network before any step, on the same reference set: the bar training has to clear."""
+    found = evaluate_knn(cfg, trainer.model, trainer.bank, trainer.images, trainer.labels, device)
+    if env.is_main:
+        update_results(Path(trainer.run_dir), {"knn_untrained_top1": found["knn_top1"]})
 
 
 def _preempted(trainer: Trainer, boundary: StepBoundary, env: distributed.DistEnv) -> dict:

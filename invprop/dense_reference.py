@@ -1,0 +1,123 @@
+"""A dense, single-process, vectorised InvP step (DESIGN section 2) on the full bank: the baseline of
+`tools/bench_bank.py`.
+
+This is what a careful implementation without sharding looks like: the whole (B x N) score matrix,
+`torch.topk` over it for the top-M background set, candidates by indexing the neighbour table, hard (or easy)
+positives, every log-sum in log space, then the graph and bank updates. It must agree with `InvPLoss` at
+world size 1 (tests/test_bench_bank.py checks loss, gradients, positives, neighbour table and bank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+UNKNOWN = -1
+
+
+@dataclass
+class DenseStep:
+    loss: torch.Tensor  # mean over the batch
+    ids: torch.Tensor
+    embeddings: torch.Tensor  # detached, for the bank update
+    neighbours: torch.Tensor  # new neighbour-table rows for `ids`
+    positives: torch.Tensor  # chosen positives, UNKNOWN-padded
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def dense_candidates(table: torch.Tensor, ids: torch.Tensor, layers: int, mode: str) -> torch.Tensor:
+    """(B, k + k^2 + ... + k^layers) candidates; `concat` keeps duplicates, `bfs` keeps distinct nodes within
+    distance `layers`, the anchor excluded. Children of unknown entries are unknown."""
+    frontier = ids.long().view(-1, 1)
+    found = []
+    for _ in range(layers):
+        nxt = table[frontier.clamp(min=0)].long()  # (B, F, k)
+        nxt[frontier < 0] = UNKNOWN
+        frontier = nxt.flatten(1)
+        found.append(frontier)
+    cands = torch.cat(found, dim=1)
+    if mode == "concat":
+        return cands
+    if mode != "bfs":
+        raise ValueError(f"propagation must be 'concat' or 'bfs', got {mode!r}")
+    cands = cands.masked_fill(cands == ids.long().view(-1, 1), UNKNOWN)
+    cands, _ = cands.sort(dim=1)
+    repeat = torch.zeros_like(cands, dtype=torch.bool)
+    repeat[:, 1:] = cands[:, 1:] == cands[:, :-1]
+    return cands.masked_fill(repeat, UNKNOWN)
+
+
+def logsumexp_where(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Row-wise logsumexp over the kept entries; -inf (and no NaN gradient) where a row keeps none."""
+    keep = keep & (x > float("-inf"))
+    some = keep.any(dim=1)
+    masked = x.masked_fill(~keep, float("-inf"))
+    masked = torch.where(some.unsqueeze(1), masked, torch.zeros_like(masked))
+    return torch.where(some, torch.logsumexp(masked, dim=1), torch.full_like(x[:, 0], float("-inf")))
+
+
+class DenseInvP:
+    """InvP over a full bank `bank` (N x D) and neighbour table `table` (N x k, int, UNKNOWN = -1)."""
+
+    def __init__(self, bank: torch.Tensor, table: torch.Tensor, *, tau: float, n_background: int, n_pos: int,
+                 layers: int, lambda_inv: float, warmup_epochs: int, propagation: str = "concat",
+                 positives: str = "hard", denominator: str = "code", bank_momentum: float = 0.5) -> None:
+        self.bank, self.table = bank, table
+        self.tau, self.m, self.p, self.layers = tau, min(n_background, bank.shape[0]), n_pos, layers
+        self.lambda_inv, self.warmup_epochs, self.momentum = lambda_inv, warmup_epochs, bank_momentum
+        self.propagation, self.positives, self.denominator = propagation, positives, denominator
+
+    def __call__(self, z: torch.Tensor, ids: torch.Tensor, epoch: int) -> DenseStep:
+        ids = ids.long()
+        k = self.table.shape[1]
+        scores = z @ self.bank.t()  # (B, N)
+        top_vals, top_idx = scores.topk(self.m, dim=1)
+        top_logits = top_vals / self.tau
+        self_score = scores.gather(1, ids.view(-1, 1)).squeeze(1)
+        loss_ins = torch.logsumexp(top_logits, dim=1) - self_score / self.tau
+
+        with torch.no_grad():
+            cands = dense_candidates(self.table, ids, self.layers, self.propagation)
+        valid = cands != UNKNOWN
+        cand_scores = scores.gather(1, cands.clamp(min=0))
+        hard = self.positives == "hard"
+        ranked = cand_scores.detach().masked_fill(~valid, float("inf") if hard else float("-inf"))
+        slot = ranked.topk(min(self.p, cands.shape[1]), dim=1, largest=not hard).indices
+        pos_valid = valid.gather(1, slot)
+        numerator = logsumexp_where(cand_scores.gather(1, slot) / self.tau, pos_valid)
+        if self.denominator == "code":
+            denominator = logsumexp_where(top_logits, top_idx != ids.view(-1, 1))
+        else:  # paper: (top-M minus every candidate) union the chosen positives
+            is_cand = (top_idx.unsqueeze(2) == cands.unsqueeze(1)).any(dim=2)
+            denominator = torch.logaddexp(logsumexp_where(top_logits, ~is_cand), numerator)
+        has_pos = pos_valid.any(dim=1)
+        loss_inv = torch.where(has_pos, denominator - numerator, torch.zeros_like(numerator))
+        w = 1.0 if epoch >= self.warmup_epochs else 0.0
+        per_anchor = loss_ins + self.lambda_inv * w * loss_inv
+
+        with torch.no_grad():  # graph update: the k best rows, the anchor's own excluded
+            if self.m >= k + 1:
+                near_vals, near_idx = top_vals[:, : k + 1].detach(), top_idx[:, : k + 1]
+            else:
+                near_vals, near_idx = scores.detach().topk(min(k + 1, scores.shape[1]), dim=1)
+            near_vals = near_vals.masked_fill(near_idx == ids.view(-1, 1), float("-inf"))
+            neighbours = near_idx.gather(1, near_vals.topk(k, dim=1).indices)
+            own_in_top = (top_idx == ids.view(-1, 1)).any(dim=1).float()
+        chosen = torch.where(pos_valid, cands.gather(1, slot), torch.full_like(slot, UNKNOWN))
+        stats = {
+            "loss": per_anchor.detach().mean().item(),
+            "loss_ins": loss_ins.detach().mean().item(),
+            "loss_inv": (loss_inv.detach().sum() / has_pos.sum().clamp(min=1)).item(),
+            "inv_weight": w,
+            "own_in_top_m": own_in_top.mean().item(),
+            "empty_candidates": 1.0 - has_pos.float().mean().item(),
+        }
+        return DenseStep(per_anchor.mean(), ids, z.detach(), neighbours, chosen, stats)
+
+    @torch.no_grad()
+    def commit(self, out: DenseStep) -> None:
+        """Graph update, then V_i <- normalize(m V_i + (1 - m) v_i); call after the optimiser step."""
+        self.table[out.ids] = out.neighbours.to(self.table.dtype)
+        mixed = self.momentum * self.bank[out.ids] + (1.0 - self.momentum) * out.embeddings.to(self.bank.dtype)
+        self.bank[out.ids] = torch.nn.functional.normalize(mixed, dim=1)

@@ -1,0 +1,275 @@
+"""tools/bench_bank.py and what it measures: the dense vectorised reference equals InvPLoss at W=1 (also on the
+paths only large shards take: sampled bound, blocked scan, several chunks, a widened output, the exact
+fallback), the sampled path stays exact over W ranks, and the --json report has the promised shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import invprop.bank as bank_mod
+from invprop import distributed
+from invprop.bank import ShardedBank, shard_bounds
+from invprop.dense_reference import DenseInvP
+from invprop.graph import NeighbourGraph
+from invprop.jobs.spawn import spawn_ranks
+from invprop.loss import InvPLoss
+
+ROOT = Path(__file__).resolve().parents[1]
+D, Q, STEPS, TAU, LAM, MOMENTUM = 32, 24, 3, 0.1, 0.6, 0.5
+
+SCENARIOS = {
+    # n >= 8 * max(M, k + 1): sampled bound + scan
+    "sampled": dict(n=3000, m=64, k=4, layers=3, p=5, propagation="concat", denominator="code"),
+    "sampled-paper-bfs-easy": dict(n=3000, m=64, k=4, layers=2, p=6, propagation="bfs", denominator="paper",
+                                   positives="easy"),
+    # sparse hits: per-block maxima first (n a multiple of the block)
+    "blocked": dict(n=32768, m=16, k=4, layers=3, p=5, propagation="concat", denominator="paper"),
+    # smaller shard: top-M of the whole shard, ids in no order
+    "small": dict(n=400, m=100, k=3, layers=2, p=4, propagation="concat", denominator="paper"),
+    "m-close-to-n": dict(n=203, m=200, k=3, layers=2, p=4, propagation="bfs", denominator="code"),
+}
+
+
+def _setup(sc: dict, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    rows = ShardedBank(sc["n"], D, seed=3).rows
+    table = torch.randint(0, sc["n"], (sc["n"], sc["k"]), generator=gen, dtype=torch.int32)
+    table[torch.rand(sc["n"], generator=gen) < 0.2] = -1  # some rows still unknown
+    return rows, table
+
+
+def _inputs(sc: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    z = torch.nn.functional.normalize(torch.randn(Q, D, generator=gen), dim=1)
+    return z, torch.randperm(sc["n"], generator=gen)[:Q]
+
+
+def _hyper(sc: dict) -> dict:
+    return dict(tau=TAU, n_background=sc["m"], n_pos=sc["p"], layers=sc["layers"], lambda_inv=LAM, warmup_epochs=0,
+                propagation=sc["propagation"], positives=sc.get("positives", "hard"), denominator=sc["denominator"],
+                bank_momentum=MOMENTUM)
+
+
+def _run(crit, sc: dict, rank: int = 0, world: int = 1) -> list[dict]:
+    steps = []
+    for step in range(STEPS):
+        z_all, ids_all = _inputs(sc, step)
+        b = Q // world
+        z = z_all[rank * b : (rank + 1) * b].clone().requires_grad_()
+        out = crit(z, ids_all[rank * b : (rank + 1) * b], epoch=1)
+        out.loss.backward()
+        crit.commit(out)
+        steps.append({"stats": out.stats, "grad": z.grad.clone(), "neighbours": out.neighbours.clone(),
+                      "positives": [sorted(c for c in row.tolist() if c >= 0) for row in out.positives]})
+    return steps
+
+
+def _dense(sc: dict) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    rows, table = _setup(sc)
+    dense = DenseInvP(rows.clone(), table.clone(), **_hyper(sc))
+    return _run(dense, sc), dense.bank, dense.table
+
+
+def _sharded(sc: dict) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    rows, table = _setup(sc)
+    bank, graph = ShardedBank(sc["n"], D, seed=3), NeighbourGraph(sc["n"], sc["k"])
+    bank.rows, graph.table = rows.clone(), table.clone()
+    return _run(InvPLoss(bank, graph, **_hyper(sc)), sc), bank.rows, graph.table
+
+
+def _assert_same(got: tuple, want: tuple, grads_from: int = 0) -> None:
+    (g_steps, g_bank, g_table), (w_steps, w_bank, w_table) = got, want
+    for g, w in zip(g_steps, w_steps, strict=True):
+        for key in ("loss", "loss_ins", "loss_inv", "own_in_top_m", "empty_candidates"):
+            assert g["stats"][key] == pytest.approx(w["stats"][key], rel=1e-5, abs=1e-6), key
+        torch.testing.assert_close(g["grad"], w["grad"][grads_from : grads_from + len(g["grad"])],
+                                   rtol=1e-4, atol=1e-6)
+        assert torch.equal(g["neighbours"].long(), w["neighbours"].long())
+        assert g["positives"] == w["positives"]
+    torch.testing.assert_close(g_bank, w_bank, rtol=1e-5, atol=1e-6)
+    assert torch.equal(g_table.long(), w_table.long())
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_dense_reference_equals_sharded_at_w1(name: str) -> None:
+    sc = SCENARIOS[name]
+    _assert_same(_sharded(sc), _dense(sc))
+
+
+class _Spy:
+    """Records which scan paths ran: torch (`blocks`: the block size of each chunk) or numba (`kernel_calls`)."""
+
+    def __init__(self, monkeypatch, use_numba: bool) -> None:
+        self.blocks: list[int] = []
+        self.scans: list[int] = []
+        self.kernel_calls = 0
+        hits, scan, kernel = bank_mod._hits, ShardedBank._scan, bank_mod._collect_kernel
+
+        def spy_hits(s, lower, block):
+            self.blocks.append(block)
+            return hits(s, lower, block)
+
+        def spy_scan(bank, zq, bound, width=0):
+            self.scans.append(zq.shape[0])
+            return scan(bank, zq, bound, width)
+
+        def spy_kernel():
+            compiled = kernel()
+
+            def call(*args):
+                self.kernel_calls += 1
+                return compiled(*args)
+
+            return call
+
+        monkeypatch.setattr(bank_mod, "USE_NUMBA", use_numba)
+        monkeypatch.setattr(bank_mod, "_hits", spy_hits)
+        monkeypatch.setattr(bank_mod, "_collect_kernel", spy_kernel)
+        monkeypatch.setattr(ShardedBank, "_scan", spy_scan)
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+def test_scan_paths_are_taken_and_exact(monkeypatch, use_numba: bool) -> None:
+    spy = _Spy(monkeypatch, use_numba)
+    _assert_same(_sharded(SCENARIOS["blocked"]), _dense(SCENARIOS["blocked"]))
+    if use_numba:
+        assert spy.kernel_calls and not spy.blocks
+    else:
+        assert 32 in spy.blocks and not spy.kernel_calls  # sparse hits: per-block maxima first
+    spy.blocks.clear()
+    _assert_same(_sharded(SCENARIOS["sampled"]), _dense(SCENARIOS["sampled"]))
+    if not use_numba:
+        assert spy.blocks and set(spy.blocks) == {1}  # dense hits: every score compared
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+def test_many_chunks_and_a_widened_output(monkeypatch, use_numba: bool) -> None:
+    spy = _Spy(monkeypatch, use_numba)
+    monkeypatch.setattr(bank_mod, "_chunk_elements", lambda device: Q * 256)  # 256 columns per chunk
+    sample_bound = ShardedBank._sample_bound
+    monkeypatch.setattr(ShardedBank, "_sample_bound", lambda self, zq, m: (sample_bound(self, zq, m)[0], 1))
+    for name in ("sampled", "blocked"):
+        _assert_same(_sharded(SCENARIOS[name]), _dense(SCENARIOS[name]))
+    if use_numba:  # every chunk once, plus the chunks collected again after widening
+        chunks = sum(-(-SCENARIOS[name]["n"] // 256) for name in ("sampled", "blocked")) * STEPS
+        assert spy.kernel_calls > chunks
+    else:
+        assert 1 in spy.blocks and 32 in spy.blocks
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+def test_failed_sample_bound_falls_back_to_the_exact_one(monkeypatch, use_numba: bool) -> None:
+    spy = _Spy(monkeypatch, use_numba)
+    monkeypatch.setattr(bank_mod, "_SAMPLE_SIGMAS", -50.0)  # r = 1: the sample's maximum, far too high
+    sc = SCENARIOS["sampled-paper-bfs-easy"]
+    _assert_same(_sharded(sc), _dense(sc))
+    assert spy.scans == [Q, Q] * STEPS  # every query rescanned with its exact bound
+
+
+@pytest.mark.parametrize("chunk", [37, 64, 100, 3000])
+def test_chunked_topk_merges_to_the_exact_top_k(chunk: int) -> None:
+    """The accelerator route: a top-k per chunk of columns merged into a running top-k."""
+    bank = ShardedBank(3000, D, rank=1, world=2, seed=3)  # ids offset by the shard start
+    z = torch.nn.functional.normalize(torch.randn(Q, D, generator=torch.Generator().manual_seed(0)), dim=1)
+    vals, ids = bank._chunked_topk(z, 64, chunk)
+    want_vals, want_cols = (z @ bank.rows.t()).topk(64, dim=1)
+    torch.testing.assert_close(vals.sort(dim=1, descending=True).values, want_vals, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ids.sort(dim=1).values, (want_cols + bank.start).sort(dim=1).values)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.07, 1e-3])
+def test_masked_logsumexp_matches_plain_logsumexp(tau: float) -> None:
+    """The branch-free masked logsumexp: -inf entries, rows keeping nothing, a dominant entry, tiny tau."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 50, generator=gen)
+    x[0, :10], x[1], x[2, 5] = float("-inf"), float("-inf"), 30.0
+    mask = torch.rand(6, 50, generator=gen) < 0.6
+    mask[3], mask[4] = False, True
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = bank_mod.masked_logsumexp(a, mask, tau=tau)
+    want = torch.stack([torch.logsumexp(b[i][mask[i] & (x[i] > float("-inf"))] / tau, 0) for i in range(6)])
+    assert torch.isneginf(got[[1, 3]]).all() and torch.isneginf(want[[1, 3]]).all()
+    torch.testing.assert_close(got, want)
+    got[torch.isfinite(got)].sum().backward()
+    want[torch.isfinite(want)].sum().backward()
+    torch.testing.assert_close(a.grad, torch.nan_to_num(b.grad), rtol=1e-5, atol=1e-7)
+    assert torch.isfinite(a.grad).all() and not a.grad[~mask].any()
+
+
+def _worker(rank: int, world: int, out_dir: str, name: str) -> None:
+    distributed.init(distributed.read_env(), timeout_s=60)
+    sc = SCENARIOS[name]
+    rows, table = _setup(sc)
+    bank, graph = ShardedBank(sc["n"], D, rank=rank, world=world, seed=3), NeighbourGraph(sc["n"], sc["k"])
+    bank.rows = rows[bank.start : bank.stop].clone()
+    graph.table = table.clone()
+    steps = _run(InvPLoss(bank, graph, **_hyper(sc)), sc, rank, world)
+    torch.save({"steps": steps, "rows": bank.rows, "table": graph.table}, os.path.join(out_dir, f"rank{rank}.pt"))
+    distributed.shutdown()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", [2, 3])
+def test_sampled_path_exact_over_ranks(world: int, tmp_path) -> None:
+    name = "sampled-paper-bfs-easy"  # n_local = 1500 / 1000, M = 64: every rank takes the sampled bound
+    spawn_ranks(_worker, world, (str(tmp_path), name), timeout_s=200)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    want_steps, want_bank, want_table = _dense(SCENARIOS[name])
+    b = Q // world
+    for r, got in enumerate(ranks):
+        start, stop = shard_bounds(SCENARIOS[name]["n"], r, world)
+        _assert_same((got["steps"], got["rows"], got["table"]), (want_steps, want_bank[start:stop], want_table),
+                     grads_from=r * b)
+
+
+def test_bench_json_smoke() -> None:
+    n = 2000
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_bank.py"), "--json", "--sizes", str(n),
+                           "--steps", "2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)  # exactly one JSON object
+    assert {"sizes", "threads", "machine"} <= report.keys()
+    row = report["sizes"][str(n)]
+    assert {"dense_ms", "sharded_ms", "ratio_vs_dense", "bank_bytes_per_rank", "graph_bytes"} <= row.keys()
+    assert row["dense_ms"] > 0 and row["sharded_ms"] > 0
+    assert row["ratio_vs_dense"] == pytest.approx(row["sharded_ms"] / row["dense_ms"], rel=1e-2)
+    dim = report.get("dim", 128)
+    for world in (1, 2, 4, 8):
+        per_rank = [ShardedBank(n, dim, rank=r, world=world).rows.nbytes for r in range(world)]
+        assert row["bank_bytes_per_rank"][str(world)] == max(per_rank) == n * dim * 4 // world
+    assert row["graph_bytes"] == NeighbourGraph(n, 4).table.nbytes == n * 4 * 4  # int32, replicated
+    assert row["loss_rel_diff"] < 1e-5  # both sides computed the same loss
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_cuda_path_equals_dense_reference(name: str) -> None:
+    """The torch scan path (numba is CPU-only) on the GPU, against the dense reference on the GPU."""
+    sc, dev = SCENARIOS[name], torch.device("cuda")
+    rows, table = _setup(sc)
+    bank, graph = ShardedBank(sc["n"], D, seed=3, device=dev), NeighbourGraph(sc["n"], sc["k"], device=dev)
+    bank.rows, graph.table = rows.to(dev), table.to(dev)
+    dense = DenseInvP(rows.to(dev), table.to(dev), **_hyper(sc))
+    crit = InvPLoss(bank, graph, **_hyper(sc))
+    for step in range(STEPS):
+        z0, ids = _inputs(sc, step)
+        outs, grads = [], []
+        for c in (crit, dense):
+            z = z0.to(dev).requires_grad_()
+            out = c(z, ids.to(dev), epoch=1)
+            out.loss.backward()
+            c.commit(out)
+            outs.append(out)
+            grads.append(z.grad)
+        assert outs[0].stats["loss"] == pytest.approx(outs[1].stats["loss"], rel=1e-5, abs=1e-6)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+        assert torch.equal(outs[0].neighbours.long(), outs[1].neighbours.long())
+    torch.testing.assert_close(bank.rows, dense.bank, rtol=1e-5, atol=1e-6)
+    assert torch.equal(graph.table.long(), dense.table.long())
