@@ -117,7 +117,8 @@ def bank_step(n: int, batch: int, device: torch.device, warmup: int, iters: int)
     return {"rows": n, "batch": batch, "ms": ms, "peak_gib": peak}
 
 
-def fmnist_run(device: torch.device, epochs: int, subset: int, root: str | None, arch: str) -> dict:
+def fmnist_run(device: torch.device, epochs: int, subset: int, root: str | None, arch: str,
+               precision: str = "bf16", tau: float = 0.2, lr: float = 0.03) -> dict:
     """A short InvP run through the real job body (pretrain + kNN), on whatever data root is given."""
     from invprop.jobs.pretrain import pretrain
 
@@ -129,15 +130,18 @@ def fmnist_run(device: torch.device, epochs: int, subset: int, root: str | None,
     cfg.data.root, cfg.data.subset = root, subset
     cfg.data.format = "torchvision"  # FFCV is not installable on a machine without a registry
     cfg.train.update(epochs=epochs, batch_size=512, num_workers=min(8, os.cpu_count() or 1), log_every=50,
-                     precision="bf16" if device.type == "cuda" else "fp32", channels_last=True, checkpoint_every_min=0)
-    cfg.method.update(tau=0.1, warmup_epochs=max(1, epochs // 5))
+                     precision=precision if device.type == "cuda" else "fp32", channels_last=True,
+                     checkpoint_every_min=0)
+    cfg.method.update(tau=tau, warmup_epochs=max(1, epochs // 5))  # DESIGN: tau 0.2 with an MLP head
+    cfg.train.lr = lr
     run = Path(tempfile.mkdtemp(prefix="gpu_check_fmnist_"))
     cfg.out_dir = str(run)
     (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     start = time.perf_counter()
     results = pretrain(run)
-    return {"knn_top1": results["knn_top1"], "knn_bank_top1": results["knn_bank_top1"], "epochs": epochs,
-            "images": results["images"], "arch": arch, "wall_s": time.perf_counter() - start}
+    return {"knn_top1": results["knn_top1"], "knn_untrained_top1": results.get("knn_untrained_top1"),
+            "final_train_loss": results["final_train_loss"], "knn_bank_top1": results["knn_bank_top1"],
+            "epochs": epochs, "images": results["images"], "arch": arch, "wall_s": time.perf_counter() - start}
 
 
 def main() -> int:
@@ -146,6 +150,9 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--fmnist-root", default=None, help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--fmnist-epochs", type=int, default=10)
+    parser.add_argument("--fmnist-precision", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--fmnist-tau", type=float, default=0.2)
+    parser.add_argument("--fmnist-lr", type=float, default=0.03, help="per 128 images (scaled to the batch)")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: steps,bank,fmnist")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
@@ -184,7 +191,8 @@ def main() -> int:
             bf16, 1 if dry else 3, 2 if dry else 10))
     if "fmnist" not in skip:
         record("fmnist_invp", lambda: fmnist_run(device, 1 if dry else args.fmnist_epochs, 512 if dry else 0,
-                                                 args.fmnist_root, "resnet_tiny" if dry else "resnet18_cifar"))
+                                                 args.fmnist_root, "resnet_tiny" if dry else "resnet18_cifar",
+                                                 args.fmnist_precision, args.fmnist_tau, args.fmnist_lr))
     if device.type == "cuda":
         summary["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     args.out.write_text(json.dumps(summary, indent=2))
