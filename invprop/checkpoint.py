@@ -22,7 +22,7 @@ from invprop.bank import shard_bounds
 MARKER = "COMMITTED"
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
+def save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as fh:
         torch.save(obj, fh)
@@ -45,10 +45,10 @@ def save(root: Path, step: int, rank: int, world: int, state: dict[str, Any] | N
     """Collective: every rank writes its bank shard, rank 0 the rest, then COMMITTED after a barrier."""
     target = Path(root) / f"step_{step}"
     target.mkdir(parents=True, exist_ok=True)
-    _save_atomic({"rows": bank_rows.detach().cpu(), "start": bank_start, "n": n_rows},
+    save_atomic({"rows": bank_rows.detach().cpu(), "start": bank_start, "n": n_rows},
                  target / f"bank.{rank}-of-{world}")
     if rank == 0:
-        _save_atomic(state, target / "state.pt")
+        save_atomic(state, target / "state.pt")
     coll.barrier()
     if rank == 0:
         sizes = {p.name: p.stat().st_size for p in target.iterdir() if not p.name.startswith(".")}

@@ -11,7 +11,6 @@ The file is checked by loading it into a fresh backbone, then written to a tempo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -43,12 +42,7 @@ def export_backbone(run_dir: Path, out: Path, fmt: str = "torchvision") -> dict:
                                                   "checkpoint": str(latest), "state_dict": state}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
+    checkpoint.save_atomic(payload, out)
     return {"arch": arch, "checkpoint": latest.name, "tensors": len(state),
             "parameters": sum(v.numel() for k, v in state.items() if "running_" not in k and "num_batches" not in k)}
 
