@@ -38,3 +38,6 @@ class TrainProgress:
             parts += [f"lr {record['lr']:.4f}", f"{record['img_s']:.0f} img/s"]
             info = "  ".join(parts)
         self.progress.update(self.task, completed=step, **({"info": info} if info else {}))
+        if info and self.enabled and not self.progress.console.is_terminal:
+            # SLURM logs and pipes get no live bar: one plain line per logged window instead
+            self.progress.console.print(f"step {step}/{self.progress.tasks[0].total:.0f}  {info}", soft_wrap=True)
