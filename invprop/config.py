@@ -106,7 +106,6 @@ def _validate_method(method: DictConfig, n: int) -> None:
     _choice(method.propagation, "method.propagation", ("concat", "bfs"))
     _choice(method.positives, "method.positives", ("hard", "easy"))
     _choice(method.denominator, "method.denominator", ("code", "paper"))
-    _choice(method.get("instance_term", "topm"), "method.instance_term", ("topm", "topm_with_self"))
 
 
 def _validate_eval(ev: DictConfig) -> None:

@@ -64,13 +64,11 @@ class InvPLoss:
 
     def __init__(self, bank: ShardedBank, graph: NeighbourGraph, *, tau: float, n_background: int,
                  n_pos: int, layers: int, lambda_inv: float, warmup_epochs: int, propagation: str = "concat",
-                 positives: str = "hard", denominator: str = "code", bank_momentum: float = 0.5,
-                 instance_term: str = "topm") -> None:
+                 positives: str = "hard", denominator: str = "code", bank_momentum: float = 0.5) -> None:
         self.bank, self.graph = bank, graph
         self.tau, self.m, self.p, self.layers = tau, min(n_background, bank.n), n_pos, layers
         self.lambda_inv, self.warmup_epochs, self.momentum = lambda_inv, warmup_epochs, bank_momentum
         self.propagation, self.positives, self.denominator = propagation, positives, denominator
-        self.instance_term = instance_term
 
     def __call__(self, z: torch.Tensor, ids: torch.Tensor, epoch: int) -> StepOutput:
         zg, idg = coll.gather_rows(z), coll.gather_rows(ids).long()
@@ -85,11 +83,6 @@ class InvPLoss:
         cand_valid = cands != UNKNOWN
         picked = self.bank.pair_scores(zg, torch.cat([idg.view(-1, 1), cands], dim=1))
         self_score, cand_scores = picked[:, 0], picked[:, 1:]
-        if self.instance_term == "topm_with_self":
-            # the own row always in the denominator, once: a stale bank cannot push it out of N_M(i)
-            lse_others = logsumexp_across_ranks(masked_logsumexp(
-                top.vals, top.in_top & (top.ids != idg.view(-1, 1)), tau=self.tau))
-            lse_top = torch.logaddexp(lse_others, self_score / self.tau)
         loss_ins = lse_top - self_score / self.tau
         pos_slot = self._pick_positives(cand_scores.detach(), cand_valid)
         pos_valid = cand_valid.gather(1, pos_slot)
@@ -158,5 +151,4 @@ def build_criterion(method_cfg, bank: ShardedBank, graph: NeighbourGraph | None,
                     n_pos=method_cfg.n_pos, layers=method_cfg.l, lambda_inv=method_cfg.lambda_inv,
                     warmup_epochs=method_cfg.warmup_epochs, propagation=method_cfg.propagation,
                     positives=method_cfg.positives, denominator=method_cfg.denominator,
-                    bank_momentum=method_cfg.bank_momentum,
-                    instance_term=method_cfg.get("instance_term", "topm"))
+                    bank_momentum=method_cfg.bank_momentum)
