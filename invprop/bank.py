@@ -255,16 +255,6 @@ class ShardedBank:
     def owned(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids >= self.start) & (ids < self.stop)
 
-    def lookup(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Global scores s[q, ids[q, c]] from their owner shards (ids < 0 give 0); differentiable.
-
-        Non-owners contribute exact zeros, so every rank receives bit-identical values.
-        """
-        own = self.owned(ids)
-        local_cols = torch.where(own, ids - self.start, torch.zeros_like(ids))
-        picked = scores.gather(1, local_cols) * own
-        return coll.sum_across_ranks(picked)
-
     def pair_scores(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Global scores z_q . V_ids[q, c] (ids < 0 give 0) from the owner shards, without a full score matrix;
         differentiable in z. Non-owners contribute exact zeros, so every rank receives bit-identical values."""
