@@ -28,6 +28,7 @@ from invprop.data.beton import (  # noqa: E402
     build_source,
     ensure_beton,
     load_cifar,
+    load_svhn,
     read_beton_arrays,
     write_beton,
 )
@@ -205,6 +206,18 @@ def test_standard_file_sources(tmp_path):
     cfg = {"name": "cifar10", "root": str(folder), "subset": 4}
     src = build_source(cfg, "train")
     assert len(src) == 4 and len(build_source(cfg, "test")) == 3  # subset restricts training only
+
+    # SVHN cropped-digits release: X is (32, 32, 3, N), y is (N, 1) with 10 standing for the digit 0.
+    from scipy.io import savemat
+
+    svhn_x = rng.integers(0, 256, (32, 32, 3, 5), dtype=np.uint8)
+    savemat(tmp_path / "train_32x32.mat", {"X": svhn_x, "y": np.array([[10], [1], [2], [10], [9]])})
+    images, labels = load_svhn(tmp_path, "train")
+    assert labels.tolist() == [0, 1, 2, 0, 9]
+    np.testing.assert_array_equal(images[3], svhn_x[:, :, :, 3])
+    path = write_beton(build_source({"name": "svhn", "root": str(tmp_path)}, "train"), tmp_path / "svhn.beton",
+                       num_workers=1, progress=False)
+    assert read_beton_arrays(path)["label"].tolist() == [0, 1, 2, 0, 9]
 
     # ImageNet-style folder: root/<split>/<class>/<file>, classes sorted, labels from folder order.
     from PIL import Image
