@@ -100,11 +100,6 @@ def _executor(cfg: DictConfig, folder: Path, name: str, nodes: int, tasks_per_no
     return executor
 
 
-def in_slurm_job() -> bool:
-    """True inside a SLURM allocation (a sweep element started by Hydra's submitit launcher)."""
-    return "SLURM_JOB_ID" in os.environ
-
-
 @contextlib.contextmanager
 def _outside_job_env() -> Iterator[None]:
     """sbatch exports our environment: hide this job's SLURM_* so the new job does not take them for its own."""
