@@ -25,13 +25,7 @@ RUN_ARGS = ("data=synthetic", "data.n_train=256", "data.n_test=128", "train.epoc
             "train.log_every=1", "eval.every_epochs=1", "train.num_workers=0")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models and batches: one intra-op thread is faster than two on shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tool(name: str):

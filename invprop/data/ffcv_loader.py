@@ -495,7 +495,12 @@ class _LoaderBase:
 
 
 class FFCVTrainLoader(_LoaderBase):
-    """Training batches of rank ``rank`` from one reusable FFCV ``Loader``; see the module docstring."""
+    """Training batches of rank ``rank`` from one reusable FFCV ``Loader``; iterate with ``.epoch(e, start_batch)``.
+
+    Build it once per process. Use the same ``order`` (same n, global batch, seed) and ``seed`` on every rank;
+    ``seed`` keys the crops (with the epoch and the dataset index). See the module docstring for order,
+    drop_last and resume rules.
+    """
 
     def __init__(
         self,
@@ -648,51 +653,6 @@ class FFCVEvalLoader(_LoaderBase):
         return self._active
 
 
-def build_ffcv_train_loader(
-    beton_path: str | Path,
-    order: EpochOrder,
-    rank: int,
-    world: int,
-    num_workers: int,
-    image_size: int,
-    seed: int,
-    *,
-    scale: tuple[float, float] = (0.2, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    crop: bool = True,
-    flip: bool = False,
-    batches_ahead: int = 3,
-    os_cache: bool = True,
-    channels_last: bool = False,
-) -> FFCVTrainLoader:
-    """Build the (reusable) training loader of rank ``rank``; iterate with ``loader.epoch(e, start_batch)``.
-
-    Use the same ``order`` (same n, global batch, seed) and ``seed`` on every rank. ``seed`` keys the crops
-    (with the epoch and the dataset index). See the module docstring for order, drop_last and resume rules.
-    """
-    return FFCVTrainLoader(
-        beton_path, order, rank, world, num_workers, image_size, seed,
-        scale=scale, ratio=ratio, crop=crop, flip=flip, batches_ahead=batches_ahead,
-        os_cache=os_cache, channels_last=channels_last,
-    )
-
-
-def build_ffcv_eval_loader(
-    beton_path: str | Path,
-    batch_size: int,
-    num_workers: int,
-    image_size: int,
-    *,
-    rank: int = 0,
-    world: int = 1,
-    center_crop_ratio: float | None = None,
-    batches_ahead: int = 3,
-    os_cache: bool = True,
-    channels_last: bool = False,
-) -> FFCVEvalLoader:
-    """Build an evaluation loader over rank ``rank``'s contiguous shard (iterate it any number of times)."""
-    return FFCVEvalLoader(
-        beton_path, batch_size, num_workers, image_size, rank=rank, world=world,
-        center_crop_ratio=center_crop_ratio, batches_ahead=batches_ahead, os_cache=os_cache,
-        channels_last=channels_last,
-    )
+# The builders are the classes themselves: same arguments, one definition each.
+build_ffcv_train_loader = FFCVTrainLoader
+build_ffcv_eval_loader = FFCVEvalLoader
