@@ -80,6 +80,7 @@ def _validate_method(method: DictConfig, n: int) -> None:
         raise ConfigError(f"method.tau={method.tau} must be > 0")
     if not 0 <= method.bank_momentum < 1:
         raise ConfigError(f"method.bank_momentum={method.bank_momentum} must be in [0, 1)")
+    _choice(method.get("bank_init", "random"), "method.bank_init", ("random", "network"))
     if method.name == "npid":
         return
     k = _positive_int(method.k, "method.k", " (neighbours per graph row)")

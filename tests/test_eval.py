@@ -15,7 +15,7 @@ from invprop.bank import ShardedBank
 from invprop.data import load_split
 from invprop.eval.features import embed
 from invprop.eval.knn import knn_predict, knn_top1
-from invprop.eval.knn_eval import evaluate_knn
+from invprop.eval.knn_eval import evaluate_knn, pixel_vectors
 from invprop.eval.linear import linear_probe, topk_accuracy, train_linear_head
 from invprop.eval.semisup import (
     FineTuneNet,
@@ -249,3 +249,16 @@ def test_concurrent_update_results_keeps_every_key(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {f"{name}_{i}" for name in ("knn", "linear") for i in range(60)}
+
+
+def test_pixel_vectors_drop_replicated_grey_and_find_exact_copies() -> None:
+    gen = torch.Generator().manual_seed(0)
+    grey = torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8, generator=gen)
+    rgb = grey.expand(-1, 3, -1, -1).contiguous()
+    vec = pixel_vectors(rgb, torch.device("cpu"))
+    assert vec.shape == (50, 64)  # one channel, not three copies of it
+    torch.testing.assert_close(vec, torch.nn.functional.normalize(grey.reshape(50, -1).float(), dim=1))
+    labels = torch.arange(50) % 5
+    assert knn_top1(vec, labels, vec, labels, 5, k=1) == 1.0  # each image's nearest reference is itself
+    colour = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    assert pixel_vectors(colour, torch.device("cpu")).shape == (4, 192)

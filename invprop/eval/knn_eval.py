@@ -33,3 +33,21 @@ def evaluate_knn(cfg: DictConfig, model: torch.nn.Module, bank: ShardedBank, tra
         "knn_bank_top1": knn_top1(queries, test_labels, bank.rows, shard_labels, classes, k, sigma),
         "knn_eval_s": time.perf_counter() - start,
     }
+
+
+def pixel_vectors(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images as L2-normalised pixel vectors (one channel: grey images replicated to RGB add nothing)."""
+    x = images[:, :1] if images.shape[1] == 3 and torch.equal(images[:, 0], images[:, 1]) else images
+    return torch.nn.functional.normalize(x.reshape(x.shape[0], -1).to(device).float(), dim=1)
+
+
+def evaluate_pixels_knn(cfg: DictConfig, bank: ShardedBank, train_images: torch.Tensor, train_labels: torch.Tensor,
+                        device: torch.device) -> dict[str, float]:
+    """The raw-pixel baselines on the same split and reference set: weighted kNN (same K, sigma) and 1-NN."""
+    test_images, test_labels = load_split(cfg.data, "test")
+    classes, k, sigma = num_classes(cfg.data), int(cfg.eval.knn_k), float(cfg.eval.knn_sigma)
+    queries = pixel_vectors(test_images, device)
+    refs = pixel_vectors(train_images[bank.start : bank.stop], device)
+    ref_labels = train_labels[bank.start : bank.stop].to(device)
+    return {"knn_pixels_top1": knn_top1(queries, test_labels, refs, ref_labels, classes, k, sigma),
+            "nn1_pixels_top1": knn_top1(queries, test_labels, refs, ref_labels, classes, 1, sigma)}

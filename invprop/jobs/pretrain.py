@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from invprop import checkpoint, distributed
-from invprop.eval.knn_eval import evaluate_knn
+from invprop.eval.knn_eval import evaluate_knn, evaluate_pixels_knn
 from invprop.metrics import read_jsonl, update_results
 from invprop.train.boundary import StepBoundary
 from invprop.train.trainer import Trainer
@@ -43,8 +43,11 @@ def pretrain(run_dir: Path, evaluate: bool = True) -> dict:
             if env.is_main:
                 console.print(f"resumed from {latest} (epoch {trainer.state.epoch}, batch {trainer.state.batch}, "
                               f"step {trainer.state.step})", soft_wrap=True)
-        elif cfg.eval.get("untrained_baseline", False):
-            _untrained_baseline(cfg, trainer, device, env)
+        else:
+            if cfg.eval.get("untrained_baseline", False):
+                _untrained_baseline(cfg, trainer, device, env)
+            if cfg.method.get("bank_init", "random") == "network":
+                trainer.fill_bank_from_network()
         if not trainer.fit(boundary):
             return _preempted(trainer, boundary, env)
         trainer.save_checkpoint()
@@ -68,10 +71,12 @@ def pretrain(run_dir: Path, evaluate: bool = True) -> dict:
 
 
 def _untrained_baseline(cfg: DictConfig, trainer: Trainer, device, env: distributed.DistEnv) -> None:
-    """kNN of the network before any step, on the same reference set: the bar training has to clear."""
+    """kNN of the network before any step and of the raw pixels, on the same reference set: the bars training
+    has to clear."""
     found = evaluate_knn(cfg, trainer.model, trainer.bank, trainer.images, trainer.labels, device)
+    pixels = evaluate_pixels_knn(cfg, trainer.bank, trainer.images, trainer.labels, device)
     if env.is_main:
-        update_results(Path(trainer.run_dir), {"knn_untrained_top1": found["knn_top1"]})
+        update_results(Path(trainer.run_dir), {"knn_untrained_top1": found["knn_top1"], **pixels})
 
 
 def _preempted(trainer: Trainer, boundary: StepBoundary, env: distributed.DistEnv) -> dict:

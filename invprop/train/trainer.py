@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
@@ -19,7 +20,7 @@ from invprop import collectives as coll
 from invprop.bank import ShardedBank
 from invprop.config import n_background
 from invprop.data import EpochOrder, load_split, normalization
-from invprop.data.augment import BatchColorAugment
+from invprop.data.augment import BatchColorAugment, eval_transform
 from invprop.data.loader import IndexedImageDataset, batch_generator, build_train_loader
 from invprop.digest import state_digest
 from invprop.distributed import DistEnv
@@ -116,6 +117,31 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             z = self.net(x)
         return torch.nn.functional.normalize(z.float(), dim=1) if self.bf16 else z
+
+    @torch.no_grad()
+    def fill_bank_from_network(self) -> None:
+        """`method.bank_init=network`: this rank's bank rows become the untrained network's embeddings of the
+        un-augmented images (train-mode BatchNorm, as in a training step; running statistics restored after).
+
+        Random rows (the DESIGN default) make the first epochs fit each image to a random vector, which on a
+        short budget pulls the network below its untrained kNN; rows from the network give the instance
+        term a target it can learn invariance around from the first step.
+        """
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        self.model.train()
+        local = max(1, int(self.cfg.train.batch_size) // self.env.world_size)
+        mean, std = normalization(self.cfg.data)
+        for lo in range(self.bank.start, self.bank.stop, local):
+            hi = min(lo + local, self.bank.stop)
+            x = eval_transform(self.images[lo:hi].to(self.device), mean, std)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            # The bare model, not DDP: ranks hold different row counts, and DDP's forward is a collective.
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                z = self.model(x)
+            self.bank.rows[lo - self.bank.start : hi - self.bank.start] = F.normalize(z.float(), dim=1)
+        for name, b in self.model.named_buffers():
+            b.copy_(buffers[name])
 
     # -- schedule ---------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
