@@ -52,7 +52,7 @@ $(VENV_STAMP): pyproject.toml requirements.lock | apt-packages
 	@touch $@
 
 run: setup
-	$(PYTHON) launchers/submit.py $(ARGS)
+	$(PYTHON) launchers/submit.py +experiment=fmnist_demo $(ARGS)
 
 test: setup
 	@if [ -x slurm/local-cluster.sh ] || [ -f slurm/local-cluster.sh ]; then bash slurm/local-cluster.sh up; fi
