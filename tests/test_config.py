@@ -79,3 +79,19 @@ def test_launcher_unknown_key_and_group(tmp_path: Path) -> None:
     proc = _launch("method=nope", f"out_dir={tmp_path / 'r'}")
     assert proc.returncode != 0 and "method" in proc.stderr and "invp" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_every_documented_sweep_composes_and_validates() -> None:
+    """The experiment sweeps docs/RESULTS.md gives stay runnable: each element composes and passes validation,
+    and the variants change what they say (and nothing else of the method)."""
+    from invprop.jobs.sweep import validate_sweep
+
+    variants = sorted(p.stem for p in (ROOT / "configs" / "variant").glob("*.yaml"))
+    for experiment in ("fmnist_cpu", "fmnist_gpu", "fmnist_quick", "fmnist_demo"):
+        assert validate_sweep(["+experiment=" + experiment, "+variant=" + ",".join(variants)], ROOT / "configs") == []
+    cfg = {v: _cfg("+experiment=fmnist_cpu", f"+variant={v}").method for v in variants}
+    assert cfg["npid"].name == "npid" and cfg["npid"].tau == cfg["invp"].tau == 0.2
+    assert cfg["lambda0"].lambda_inv == 0 and cfg["invp"].lambda_inv == 0.6
+    assert (cfg["bfs"].propagation, cfg["easy"].positives, cfg["k8"].k) == ("bfs", "easy", 8)
+    assert (cfg["invp_random_bank"].bank_init, cfg["invp"].bank_init) == ("random", "network")
+    assert cfg["invp"].warmup_epochs == 15 // 4
