@@ -125,7 +125,7 @@ def test_report_table_and_plots(sweep, tmp_path, capsys):
     runs = find_run_dirs(sweep)
     assert [r.name for r in runs] == ["0", "1"]
     steps, knn = read_metrics(runs[0])
-    assert len(steps) == 8 and [r["epoch"] for r in knn] == [1, 2]
+    assert len(steps) == 8 and [r["epoch"] for r in knn] == [0, 1, 2]  # epoch 0: before the first step
     columns, rows = table_rows(runs)
     assert "method.k" in columns and "out_dir" not in columns and "knn_top1" in columns
     assert [(r["run"], r["method.k"]) for r in rows] == [("0", 4), ("1", 3)]
@@ -160,3 +160,18 @@ def test_report_cli_without_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools/report.py"), str(tmp_path)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "no run directory" in proc.stderr
+
+
+def test_report_baselines_once_per_reference_set(tmp_path):
+    from invprop.eval.report import baselines
+
+    runs = []
+    for name, untrained in (("a", 0.55), ("b", 0.55), ("c", 0.61)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps({"knn_untrained_top1": untrained, "knn_pixels_top1": 0.67}))
+        runs.append(run)
+    assert baselines(runs[:2]) == [("untrained network", 0.55, ":"), ("raw pixels", 0.67, "-.")]
+    # Runs on different reference sets: one bar per value, labelled with it.
+    assert sorted(label for label, _, _ in baselines(runs)) == [
+        "raw pixels 67.0%", "untrained network 55.0%", "untrained network 61.0%"]

@@ -26,6 +26,8 @@ TRAILING_RESULT_KEYS = ("final_train_loss", "epochs", "steps", "world_size", "tr
 
 LOSS_KEYS = ("loss", "loss_ins", "loss_inv", "lr")
 KNN_KEYS = ("epoch_knn_top1", "epoch_knn_bank_top1")
+# Bars drawn across the kNN plot (results.json, all test images): what training has to clear.
+BASELINE_KEYS = {"knn_untrained_top1": ("untrained network", ":"), "knn_pixels_top1": ("raw pixels", "-.")}
 PURITY_KEYS = ("hp_purity", "graph_purity", "own_in_top_m", "empty_candidates")
 
 
@@ -196,7 +198,8 @@ def _series(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float],
 
 
 def _figure(keys: tuple[str, ...], series: list[tuple[str, list[dict[str, Any]]]], x: str, xlabel: str,
-            title: str, path: Path, styles: dict[str, str] | None = None, one_panel: bool = False) -> bool:
+            title: str, path: Path, styles: dict[str, str] | None = None, one_panel: bool = False,
+            hlines: list[tuple[str, float, str]] | None = None) -> bool:
     """Panels of ``keys`` against ``x`` for every labelled run; False (nothing written) without data."""
     import matplotlib
 
@@ -219,6 +222,8 @@ def _figure(keys: tuple[str, ...], series: list[tuple[str, list[dict[str, Any]]]
                     name = label if not one_panel else f"{label} {key}"
                     ax.plot(xs, ys, color=color, linestyle=(styles or {}).get(key, "-"), marker="." if
                             len(xs) < 30 else None, label=name if legend_runs else None)
+        for label, value, style in hlines or []:
+            ax.axhline(value, color="grey", linestyle=style, linewidth=1.2, label=label)
         ax.set_xlabel(xlabel)
         ax.set_title(", ".join(panel) if not one_panel else title)
         ax.grid(True, alpha=0.3)
@@ -247,11 +252,25 @@ def write_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     if _figure(LOSS_KEYS, steps, "step", "step", "loss terms and learning rate", out_dir / "losses.png"):
         written.append(out_dir / "losses.png")
     if _figure(KNN_KEYS, knn, "epoch", "epoch", "kNN top-1 (solid: recomputed features, dashed: bank)",
-               out_dir / "knn.png", styles={"epoch_knn_bank_top1": "--"}, one_panel=True):
+               out_dir / "knn.png", styles={"epoch_knn_bank_top1": "--"}, one_panel=True,
+               hlines=baselines(run_dirs)):
         written.append(out_dir / "knn.png")
     if _figure(PURITY_KEYS, steps, "epoch", "epoch", "propagation monitors", out_dir / "purity.png"):
         written.append(out_dir / "purity.png")
     return written
+
+
+def baselines(run_dirs: list[Path]) -> list[tuple[str, float, str]]:
+    """(label, value, line style) of each baseline in results.json, once per distinct value (runs on the same
+    reference set share them)."""
+    found: dict[tuple[str, float], str] = {}
+    for run in run_dirs:
+        results = load_results(run)
+        for key, (label, style) in BASELINE_KEYS.items():
+            if isinstance(results.get(key), (int, float)):
+                found.setdefault((label, round(float(results[key]), 4)), style)
+    many = len({label for label, _ in found}) < len(found)
+    return [(f"{label} {value:.1%}" if many else label, value, style) for (label, value), style in found.items()]
 
 
 def default_out_dir(paths: list[Path]) -> Path:

@@ -194,6 +194,8 @@ class Trainer:
         committed checkpoint first, so a requeued job continues from exactly this step.
         """
         epochs = int(self.cfg.train.epochs)
+        if self.state.step == 0:
+            self.evaluate_epoch()  # the curve starts at the untrained network (and the initial bank)
         with TrainProgress(self.total_steps, self.state.step, enabled=self.env.is_main) as progress:
             while self.state.epoch < epochs:
                 loader = self.batches()
