@@ -175,3 +175,13 @@ def test_report_baselines_once_per_reference_set(tmp_path):
     # Runs on different reference sets: one bar per value, labelled with it.
     assert sorted(label for label, _, _ in baselines(runs)) == [
         "raw pixels 67.0%", "untrained network 55.0%", "untrained network 61.0%"]
+
+
+def test_report_markdown_rows_and_percentages():
+    from invprop.eval.report import render_markdown
+
+    text = render_markdown(["run", "method.k", "knn_top1", "train_wall_s"],
+                           [{"run": "0", "method.k": 4, "knn_top1": 0.6266, "train_wall_s": 78.6},
+                            {"run": "a|b", "method.k": 8, "knn_top1": None, "train_wall_s": 80.2}])
+    assert text.splitlines() == ["| run | method.k | knn_top1 | train_wall_s |", "|---|---|---|---|",
+                                 "| 0 | 4 | 62.7% | 79 |", "| a\\|b | 8 | - | 80 |"]

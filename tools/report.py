@@ -14,7 +14,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from invprop.eval.report import default_out_dir, find_run_dirs, render_table, table_rows, write_plots
+from invprop.eval.report import (
+    default_out_dir,
+    find_run_dirs,
+    render_markdown,
+    render_table,
+    table_rows,
+    write_plots,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", type=Path, nargs="+", help="run directories and/or sweep directories")
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNG plots")
     parser.add_argument("--json", action="store_true", help="print the table rows as JSON (no plots)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown (with the plots)")
     parser.add_argument("--no-plots", action="store_true", help="only the table")
     parser.add_argument("--layout", choices=("auto", "runs", "keys"), default="auto",
                         help="a row per run, or a column per run (auto: columns for up to 8 runs)")
@@ -37,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:  # a pipe or a file: do not fold the table to 80 columns
         console = Console(width=max(console.width, 240))
-    console.print(render_table(columns, rows, title=", ".join(map(str, args.paths)), layout=args.layout))
+    if args.markdown:
+        print(render_markdown(columns, rows))
+    else:
+        console.print(render_table(columns, rows, title=", ".join(map(str, args.paths)), layout=args.layout))
     if not args.no_plots:
         written = write_plots(runs, args.out or default_out_dir(args.paths))
         for path in written:

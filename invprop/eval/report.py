@@ -20,9 +20,10 @@ from invprop.metrics import read_jsonl
 # Config keys that differ between any two runs without saying anything about them.
 IGNORED_CONFIG_KEYS = ("out_dir",)
 # results.json figures shown in the table, in this order (others matching RESULT_PATTERNS follow).
-RESULT_KEYS = ("knn_top1", "knn_bank_top1", "linear_top1", "linear_top5")
+RESULT_KEYS = ("knn_top1", "knn_bank_top1", "knn_untrained_top1", "knn_pixels_top1", "nn1_pixels_top1",
+               "linear_top1", "linear_top5")
 RESULT_PATTERNS = (r"^semisup_.*_top[15]$",)
-TRAILING_RESULT_KEYS = ("final_train_loss", "epochs", "steps", "world_size", "train_wall_s")
+TRAILING_RESULT_KEYS = ("final_train_loss", "epochs", "steps", "world_size", "train_wall_s", "wall_s")
 
 LOSS_KEYS = ("loss", "loss_ins", "loss_inv", "lr")
 KNN_KEYS = ("epoch_knn_top1", "epoch_knn_bank_top1")
@@ -145,6 +146,21 @@ def format_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(format_value(v) for v in value) + "]"
     return str(value)
+
+
+def render_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """A GitHub-markdown table, a row per run; accuracies (``*_top1``/``*_top5``) as percentages."""
+
+    def cell(col: str, value: Any) -> str:
+        if isinstance(value, float) and re.search(r"_top[15]$", col) and not math.isnan(value):
+            return f"{100 * value:.1f}%"
+        if isinstance(value, float) and col.endswith("wall_s"):
+            return f"{value:.0f}"
+        return format_value(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(c, row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def render_table(columns: list[str], rows: list[dict[str, Any]], title: str = "runs", layout: str = "auto"):
