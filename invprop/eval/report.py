@@ -227,7 +227,10 @@ def _figure(keys: tuple[str, ...], series: list[tuple[str, list[dict[str, Any]]]
     panels = [keys] if one_panel else [(k,) for k in keys]
     cols = min(2, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 3.6 * rows), squeeze=False)
+    # One panel with a line per run and key: the legend goes beside the axes, where it hides no curve.
+    outside = one_panel and len(series) * len(keys) > 4
+    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols + (3.0 if outside else 0.0), 3.6 * rows),
+                             squeeze=False)
     legend_runs = len(series) <= 12
     for ax, panel in zip(axes.flat, panels, strict=False):
         for i, (label, recs) in enumerate(series):
@@ -244,7 +247,10 @@ def _figure(keys: tuple[str, ...], series: list[tuple[str, list[dict[str, Any]]]
         ax.set_title(", ".join(panel) if not one_panel else title)
         ax.grid(True, alpha=0.3)
         if legend_runs and ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
+            if outside:
+                ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+            else:
+                ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if not one_panel:
