@@ -30,6 +30,10 @@ _SAMPLE_SIGMAS = 5.0
 # Accelerators: scores per chunk of the top-k route (1 GiB of float32).
 _TOPK_CHUNK_ELEMENTS = 1 << 28
 
+# How accelerators select the top-M: "topk" (chunked radix top-k) or "bound" (the CPU's sampled bound and
+# compaction, in torch ops). The CPU always uses "bound". tools/gpu_check.py times both on the device.
+ACCELERATOR_SELECTION = "topk"
+
 
 def _chunk_elements(device: torch.device) -> int:
     """Scores per chunk of the shard scan and of the sampled bound (both CPU-only in global_top): cache-sized on
@@ -312,7 +316,8 @@ class ShardedBank:
         # Selection in full precision whatever autocast region the caller is in: the result must be exact.
         with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
             zq = z.detach().to(self.rows.dtype)
-            bound, expect = self._sample_bound(zq, m_sel) if zq.device.type == "cpu" else (None, 0)
+            use_bound = zq.device.type == "cpu" or ACCELERATOR_SELECTION == "bound"
+            bound, expect = self._sample_bound(zq, m_sel) if use_bound else (None, 0)
             if bound is None:
                 chunk = self.n_local if zq.device.type == "cpu" else _TOPK_CHUNK_ELEMENTS // max(1, zq.shape[0])
                 vals, ids = self._chunked_topk(zq, m_sel, max(chunk, 2 * m_sel))

@@ -100,7 +100,11 @@ def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch
             "invp_img_s": batch / invp_s, "ratio": sup_s / invp_s}
 
 
-def bank_step(n: int, batch: int, device: torch.device, warmup: int, iters: int) -> dict:
+def bank_step(n: int, batch: int, device: torch.device, warmup: int, iters: int, selection: str = "topk") -> dict:
+    """One bank step; `selection` is how an accelerator finds the top-M (the CPU always uses the bound)."""
+    import invprop.bank as bank_module
+
+    bank_module.ACCELERATOR_SELECTION = selection
     crit = make_criterion(n, device)
     z0 = torch.nn.functional.normalize(torch.randn(batch, 128, device=device), dim=1)
 
@@ -114,7 +118,8 @@ def bank_step(n: int, batch: int, device: torch.device, warmup: int, iters: int)
         torch.cuda.reset_peak_memory_stats()
     ms = timed(step, device, warmup, iters) * 1000
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"rows": n, "batch": batch, "ms": ms, "peak_gib": peak}
+    bank_module.ACCELERATOR_SELECTION = "topk"
+    return {"rows": n, "batch": batch, "ms": ms, "peak_gib": peak, "selection": selection}
 
 
 def fmnist_run(device: torch.device, epochs: int, subset: int, root: str | None, arch: str,
@@ -189,6 +194,8 @@ def main() -> int:
         for n in ((2000, 5000) if dry else (1_281_167, 10_000_000)):
             record(f"bank_step_{n}", lambda n=n: bank_step(n, 16 if dry else 256, device, 1 if dry else 3,
                                                             2 if dry else 10))
+            record(f"bank_step_{n}_bound", lambda n=n: bank_step(n, 16 if dry else 256, device, 1 if dry else 3,
+                                                                  2 if dry else 10, selection="bound"))
     if "steps" not in skip:
         record("step_resnet50_224", lambda: step_throughput(
             "resnet50", 64 if dry else 224, 4 if dry else 256, 1000 if dry else 1_281_167, device, bf16,
