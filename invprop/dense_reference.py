@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-UNKNOWN = -1
+from invprop.graph import UNKNOWN, propagate
+from invprop.loss import step_stats
 
 
 @dataclass
@@ -24,28 +25,6 @@ class DenseStep:
     neighbours: torch.Tensor  # new neighbour-table rows for `ids`
     positives: torch.Tensor  # chosen positives, UNKNOWN-padded
     stats: dict[str, float] = field(default_factory=dict)
-
-
-def dense_candidates(table: torch.Tensor, ids: torch.Tensor, layers: int, mode: str) -> torch.Tensor:
-    """(B, k + k^2 + ... + k^layers) candidates; `concat` keeps duplicates, `bfs` keeps distinct nodes within
-    distance `layers`, the anchor excluded. Children of unknown entries are unknown."""
-    frontier = ids.long().view(-1, 1)
-    found = []
-    for _ in range(layers):
-        nxt = table[frontier.clamp(min=0)].long()  # (B, F, k)
-        nxt[frontier < 0] = UNKNOWN
-        frontier = nxt.flatten(1)
-        found.append(frontier)
-    cands = torch.cat(found, dim=1)
-    if mode == "concat":
-        return cands
-    if mode != "bfs":
-        raise ValueError(f"propagation must be 'concat' or 'bfs', got {mode!r}")
-    cands = cands.masked_fill(cands == ids.long().view(-1, 1), UNKNOWN)
-    cands, _ = cands.sort(dim=1)
-    repeat = torch.zeros_like(cands, dtype=torch.bool)
-    repeat[:, 1:] = cands[:, 1:] == cands[:, :-1]
-    return cands.masked_fill(repeat, UNKNOWN)
 
 
 def logsumexp_where(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -78,7 +57,7 @@ class DenseInvP:
         loss_ins = torch.logsumexp(top_logits, dim=1) - self_score / self.tau
 
         with torch.no_grad():
-            cands = dense_candidates(self.table, ids, self.layers, self.propagation)
+            cands = propagate(self.table, ids, self.layers, self.propagation)
         valid = cands != UNKNOWN
         cand_scores = scores.gather(1, cands.clamp(min=0))
         hard = self.positives == "hard"
@@ -105,14 +84,7 @@ class DenseInvP:
             neighbours = near_idx.gather(1, near_vals.topk(k, dim=1).indices)
             own_in_top = (top_idx == ids.view(-1, 1)).any(dim=1).float()
         chosen = torch.where(pos_valid, cands.gather(1, slot), torch.full_like(slot, UNKNOWN))
-        stats = {
-            "loss": per_anchor.detach().mean().item(),
-            "loss_ins": loss_ins.detach().mean().item(),
-            "loss_inv": (loss_inv.detach().sum() / has_pos.sum().clamp(min=1)).item(),
-            "inv_weight": w,
-            "own_in_top_m": own_in_top.mean().item(),
-            "empty_candidates": 1.0 - has_pos.float().mean().item(),
-        }
+        stats = step_stats(per_anchor, loss_ins, loss_inv, has_pos, w, own_in_top)
         return DenseStep(per_anchor.mean(), ids, z.detach(), neighbours, chosen, stats)
 
     @torch.no_grad()

@@ -22,24 +22,30 @@ class NeighbourGraph:
         bfs: the distinct nodes at graph distance 1..layers, the anchor itself excluded (the paper).
         Walks of length <= l reach exactly the nodes within distance l, so bfs is concat deduplicated.
         """
-        frontier = ids.view(-1, 1).long()
-        layers_out = []
-        for _ in range(layers):
-            known = frontier >= 0
-            nxt = self.table[frontier.clamp(min=0)].long()  # (Q, F, k)
-            nxt = torch.where(known.unsqueeze(-1), nxt, torch.full_like(nxt, UNKNOWN))
-            frontier = nxt.reshape(ids.shape[0], -1)
-            layers_out.append(frontier)
-        cands = torch.cat(layers_out, dim=1)
-        if mode == "concat":
-            return cands
-        if mode != "bfs":
-            raise ValueError(f"method.propagation must be 'concat' or 'bfs', got {mode!r}")
-        cands = cands.masked_fill(cands == ids.view(-1, 1).long(), UNKNOWN)
-        ordered, _ = cands.sort(dim=1)
-        repeat = torch.zeros_like(ordered, dtype=torch.bool)
-        repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-        return ordered.masked_fill(repeat, UNKNOWN)
+        return propagate(self.table, ids, layers, mode)
 
     def update(self, ids: torch.Tensor, neighbours: torch.Tensor) -> None:
         self.table[ids.long()] = neighbours.to(self.table.dtype)
+
+
+def propagate(table: torch.Tensor, ids: torch.Tensor, layers: int, mode: str) -> torch.Tensor:
+    """Candidates of `ids` on neighbour table `table` (see NeighbourGraph.candidates); children of UNKNOWN
+    entries are UNKNOWN."""
+    frontier = ids.view(-1, 1).long()
+    layers_out = []
+    for _ in range(layers):
+        known = frontier >= 0
+        nxt = table[frontier.clamp(min=0)].long()  # (Q, F, k)
+        nxt = torch.where(known.unsqueeze(-1), nxt, torch.full_like(nxt, UNKNOWN))
+        frontier = nxt.reshape(ids.shape[0], -1)
+        layers_out.append(frontier)
+    cands = torch.cat(layers_out, dim=1)
+    if mode == "concat":
+        return cands
+    if mode != "bfs":
+        raise ValueError(f"method.propagation must be 'concat' or 'bfs', got {mode!r}")
+    cands = cands.masked_fill(cands == ids.view(-1, 1).long(), UNKNOWN)
+    ordered, _ = cands.sort(dim=1)
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    return ordered.masked_fill(repeat, UNKNOWN)

@@ -33,6 +33,19 @@ def warmup_weight(epoch: int, warmup_epochs: int) -> float:
     return 1.0 if epoch >= warmup_epochs else 0.0
 
 
+def step_stats(per_anchor: torch.Tensor, loss_ins: torch.Tensor, loss_inv: torch.Tensor, has_pos: torch.Tensor,
+               w: float, own_in_top: torch.Tensor) -> dict[str, float]:
+    """The monitored figures of one InvP step (L_inv averaged over the anchors that have positives)."""
+    return {
+        "loss": per_anchor.detach().mean().item(),
+        "loss_ins": loss_ins.detach().mean().item(),
+        "loss_inv": (loss_inv.detach().sum() / has_pos.sum().clamp(min=1)).item(),
+        "inv_weight": w,
+        "own_in_top_m": own_in_top.float().mean().item(),
+        "empty_candidates": 1.0 - has_pos.float().mean().item(),
+    }
+
+
 def _local_share(per_anchor: torch.Tensor) -> torch.Tensor:
     rank, world = coll.rank_and_world()
     rows = per_anchor.shape[0] // world
@@ -96,14 +109,7 @@ class InvPLoss:
         neighbours = self.bank.nearest(top.vals.detach(), top.ids, idg, self.graph.k)
         positives = torch.where(pos_valid, cands.gather(1, pos_slot), torch.full_like(pos_slot, UNKNOWN))
         own_in_top = (self_score.detach() >= top.threshold).float()
-        stats = {
-            "loss": per_anchor.detach().mean().item(),
-            "loss_ins": loss_ins.detach().mean().item(),
-            "loss_inv": (loss_inv.detach().sum() / has_pos.sum().clamp(min=1)).item(),
-            "inv_weight": w,
-            "own_in_top_m": own_in_top.mean().item(),
-            "empty_candidates": 1.0 - has_pos.float().mean().item(),
-        }
+        stats = step_stats(per_anchor, loss_ins, loss_inv, has_pos, w, own_in_top)
         return StepOutput(_local_share(per_anchor), idg, zg.detach(), neighbours, positives, stats)
 
     def _pick_positives(self, cand_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
