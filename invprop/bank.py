@@ -7,6 +7,7 @@ scores against the local shard and for exact global reductions over those scores
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +31,18 @@ _SAMPLE_SIGMAS = 5.0
 # Accelerators: scores per chunk of the top-k route (1 GiB of float32).
 _TOPK_CHUNK_ELEMENTS = 1 << 28
 
-# How accelerators select the top-M: "topk" (chunked radix top-k) or "bound" (the CPU's sampled bound and
-# compaction, in torch ops). The CPU always uses "bound". tools/gpu_check.py times both on the device.
-ACCELERATOR_SELECTION = "topk"
+# How the local top-M is found (`bank.selection`), all exact:
+#   topk   - float32 scores in column chunks, radix top-k per chunk merged into a running top-k;
+#   bound  - a sampled lower bound of the M-th largest, then only the scores above it are kept (compaction);
+#   filter - float16 scores (half the bytes, half the radix passes) pick M + extra candidates, which are
+#            rescored in float32; a proven error bound says per query whether the float32 top-M is among them,
+#            and the few queries where it may not be are redone with `topk`;
+#   auto   - the CPU uses `bound` (fastest there, measured by tools/bench_bank.py); an accelerator times
+#            topk, bound and filter on its first step and keeps the fastest.
+SELECTIONS = ("auto", "topk", "bound", "filter")
+_TUNED = ("topk", "bound", "filter")
+_FILTER_DTYPE = torch.float16
+_FILTER_UNIT = 2.0**-11  # float16 unit roundoff
 
 
 def _chunk_elements(device: torch.device) -> int:
@@ -239,14 +249,59 @@ def _replace_rows(vals: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor, ne
     return vals, cols
 
 
+def _filter_delta(zq: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
+    """Per query, a bound on |float16 score - float32 score| for every row of norm <= max_norm.
+
+    float16 GEMM, float32 accumulation (products of float16 values are exact in float32), float16 output: input
+    rounding 2u|z||V| (Cauchy-Schwarz), output rounding u|z||V|, u = 2^-11; float32 accumulation of D terms in
+    either evaluation, D 2^-24 |z||V| each; subnormal inputs and outputs (absolute 2^-25 each) far inside the
+    2^-20 term. Rounded up generously: a looser delta only costs a few more candidates.
+    """
+    d = zq.shape[1]
+    zn = zq.norm(dim=1)
+    scale = zn * max_norm.to(zq.device)
+    return (3.0 * _FILTER_UNIT + 3.0 * d * 2.0**-24) * 1.01 * scale + 2.0**-20 * (1.0 + d**0.5 * (zn + max_norm))
+
+
+class _float32_matmul:
+    """float32 GEMMs as float32 (no TF32) whatever the caller enabled: the selection is exact in float32."""
+
+    def __enter__(self) -> None:
+        self.before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_float32_matmul_precision(self.before)
+
+
+class _full_precision_half_gemm:
+    """cuBLAS may reduce float16 GEMMs in float16 (split-K) unless told not to; the bound assumes float32."""
+
+    def __enter__(self) -> None:
+        self.before = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = self.before
+
+
 class ShardedBank:
     """This rank's rows of the bank plus the collectives that make shard-local work globally exact."""
 
     def __init__(self, n: int, dim: int, *, rank: int = 0, world: int = 1, seed: int = 0,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", selection: str = "auto") -> None:
+        if selection not in SELECTIONS:
+            raise ValueError(f"bank.selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
         self.n, self.dim, self.rank, self.world = n, dim, rank, world
         self.start, self.stop = shard_bounds(n, rank, world)
         self.rows = init_rows(self.start, self.stop, dim, seed).to(device)
+        self.selection = selection
+        self.tuned: str | None = None  # what `auto` chose on this accelerator
+        self.tuning_ms: dict[str, float] = {}  # what it measured
+        self.filter_extra = 0  # candidates beyond M for `filter` (0: not set yet); doubles where too few
+        self._half: torch.Tensor | None = None  # float16 mirror of `rows` for `filter`
+        self._half_max_norm = torch.zeros(())
+        self._half_key: tuple | None = None
 
     @property
     def n_local(self) -> int:
@@ -300,45 +355,84 @@ class ShardedBank:
     def global_top(self, z: torch.Tensor, m: int, keep: int = 0) -> TopCandidates:
         """This rank's part of the exact global top-m of every query in `z` (Q x D).
 
-        The candidates always include the local top-max(m, keep) (so `nearest` can use them too).
-
-        On CPU, for a shard much larger than M, the shard is scored in column chunks and only the scores at or
-        above a cheap per-query lower bound of the local max(m, keep)-th largest are kept; the full Q x n_local
-        score matrix is never held. The bound comes from a strided sample of the shard; where it fails (fewer
-        than max(m, keep) scores reach it) the query is redone with its exact local bound, so the result never
-        depends on the sample. Ids then ascend along each row. On a smaller shard (where most scores would
-        pass any bound), and on accelerators (whose radix top-k is cheap and which dislike the host syncs of
-        compaction), the candidates are exactly the local top-max(m, keep), from a top-k per chunk of columns
-        merged into a running top-k, in no particular order.
+        The candidates always include the local top-max(m, keep) (so `nearest` can use them too); how they are
+        found is `selection` (see SELECTIONS). With `bound` on a shard much larger than M, the shard is scored
+        in column chunks and only the scores at or above a cheap per-query lower bound of the local
+        max(m, keep)-th largest are kept; the full Q x n_local score matrix is never held. The bound comes from
+        a strided sample of the shard; where it fails (fewer than max(m, keep) scores reach it) the query is
+        redone with its exact local bound, so the result never depends on the sample. Ids then ascend along
+        each row. Otherwise (a smaller shard, where most scores would pass any bound; `topk`; `filter`) the
+        candidates hold the local top-max(m, keep), in no particular order.
         """
         m_sel = min(max(m, keep), self.n_local)
-        ascending = True
         # Selection in full precision whatever autocast region the caller is in: the result must be exact.
-        with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(z.device.type, enabled=False), _float32_matmul():
             zq = z.detach().to(self.rows.dtype)
-            use_bound = zq.device.type == "cpu" or ACCELERATOR_SELECTION == "bound"
-            bound, expect = self._sample_bound(zq, m_sel) if use_bound else (None, 0)
-            if bound is None:
-                chunk = self.n_local if zq.device.type == "cpu" else _TOPK_CHUNK_ELEMENTS // max(1, zq.shape[0])
-                vals, ids = self._chunked_topk(zq, m_sel, max(chunk, 2 * m_sel))
-                ascending = False
-            else:
-                vals, ids, count = self._scan(zq, bound, expect)
-                short = (count < m_sel).nonzero().squeeze(1)
-                if short.numel():  # the sampled bound overshot for these queries: use their exact bound
-                    exact = (zq[short] @ self.rows.t()).topk(m_sel, dim=1, sorted=False).values.amin(1)
-                    vals, ids = _replace_rows(vals, ids, short, *self._scan(zq[short], exact, m_sel)[:2])
+            vals, ids, ascending = self._select(zq, m_sel, self.strategy(zq, m_sel))
             threshold = self.kth_largest(vals, m)
             in_top = vals >= threshold.unsqueeze(1)
         return TopCandidates(_SelectedScores.apply(z, self.rows, ids, vals, self.start), ids, in_top, threshold,
                              ascending)
 
-    def _chunked_topk(self, zq: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The local top-k (values, global ids; unordered) of every query, `chunk` columns at a time."""
+    def strategy(self, zq: torch.Tensor, m_sel: int) -> str:
+        """The selection this call uses: the configured one, or what `auto` picks for this device."""
+        if self.selection != "auto":
+            return self.selection
+        if zq.device.type == "cpu":
+            return "bound"
+        if self.tuned is None:
+            self.autotune(zq, m_sel)
+        return self.tuned
+
+    def autotune(self, zq: torch.Tensor, m_sel: int, repeats: int = 2) -> str:
+        """Time each exact selection on these queries (one warm-up call, then the best of `repeats`) and keep
+        the fastest. Local work only, no collective: ranks may choose differently and still agree on results."""
+        def wait() -> None:
+            if zq.device.type == "cuda":
+                torch.cuda.synchronize(zq.device)
+
+        for name in _TUNED:
+            self._select(zq, m_sel, name)
+            best = float("inf")
+            for _ in range(repeats):
+                wait()
+                start = time.perf_counter()
+                self._select(zq, m_sel, name)
+                wait()
+                best = min(best, time.perf_counter() - start)
+            self.tuning_ms[name] = best * 1000
+        self.tuned = min(self.tuning_ms, key=self.tuning_ms.__getitem__)
+        return self.tuned
+
+    def _select(self, zq: torch.Tensor, m_sel: int, strategy: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(values, global ids, ids ascending) holding this rank's local top-m_sel of every query."""
+        if strategy == "bound":
+            bound, expect = self._sample_bound(zq, m_sel)
+            if bound is not None:
+                vals, ids, count = self._scan(zq, bound, expect)
+                short = (count < m_sel).nonzero().squeeze(1)
+                if short.numel():  # the sampled bound overshot for these queries: use their exact bound
+                    exact = (zq[short] @ self.rows.t()).topk(m_sel, dim=1, sorted=False).values.amin(1)
+                    vals, ids = _replace_rows(vals, ids, short, *self._scan(zq[short], exact, m_sel)[:2])
+                return vals, ids, True
+        if strategy == "filter":
+            return (*self._filtered_topk(zq, m_sel), False)
+        return (*self._chunked_topk(zq, m_sel, self._topk_chunk(zq, m_sel)), False)
+
+    def _topk_chunk(self, zq: torch.Tensor, k: int, bytes_per_score: int = 4) -> int:
+        if zq.device.type == "cpu":
+            return max(self.n_local, 1)
+        return max(_TOPK_CHUNK_ELEMENTS * 4 // bytes_per_score // max(1, zq.shape[0]), 2 * k)
+
+    def _chunked_topk(self, zq: torch.Tensor, k: int, chunk: int, rows: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local top-k (values, global ids; unordered) of every query against `rows` (default: the shard),
+        `chunk` columns at a time."""
+        rows = self.rows if rows is None else rows
         best_vals = best_ids = None
         for c0 in range(0, self.n_local, chunk):
-            vals, cols = (zq @ self.rows[c0 : c0 + chunk].t()).topk(min(k, chunk, self.n_local - c0), dim=1,
-                                                                    sorted=False)
+            vals, cols = (zq @ rows[c0 : c0 + chunk].t()).topk(min(k, chunk, self.n_local - c0), dim=1,
+                                                               sorted=False)
             ids = cols + (self.start + c0)
             if best_vals is not None:
                 vals, ids = torch.cat([best_vals, vals], dim=1), torch.cat([best_ids, ids], dim=1)
@@ -346,6 +440,57 @@ class ShardedBank:
                 ids = ids.gather(1, slot)
             best_vals, best_ids = vals, ids
         return best_vals, best_ids
+
+    def _filtered_topk(self, zq: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`filter`: a superset of the local top-k (float32 values, global ids) from float16 scores.
+
+        Every float16 score a_j is within delta of any float32 evaluation e_j of the same product (bound in
+        `_filter_delta`). If the smallest kept a_j lies more than 2 delta below the k-th largest kept a_j, every
+        j with e_j >= (the k-th largest e) was kept: such a j has a_j >= e_k - delta >= a_k - 2 delta. Queries
+        failing that test are redone with float32 top-k, and the margin doubles for later calls.
+        """
+        extra = self.filter_extra or max(256, k // 4)
+        if k + extra >= self.n_local:  # nothing left to filter out
+            return self._chunked_topk(zq, k, self._topk_chunk(zq, k))
+        half, max_norm = self._half_rows()
+        with _full_precision_half_gemm():
+            approx, ids = self._chunked_topk(zq.to(_FILTER_DTYPE), k + extra, self._topk_chunk(zq, k + extra, 2),
+                                             half)
+        approx = approx.float()
+        kth = approx.topk(k, dim=1, sorted=False).values.amin(1)
+        unsafe = approx.amin(1) >= kth - 2.0 * _filter_delta(zq, max_norm)
+        vals = self._rescore(zq, ids)
+        redo = unsafe.nonzero().squeeze(1)
+        if redo.numel():
+            self.filter_extra = min(2 * extra, self.n_local)
+            exact_vals, exact_ids = self._chunked_topk(zq[redo], k, self._topk_chunk(zq, k))
+            vals, ids = _replace_rows(vals, ids, redo, exact_vals, exact_ids)
+        else:
+            self.filter_extra = extra
+        return vals, ids
+
+    def _rescore(self, zq: torch.Tensor, ids: torch.Tensor, queries_per_block: int = 256) -> torch.Tensor:
+        """float32 z_q . V_ids[q, c] for this shard's ids, a block of queries at a time (the gathered rows of
+        every query at once would be Q x C x D)."""
+        out = torch.empty(ids.shape, dtype=self.rows.dtype, device=ids.device)
+        for q0 in range(0, ids.shape[0], queries_per_block):
+            block = ids[q0 : q0 + queries_per_block]
+            rows = self.rows.index_select(0, (block - self.start).reshape(-1)).view(*block.shape, self.dim)
+            out[q0 : q0 + queries_per_block] = torch.bmm(rows, zq[q0 : q0 + queries_per_block].unsqueeze(2)).squeeze(2)
+        return out
+
+    def _rows_key(self) -> tuple:
+        return (self.rows.data_ptr(), self.rows._version, tuple(self.rows.shape), self.rows.device)
+
+    def _half_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float16 mirror of the rows and the largest row norm (a 0-d tensor); rebuilt when the rows were
+        replaced or written anywhere but `update`, which keeps both current."""
+        if self._half is None or self._half_key != self._rows_key():
+            self._half = self.rows.to(_FILTER_DTYPE)
+            norms = self.rows.norm(dim=1)
+            self._half_max_norm = norms.max() if norms.numel() else norms.new_zeros(())
+            self._half_key = self._rows_key()
+        return self._half, self._half_max_norm
 
     def _sample_bound(self, zq: torch.Tensor, m_sel: int) -> tuple[torch.Tensor | None, int]:
         """Per query, a value that w.h.p. lies at or just below the m_sel-th largest local score (None: no bound
@@ -461,10 +606,22 @@ class ShardedBank:
     @torch.no_grad()
     def update(self, ids: torch.Tensor, z: torch.Tensor, momentum: float) -> None:
         """Owner-writes EMA: V_i <- normalize(m V_i + (1 - m) v_i) for the rows this rank owns."""
+        # No boolean-mask indexing (its nonzero() is a host sync on a GPU): an entry this rank does not own
+        # repeats the write of an owned entry (the same row, the same value), so duplicate indices are harmless;
+        # with no owned entry at all, row 0 is rewritten with itself.
         own = self.owned(ids)
-        rows = ids[own] - self.start
-        mixed = momentum * self.rows[rows] + (1.0 - momentum) * z.detach()[own].to(self.rows.dtype)
-        self.rows[rows] = torch.nn.functional.normalize(mixed, dim=1)
+        first_owned = own.to(torch.int8).argmax()
+        src = torch.where(own, torch.arange(ids.shape[0], device=ids.device), first_owned)
+        use = own[src].unsqueeze(1)
+        rows = torch.where(own[src], ids[src] - self.start, torch.zeros_like(ids))
+        mixed = momentum * self.rows[rows] + (1.0 - momentum) * z.detach()[src].to(self.rows.dtype)
+        new = torch.where(use, torch.nn.functional.normalize(mixed, dim=1), self.rows[rows])
+        mirrored = self._half is not None and self._half_key == self._rows_key()
+        self.rows.index_put_((rows,), new)
+        if mirrored:  # keep the float16 mirror of `filter` current instead of rebuilding it
+            self._half.index_put_((rows,), new.to(_FILTER_DTYPE))
+            self._half_max_norm = torch.maximum(self._half_max_norm, new.norm(dim=1).max())
+            self._half_key = self._rows_key()
 
     # -- checkpoint and evaluation helpers -------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor | int]:

@@ -10,12 +10,20 @@ import torch
 import torch.distributed as dist
 
 _GROUP: dist.ProcessGroup | None = None
+_CONTROL: dist.ProcessGroup | None = None  # gloo: host-side decisions without touching the GPU stream
 
 
 def set_group(group: dist.ProcessGroup | None) -> None:
     """Use a dedicated group so bank collectives never interleave with DDP's gradient buckets."""
     global _GROUP
     _GROUP = group
+
+
+def set_control_group(group: dist.ProcessGroup | None) -> None:
+    """A gloo group for flags the host decides on (preemption, save due): all-reducing them through NCCL and
+    reading the result back would wait for every queued kernel, once per step."""
+    global _CONTROL
+    _CONTROL = group
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -88,6 +96,17 @@ def max_across_ranks(x: torch.Tensor) -> torch.Tensor:
     out = x.detach().contiguous().clone()
     dist.all_reduce(out, op=dist.ReduceOp.MAX, group=_GROUP)
     return out
+
+
+def host_flags_any(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise OR of host flags over the ranks: on the CPU through the control group when there is one
+    (no GPU sync), else through the bank group on `device`; no collective at all for one process."""
+    if rank_and_world()[1] == 1:
+        return list(flags)
+    on_host = _CONTROL is not None
+    values = torch.tensor([float(f) for f in flags], device="cpu" if on_host else device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_CONTROL if on_host else _GROUP)
+    return [v > 0 for v in values.tolist()]
 
 
 def gather_stack(x: torch.Tensor) -> torch.Tensor:

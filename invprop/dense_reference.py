@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from invprop.graph import UNKNOWN, propagate
-from invprop.loss import step_stats
+from invprop.loss import monitor_floats, step_stats
 
 
 @dataclass
@@ -24,7 +24,11 @@ class DenseStep:
     embeddings: torch.Tensor  # detached, for the bank update
     neighbours: torch.Tensor  # new neighbour-table rows for `ids`
     positives: torch.Tensor  # chosen positives, UNKNOWN-padded
-    stats: dict[str, float] = field(default_factory=dict)
+    monitors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return monitor_floats(self.monitors)
 
 
 def logsumexp_where(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -101,10 +101,12 @@ def init(env: DistEnv, timeout_s: float = 120.0) -> torch.device:
                             rank=env.rank, world_size=env.world_size, timeout=timeout)
     # A separate group keeps bank collectives apart from DDP's asynchronous gradient buckets.
     collectives.set_group(dist.new_group(backend=backend, timeout=timeout))
+    collectives.set_control_group(dist.new_group(backend="gloo", timeout=timeout))
     return device
 
 
 def shutdown() -> None:
     if dist.is_initialized():
         collectives.set_group(None)
+        collectives.set_control_group(None)
         dist.destroy_process_group()

@@ -25,7 +25,20 @@ class StepOutput:
     embeddings: torch.Tensor  # gathered embeddings (detached), for the bank update
     neighbours: torch.Tensor | None = None  # new G rows for `ids`
     positives: torch.Tensor | None = None  # chosen positives, UNKNOWN-padded
-    stats: dict[str, float] = field(default_factory=dict)
+    monitors: dict[str, torch.Tensor] = field(default_factory=dict)  # 0-d, on the device: no host sync
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """The monitors as Python floats (one host sync; the trainer reads them only when it logs)."""
+        return monitor_floats(self.monitors)
+
+
+def monitor_floats(monitors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-d tensors (one device) to floats with a single device-to-host copy."""
+    if not monitors:
+        return {}
+    values = torch.stack([v.detach().float() for v in monitors.values()]).tolist()
+    return dict(zip(monitors, values, strict=True))
 
 
 def warmup_weight(epoch: int, warmup_epochs: int) -> float:
@@ -34,15 +47,16 @@ def warmup_weight(epoch: int, warmup_epochs: int) -> float:
 
 
 def step_stats(per_anchor: torch.Tensor, loss_ins: torch.Tensor, loss_inv: torch.Tensor, has_pos: torch.Tensor,
-               w: float, own_in_top: torch.Tensor) -> dict[str, float]:
-    """The monitored figures of one InvP step (L_inv averaged over the anchors that have positives)."""
+               w: float, own_in_top: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The monitored figures of one InvP step (L_inv averaged over the anchors that have positives), as 0-d
+    device tensors: reading them (.item()) every step would stall the GPU queue each step."""
     return {
-        "loss": per_anchor.detach().mean().item(),
-        "loss_ins": loss_ins.detach().mean().item(),
-        "loss_inv": (loss_inv.detach().sum() / has_pos.sum().clamp(min=1)).item(),
-        "inv_weight": w,
-        "own_in_top_m": own_in_top.float().mean().item(),
-        "empty_candidates": 1.0 - has_pos.float().mean().item(),
+        "loss": per_anchor.detach().mean(),
+        "loss_ins": loss_ins.detach().mean(),
+        "loss_inv": loss_inv.detach().sum() / has_pos.sum().clamp(min=1),
+        "inv_weight": torch.full((), w, device=per_anchor.device),
+        "own_in_top_m": own_in_top.float().mean(),
+        "empty_candidates": 1.0 - has_pos.float().mean(),
     }
 
 
@@ -66,7 +80,7 @@ class NPIDLoss:
         per_anchor = lse - self_logit
         loss_mean = per_anchor.detach().mean()
         return StepOutput(_local_share(per_anchor), idg, zg.detach(),
-                          stats={"loss": loss_mean.item(), "loss_ins": loss_mean.item()})
+                          monitors={"loss": loss_mean, "loss_ins": loss_mean})
 
     def commit(self, out: StepOutput) -> None:
         self.bank.update(out.ids, out.embeddings, self.momentum)

@@ -77,9 +77,9 @@ def _dense(sc: dict) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
     return _run(dense, sc), dense.bank, dense.table
 
 
-def _sharded(sc: dict) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+def _sharded(sc: dict, selection: str = "auto") -> tuple[list[dict], torch.Tensor, torch.Tensor]:
     rows, table = _setup(sc)
-    bank, graph = ShardedBank(sc["n"], D, seed=3), NeighbourGraph(sc["n"], sc["k"])
+    bank, graph = ShardedBank(sc["n"], D, seed=3, selection=selection), NeighbourGraph(sc["n"], sc["k"])
     bank.rows, graph.table = rows.clone(), table.clone()
     return _run(InvPLoss(bank, graph, **_hyper(sc)), sc), bank.rows, graph.table
 
@@ -101,6 +101,59 @@ def _assert_same(got: tuple, want: tuple, grads_from: int = 0) -> None:
 def test_dense_reference_equals_sharded_at_w1(name: str) -> None:
     sc = SCENARIOS[name]
     _assert_same(_sharded(sc), _dense(sc))
+
+
+@pytest.mark.parametrize("selection", ["topk", "filter"])
+@pytest.mark.parametrize("name", ["sampled", "blocked", "small"])
+def test_every_selection_equals_dense_reference(name: str, selection: str) -> None:
+    """The accelerator selections, run on the CPU: float32 top-k per chunk, and the float16 filter."""
+    sc = SCENARIOS[name]
+    _assert_same(_sharded(sc, selection), _dense(sc))
+
+
+def test_filter_redoes_the_queries_its_error_bound_cannot_clear(monkeypatch) -> None:
+    calls = []
+    chunked = ShardedBank._chunked_topk
+
+    def spy(bank, zq, k, chunk, rows=None):
+        calls.append((zq.dtype, zq.shape[0], k))
+        return chunked(bank, zq, k, chunk, rows)
+
+    monkeypatch.setattr(ShardedBank, "_chunked_topk", spy)
+    sc = SCENARIOS["sampled"]
+    _sharded(sc, "filter")
+    assert calls and all(c[0] == torch.float16 for c in calls)  # the true bound clears every query here
+    calls.clear()
+    monkeypatch.setattr(bank_mod, "_filter_delta", lambda zq, max_norm: torch.full((zq.shape[0],), 10.0))
+    _assert_same(_sharded(sc, "filter"), _dense(sc))
+    redone = [c for c in calls if c[0] == torch.float32]
+    assert redone == [(torch.float32, Q, sc["m"])] * STEPS  # every query, every step, in float32
+
+
+def test_float16_scores_stay_within_the_filter_error_bound() -> None:
+    """The bound the filter's exactness rests on, on rows that are not unit length and on tiny components."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(20000, 128, generator=gen) * torch.rand(20000, 1, generator=gen) * 1.5
+    rows[:100] *= 1e-4  # subnormal territory in float16
+    z = torch.nn.functional.normalize(torch.randn(64, 128, generator=gen), dim=1)
+    z[:4] *= torch.tensor([[1e-3], [0.5], [2.0], [1.0]])
+    approx = (z.half() @ rows.half().t()).float()
+    exact = z.double() @ rows.double().t()
+    delta = bank_mod._filter_delta(z, rows.norm(dim=1).max())
+    err = (approx.double() - exact).abs().amax(1)
+    assert (err <= delta.double()).all()
+    assert (err > 0.05 * delta.double()).any()  # and not vacuously loose
+
+
+def test_autotune_keeps_the_fastest_it_measured() -> None:
+    bank = ShardedBank(3000, D, seed=3, selection="auto")
+    z = torch.nn.functional.normalize(torch.randn(Q, D, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert bank.strategy(z, 64) == "bound" and bank.tuned is None  # the CPU does not tune
+    chosen = bank.autotune(z, 64, repeats=1)
+    assert set(bank.tuning_ms) == {"topk", "bound", "filter"}
+    assert chosen == bank.tuned == min(bank.tuning_ms, key=bank.tuning_ms.get)
+    with pytest.raises(ValueError, match="bank.selection must be one of"):
+        ShardedBank(10, D, selection="fastest")
 
 
 class _Spy:

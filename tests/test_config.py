@@ -23,6 +23,7 @@ def _cfg(*overrides: str):
     ("overrides", "field"),
     [
         (["nodes=0"], "nodes"),
+        (["bank.selection=fastest"], "bank.selection"),
         (["gpus=-1"], "gpus"),
         (["train.epochs=0"], "train.epochs"),
         (["train.batch_size=-4"], "train.batch_size"),

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from invprop.distributed import DistEnv
-from invprop.train.trainer import Trainer
+from invprop.train.trainer import Trainer, window_means
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
@@ -24,7 +24,7 @@ def _trainer(tmp_path: Path, *overrides: str) -> Trainer:
 
 def _one_step(trainer: Trainer) -> tuple[dict, torch.Tensor]:
     images = trainer.images[:32]
-    stats = trainer.train_step(images, trainer.labels[:32], torch.arange(32))
+    stats = window_means([trainer.train_step(images, trainer.labels[:32], torch.arange(32))])
     return stats, trainer.bank.rows
 
 
@@ -37,7 +37,7 @@ def test_bf16_autocast_keeps_bank_and_loss_fp32(tmp_path: Path) -> None:
         assert trainer.model.backbone(x).dtype == torch.bfloat16  # the network itself did run in bf16
     stats, bank = _one_step(trainer)
     assert bank.dtype == torch.float32 and torch.isfinite(bank).all()
-    assert torch.isfinite(torch.tensor(stats["loss"]))
+    assert torch.isfinite(torch.tensor(stats["loss"])).item()
     fp32 = _trainer(tmp_path / "b")
     fp32_stats, _ = _one_step(fp32)
     assert stats["loss"] == pytest.approx(fp32_stats["loss"], rel=0.05)  # same step, bf16 rounding only
@@ -68,3 +68,25 @@ def test_compiled_network_matches_eager(tmp_path: Path) -> None:
     compiled = _trainer(tmp_path / "b", "deterministic=true", "train.compile=true")
     x = eager.augment_batch(eager.images[:8])
     torch.testing.assert_close(compiled.embed(x), eager.embed(x), rtol=1e-3, atol=1e-4)
+
+
+def test_bank_selection_from_config_and_reported_once(tmp_path: Path, capsys) -> None:
+    from invprop.train.progress import TrainProgress
+    from invprop.train.trainer import bank_selection
+
+    trainer = _trainer(tmp_path, "bank.selection=filter")
+    assert trainer.bank.selection == "filter"
+    stats, _ = _one_step(trainer)  # the float16 filter on the CPU, end to end
+    assert torch.isfinite(torch.tensor(stats["loss"])).item()
+    # auto tunes on accelerators only (a GPU cannot exist here): tune by hand, as the first GPU step would
+    z = torch.nn.functional.normalize(torch.randn(32, 128), dim=1)
+    trainer.bank.autotune(z, 64, repeats=1)
+    with TrainProgress(10, 0) as progress:
+        trainer.report_bank_selection(progress)
+        trainer.report_bank_selection(progress)
+    out = capsys.readouterr().out
+    assert out.count("bank top-M selection") == 1 and f"selection: {trainer.bank.tuned} (topk" in out
+    cfg = trainer.cfg.copy()
+    cfg.bank.selection, cfg.deterministic = "auto", True
+    assert bank_selection(cfg, torch.device("cuda")) == "topk"  # no timing-dependent choice when deterministic
+    assert bank_selection(cfg, torch.device("cpu")) == "auto"

@@ -115,3 +115,6 @@ def test_own_row_share_counts_only_anchors_whose_row_is_in_top_m() -> None:
     out = InvPLoss(bank, graph, tau=0.1, n_background=5, n_pos=1, layers=1, lambda_inv=0.6,
                    warmup_epochs=0)(z, ids, 0)
     assert out.stats["own_in_top_m"] == 0.5
+    # the per-step monitors stay 0-d tensors (read only when a window is logged, not once per step)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.monitors.values())
+    assert out.stats == {k: pytest.approx(float(v)) for k, v in out.monitors.items()}

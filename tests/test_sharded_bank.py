@@ -145,6 +145,22 @@ def test_bank_init_independent_of_world_size() -> None:
         assert torch.equal(torch.cat(parts), full)
 
 
+@pytest.mark.parametrize("owned", ["mixed", "none", "all"])
+def test_owner_update_writes_exactly_the_owned_rows(owned: str) -> None:
+    """The update has no boolean-mask indexing (a GPU host sync); non-owned entries must still change nothing."""
+    bank = ShardedBank(N, D, rank=1, world=2, seed=5)  # rows [101, 203)
+    before = bank.rows.clone()
+    ids = {"mixed": torch.tensor([3, 101, 150, 7, 202, 100]), "none": torch.tensor([0, 5, 100]),
+           "all": torch.tensor([120, 101, 202])}[owned]
+    z = torch.nn.functional.normalize(torch.randn(len(ids), D, generator=torch.Generator().manual_seed(1)), dim=1)
+    bank.update(ids, z, MOMENTUM)
+    own = (ids >= bank.start) & (ids < bank.stop)
+    full = torch.cat([torch.zeros(bank.start, D), before])
+    want = reference_bank_update(full, ids[own], z[own], MOMENTUM)[bank.start :]
+    assert torch.equal(bank.rows, want)
+    assert torch.equal(bank.rows[0], before[0]) or owned != "none"
+
+
 def _dying_worker(rank: int, world: int, out_dir: str) -> None:
     distributed.init(distributed.read_env(), timeout_s=5)
     bank = ShardedBank(N, D, rank=rank, world=world)

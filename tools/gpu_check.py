@@ -51,12 +51,34 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def make_criterion(n: int, device: torch.device, m: int = 4096) -> InvPLoss:
-    bank = ShardedBank(n, 128, seed=0, device=device)
+def make_criterion(n: int, device: torch.device, m: int = 4096, selection: str = "auto") -> InvPLoss:
+    bank = ShardedBank(n, 128, seed=0, device=device, selection=selection)
     graph = NeighbourGraph(n, 4, device)
     graph.table.copy_(torch.randint(0, n, (n, 4), device=device, dtype=torch.int32))
     return InvPLoss(bank, graph, tau=0.07, n_background=min(m, n), n_pos=20, layers=3, lambda_inv=0.6,
                     warmup_epochs=0)
+
+
+def id_batches(n: int, batch: int, count: int, device: torch.device) -> list[torch.Tensor]:
+    """Distinct bank ids per step, drawn before timing (a 1.28M-long randperm per step would be timed too)."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randperm(n, generator=gen)[:batch].to(device) for _ in range(count)]
+
+
+def host_syncs(fn, device: torch.device) -> int | None:
+    """How many times one call of `fn` makes the host wait for the GPU (CUDA's sync debug mode)."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch.device, bf16: bool,
@@ -73,6 +95,8 @@ def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch
     labels = torch.randint(0, 1000, (batch,), device=device)
     crit = make_criterion(n_bank, device)
     gen = torch.Generator(device=device).manual_seed(0)
+    ids = id_batches(n_bank, batch, 8, device)
+    step = [0]
 
     def batch_in() -> torch.Tensor:
         x = images.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else images
@@ -88,7 +112,8 @@ def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch
     def invp() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             z = model(batch_in())
-        out = crit(torch.nn.functional.normalize(z.float(), dim=1), torch.randperm(n_bank, device=device)[:batch], 1)
+        step[0] += 1
+        out = crit(torch.nn.functional.normalize(z.float(), dim=1), ids[step[0] % len(ids)], 1)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -97,29 +122,37 @@ def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch
     sup_s = timed(supervised, device, warmup, iters)
     invp_s = timed(invp, device, warmup, iters)
     return {"arch": arch, "size": size, "batch": batch, "bank_rows": n_bank, "supervised_img_s": batch / sup_s,
-            "invp_img_s": batch / invp_s, "ratio": sup_s / invp_s}
+            "invp_img_s": batch / invp_s, "ratio": sup_s / invp_s, "bank_selection": crit.bank.tuned,
+            "host_syncs_invp_step": host_syncs(invp, device),
+            "host_syncs_supervised_step": host_syncs(supervised, device)}
 
 
-def bank_step(n: int, batch: int, device: torch.device, warmup: int, iters: int, selection: str = "topk") -> dict:
-    """One bank step; `selection` is how an accelerator finds the top-M (the CPU always uses the bound)."""
-    import invprop.bank as bank_module
-
-    bank_module.ACCELERATOR_SELECTION = selection
+def bank_steps(n: int, batch: int, device: torch.device, warmup: int, iters: int) -> dict:
+    """The bank step (scores, exact top-M, candidates, positives, backward, updates) with each top-M selection,
+    and with `auto` (what training uses: the fastest of the three, timed on the first call)."""
     crit = make_criterion(n, device)
     z0 = torch.nn.functional.normalize(torch.randn(batch, 128, device=device), dim=1)
+    ids = id_batches(n, batch, 8, device)
+    count = [0]
 
     def step() -> None:
         z = z0.clone().requires_grad_()
-        out = crit(z, torch.randperm(n, device=device)[:batch], 1)
+        count[0] += 1
+        out = crit(z, ids[count[0] % len(ids)], 1)
         out.loss.backward()
         crit.commit(out)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ms = timed(step, device, warmup, iters) * 1000
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    bank_module.ACCELERATOR_SELECTION = "topk"
-    return {"rows": n, "batch": batch, "ms": ms, "peak_gib": peak, "selection": selection}
+    found: dict = {"rows": n, "batch": batch, "ms": {}}
+    for selection in ("topk", "bound", "filter", "auto"):
+        crit.bank.selection, crit.bank.tuned = selection, None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        found["ms"][selection] = timed(step, device, warmup, iters) * 1000
+        if device.type == "cuda":
+            found.setdefault("peak_gib", {})[selection] = torch.cuda.max_memory_allocated() / 2**30
+    found.update(auto_chose=crit.bank.tuned, auto_timings_ms=crit.bank.tuning_ms,
+                 filter_extra=crit.bank.filter_extra, host_syncs=host_syncs(step, device))
+    return found
 
 
 def fmnist_run(device: torch.device, epochs: int, subset: int, root: str | None, arch: str,
@@ -192,10 +225,8 @@ def main() -> int:
     # bank first: the headline number; each part writes the JSON as it goes, so a cut-off run keeps the rest
     if "bank" not in skip:
         for n in ((2000, 5000) if dry else (1_281_167, 10_000_000)):
-            record(f"bank_step_{n}", lambda n=n: bank_step(n, 16 if dry else 256, device, 1 if dry else 3,
-                                                            2 if dry else 10))
-            record(f"bank_step_{n}_bound", lambda n=n: bank_step(n, 16 if dry else 256, device, 1 if dry else 3,
-                                                                  2 if dry else 10, selection="bound"))
+            record(f"bank_step_{n}", lambda n=n: bank_steps(n, 16 if dry else 256, device, 1 if dry else 3,
+                                                             2 if dry else 10))
     if "steps" not in skip:
         record("step_resnet50_224", lambda: step_throughput(
             "resnet50", 64 if dry else 224, 4 if dry else 256, 1000 if dry else 1_281_167, device, bf16,

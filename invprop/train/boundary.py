@@ -33,8 +33,7 @@ class StepBoundary:
         """(stop now, save now), identical on every rank."""
         time_due = self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
         step_due = self.every_steps > 0 and step % self.every_steps == 0
-        flags = torch.tensor([float(self.preempted), float(time_due)], device=self.device)
-        stop, timed = (coll.max_across_ranks(flags) > 0).tolist()
+        stop, timed = coll.host_flags_any([self.preempted, time_due], self.device)
         return stop, stop or timed or step_due
 
     def saved(self) -> None:

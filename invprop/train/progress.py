@@ -41,3 +41,8 @@ class TrainProgress:
         if info and self.enabled and not self.progress.console.is_terminal:
             # SLURM logs and pipes get no live bar: one plain line per logged window instead
             self.progress.console.print(f"step {step}/{self.progress.tasks[0].total:.0f}  {info}", soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        """A one-off line above the bar (or in the log)."""
+        if self.enabled:
+            self.progress.console.print(text, soft_wrap=True)

@@ -32,6 +32,30 @@ from invprop.train.boundary import StepBoundary
 from invprop.train.progress import TrainProgress
 
 
+def bank_selection(cfg: DictConfig, device: torch.device) -> str:
+    """`bank.selection`, except that a deterministic run on an accelerator does not pick by timing: the
+    strategies agree exactly on the selected set but not in the last bit of every score."""
+    selection = str((cfg.get("bank") or {}).get("selection", "auto"))
+    if selection == "auto" and bool(cfg.deterministic) and device.type != "cpu":
+        return "topk"
+    return selection
+
+
+def window_means(window: list[dict[str, torch.Tensor | float]]) -> dict[str, float]:
+    """Mean of each monitor over a window of steps (keys of the last step); the device tensors are averaged
+    on the device and read back in one copy."""
+    keys = list(window[-1])
+    on_device = [k for k in keys if isinstance(window[-1][k], torch.Tensor)]
+    means: dict[str, float] = {}
+    if on_device:
+        stacked = torch.stack([torch.stack([w[k].float() for w in window if k in w]).mean() for k in on_device])
+        means.update(zip(on_device, stacked.tolist(), strict=True))
+    for k in keys:
+        if k not in means:
+            means[k] = float(np.mean([float(w[k]) for w in window if k in w]))
+    return {k: means[k] for k in keys}
+
+
 @dataclass
 class TrainState:
     """Where training stands; with the RNG states this is all a resume needs besides the weights and bank."""
@@ -66,7 +90,7 @@ class Trainer:
         self.bf16 = cfg.train.get("precision", "fp32") == "bf16"
         self.net = self._wrap(self.model, bool(cfg.train.get("compile", False)))
         self.bank = ShardedBank(self.n, int(cfg.model.embedding_dim), rank=env.rank, world=env.world_size,
-                                seed=int(cfg.seed), device=device)
+                                seed=int(cfg.seed), device=device, selection=bank_selection(cfg, device))
         self.graph = NeighbourGraph(self.n, int(cfg.method.k), device) if cfg.method.name == "invp" else None
         self.criterion = build_criterion(cfg.method, self.bank, self.graph, n_background(cfg, self.n))
         self.order = EpochOrder(self.n, int(cfg.train.batch_size), int(cfg.seed))
@@ -163,7 +187,10 @@ class Trainer:
         x = images.to(self.device, non_blocking=True)
         return self.augment(x, gen, row_offset=self.env.rank * local, rows_total=local * self.env.world_size)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+                   ) -> dict[str, torch.Tensor | float]:
+        """One optimiser step. The monitors come back as device tensors, read only when a window is logged:
+        on a GPU a per-step .item() would drain the queue and expose every kernel launch of the next step."""
         lr = self.set_lr()
         self.net.train()
         z = self.embed(self.augment_batch(images))
@@ -173,9 +200,9 @@ class Trainer:
         (out.loss * self.env.world_size).backward()
         self.optimizer.step()
         self.criterion.commit(out)
-        return {**out.stats, **self.purity(out), "lr": lr}
+        return {**out.monitors, **self.purity(out), "lr": lr}
 
-    def purity(self, out: StepOutput) -> dict[str, float]:
+    def purity(self, out: StepOutput) -> dict[str, torch.Tensor]:
         """Monitoring only: share of chosen positives / new graph neighbours with the anchor's label."""
         if out.positives is None:
             return {}
@@ -183,8 +210,7 @@ class Trainer:
         valid = out.positives != UNKNOWN
         same = (self.label_table[out.positives.clamp(min=0)] == anchor) & valid
         graph_same = self.label_table[out.neighbours] == anchor
-        return {"hp_purity": (same.sum() / valid.sum().clamp(min=1)).item(),
-                "graph_purity": graph_same.float().mean().item()}
+        return {"hp_purity": same.sum() / valid.sum().clamp(min=1), "graph_purity": graph_same.float().mean()}
 
     # -- loops ------------------------------------------------------------------------------------------
     def fit(self, boundary: StepBoundary | None = None) -> bool:
@@ -202,6 +228,7 @@ class Trainer:
                 window, tick = [], time.perf_counter()
                 for images, labels, indices in loader:
                     window.append(self.train_step(images, labels, indices))
+                    self.report_bank_selection(progress)
                     self.state.batch += 1
                     self.state.step += 1
                     if self.state.batch == self.order.num_batches:  # the epoch is complete
@@ -227,8 +254,17 @@ class Trainer:
                         break  # the loader of a finished epoch has nothing left
         return True
 
-    def log_window(self, window: list[dict[str, float]], img_s: float) -> dict[str, Any]:
-        record: dict[str, Any] = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
+    def report_bank_selection(self, progress: TrainProgress) -> None:
+        """Once: what `bank.selection=auto` measured and chose on this accelerator (main rank)."""
+        if self.bank.tuned is None or getattr(self, "_selection_reported", False):
+            return
+        self._selection_reported = True
+        if self.env.is_main:
+            timings = ", ".join(f"{k} {v:.2f} ms" for k, v in self.bank.tuning_ms.items())
+            progress.note(f"bank top-M selection: {self.bank.tuned} ({timings})")
+
+    def log_window(self, window: list[dict[str, torch.Tensor | float]], img_s: float) -> dict[str, Any]:
+        record: dict[str, Any] = window_means(window)
         record.update(step=self.state.step, epoch=self.state.epoch + self.state.batch / self.order.num_batches,
                       img_s=img_s, time=time.time())
         self.metrics.write(record)
