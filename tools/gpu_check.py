@@ -155,12 +155,10 @@ def bank_steps(n: int, batch: int, device: torch.device, warmup: int, iters: int
     return found
 
 
-def fmnist_run(device: torch.device, epochs: int, subset: int, root: str | None, arch: str,
-               precision: str = "bf16", tau: float = 0.2, lr: float = 0.03, bank_init: str = "network",
-               head: str = "mlp") -> dict:
-    """A short InvP run through the real job body (pretrain + kNN), on whatever data root is given."""
-    from invprop.jobs.pretrain import pretrain
-
+def fmnist_config(device: torch.device, epochs: int, subset: int, root: str | None, arch: str,
+                  precision: str = "bf16", tau: float = 0.2, lr: float = 0.03, bank_init: str = "network",
+                  head: str = "mlp"):
+    """The run config of the Fashion-MNIST part (no Hydra on a bare GPU machine: the yaml files, composed)."""
     cfg = OmegaConf.load(ROOT / "configs" / "config.yaml")
     for group, name in (("data", "fashion_mnist"), ("model", arch), ("method", "invp"), ("cluster", "local")):
         cfg[group] = OmegaConf.load(ROOT / "configs" / group / f"{name}.yaml")
@@ -179,12 +177,33 @@ def fmnist_run(device: torch.device, epochs: int, subset: int, root: str | None,
     run = Path(tempfile.mkdtemp(prefix="gpu_check_fmnist_"))
     cfg.out_dir = str(run)
     (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return cfg, run
+
+
+def trainer_step_syncs(device: torch.device, cfg, run: Path) -> dict:
+    """Host syncs inside one real Trainer.train_step (loader batch in, optimiser step and bank update out)."""
+    from invprop.distributed import DistEnv
+    from invprop.train.trainer import Trainer
+
+    trainer = Trainer(cfg, DistEnv(), device, run / "sync_probe")
+    images, labels, indices = next(iter(trainer.batches()))
+    for _ in range(2):  # warm-up: autotuning and first-call allocations
+        trainer.train_step(images, labels, indices)
+    return {"host_syncs": host_syncs(lambda: trainer.train_step(images, labels, indices), device),
+            "bank_selection": trainer.bank.tuned or trainer.bank.selection}
+
+
+def fmnist_run(cfg, run: Path) -> dict:
+    """A short InvP run through the real job body (pretrain + kNN), on whatever data root is given."""
+    from invprop.jobs.pretrain import pretrain
+
     start = time.perf_counter()
     results = pretrain(run)
     return {"knn_top1": results["knn_top1"], "knn_untrained_top1": results.get("knn_untrained_top1"),
-            "knn_pixels_top1": results.get("knn_pixels_top1"), "bank_init": bank_init, "head": head,
-            "final_train_loss": results["final_train_loss"], "knn_bank_top1": results["knn_bank_top1"],
-            "epochs": epochs, "images": results["images"], "arch": arch, "wall_s": time.perf_counter() - start}
+            "knn_pixels_top1": results.get("knn_pixels_top1"), "bank_init": str(cfg.method.bank_init),
+            "head": str(cfg.model.head), "final_train_loss": results["final_train_loss"],
+            "knn_bank_top1": results["knn_bank_top1"], "epochs": int(cfg.train.epochs), "images": results["images"],
+            "arch": str(cfg.model.arch), "wall_s": time.perf_counter() - start}
 
 
 def main() -> int:
@@ -235,10 +254,11 @@ def main() -> int:
             "resnet_tiny" if dry else "resnet18_cifar", 32, 8 if dry else 512, 1000 if dry else 50_000, device,
             bf16, 1 if dry else 3, 2 if dry else 10))
     if "fmnist" not in skip:
-        record("fmnist_invp", lambda: fmnist_run(device, 1 if dry else args.fmnist_epochs, 512 if dry else 0,
-                                                 args.fmnist_root, "resnet_tiny" if dry else "resnet18_cifar",
-                                                 args.fmnist_precision, args.fmnist_tau, args.fmnist_lr,
-                                                 args.fmnist_bank_init, args.fmnist_head))
+        cfg, run = fmnist_config(device, 1 if dry else args.fmnist_epochs, 512 if dry else 0, args.fmnist_root,
+                                 "resnet_tiny" if dry else "resnet18_cifar", args.fmnist_precision, args.fmnist_tau,
+                                 args.fmnist_lr, args.fmnist_bank_init, args.fmnist_head)
+        record("trainer_step", lambda: trainer_step_syncs(device, cfg, run))
+        record("fmnist_invp", lambda: fmnist_run(cfg, run))
     if device.type == "cuda":
         summary["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     args.out.write_text(json.dumps(summary, indent=2))

@@ -194,7 +194,8 @@ class Trainer:
         lr = self.set_lr()
         self.net.train()
         z = self.embed(self.augment_batch(images))
-        out = self.criterion(z, indices.to(self.device), self.state.epoch)
+        # non_blocking: a blocking copy (or one from pageable memory) waits for the whole GPU queue
+        out = self.criterion(z, indices.to(self.device, non_blocking=True), self.state.epoch)
         self.optimizer.zero_grad(set_to_none=True)
         # out.loss sums to the global mean over ranks; DDP averages gradients, so scale back by W.
         (out.loss * self.env.world_size).backward()
