@@ -318,6 +318,40 @@ def test_color_augment_deterministic_and_world_size_invariant():
         aug(x, torch.Generator(), row_offset=4, rows_total=8)
 
 
+def _per_sample_reference(aug: BatchColorAugment, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each sample on its own, its ops in its own order: what the batched, sync-free forward must equal."""
+    params = aug.sample_params(x.shape[0], gen)
+    fns = [(A.adjust_brightness, "brightness", aug.brightness), (A.adjust_contrast, "contrast", aug.contrast),
+           (A.adjust_saturation, "saturation", aug.saturation), (A.adjust_hue, "hue", aug.hue)]
+    out = []
+    for i in range(x.shape[0]):
+        xi = A.to_float01(x[i : i + 1])
+        for op in params["order"][i].tolist():
+            fn, key, strength = fns[op]
+            if params["jitter"][i] and strength > 0:
+                xi = fn(xi, params[key][i : i + 1])
+        if params["gray"][i] and aug.grayscale_p > 0:
+            xi = A.rgb_to_gray(xi).expand(-1, 3, -1, -1)
+        if params["blur"][i] and aug.blur_p > 0:
+            k = max(3, int(round(aug.blur_kernel_frac * x.shape[-1])) // 2 * 2 + 1)
+            xi = A.gaussian_blur(xi, params["sigma"][i : i + 1], k)
+        out.append(A.normalize(xi, aug.mean, aug.std))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("select_rows", [True, False], ids=["cpu-rows", "accelerator-where"])
+@pytest.mark.parametrize("kw", [dict(), dict(hue=0.0), dict(contrast=0.0, saturation=0.0), dict(brightness=0.0),
+                                dict(jitter_p=0.0, blur_p=0.5)])
+def test_batched_color_augment_equals_per_sample_ops(kw: dict, select_rows: bool) -> None:
+    """Both batched forms (rows selected per op on the CPU; sync-free torch.where on accelerators)."""
+    x = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    aug = BatchColorAugment((0.5,) * 3, (0.25,) * 3, **{"jitter_p": 0.8, "grayscale_p": 0.3, "blur_p": 0.5, **kw})
+    aug.select_rows = select_rows
+    got = aug(x, torch.Generator().manual_seed(4))
+    want = _per_sample_reference(aug, x, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 def test_color_augment_from_config_and_grayscale():
     c = OmegaConf.create(dict(brightness=0, contrast=0, saturation=0, hue=0, grayscale_p=1.0, flip=True))
     aug = BatchColorAugment.from_config(c, (0.0,) * 3, (1.0,) * 3)
