@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from invprop.bank import ShardedBank  # noqa: E402
+from invprop.bank import SELECTIONS, ShardedBank  # noqa: E402
 from invprop.dense_reference import DenseInvP  # noqa: E402
 from invprop.graph import NeighbourGraph  # noqa: E402
 from invprop.loss import InvPLoss  # noqa: E402
@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--denominator", choices=("code", "paper"), default="code")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: stabler timings)")
     ap.add_argument("--device", default="cpu", help="where bank, table and embeddings live (cpu, cuda)")
+    ap.add_argument("--selection", default="auto", choices=SELECTIONS, help="the sharded side's top-M selection")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("--profile", action="store_true",
@@ -121,7 +122,7 @@ def bench_size(n: int, args: argparse.Namespace) -> dict:
     hyper = dict(tau=args.tau, n_background=args.m, n_pos=args.pos, layers=args.layers, lambda_inv=0.6,
                  warmup_epochs=0, denominator=args.denominator)
 
-    bank = ShardedBank(n, args.dim, seed=args.seed, device=device)
+    bank = ShardedBank(n, args.dim, seed=args.seed, device=device, selection=args.selection)
     bank.rows = rows
     graph = NeighbourGraph(n, args.k, device=device)
     graph.table.copy_(table)
@@ -202,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     report = {"sizes": {str(n): bench_size(n, args) for n in args.sizes}, "threads": torch.get_num_threads(),
-              "machine": machine(), "device": _device_name(torch.device(args.device)), "batch": args.batch,
-              "m": args.m, "dim": args.dim}
+              "machine": machine(), "device": _device_name(torch.device(args.device)), "selection": args.selection,
+              "batch": args.batch, "m": args.m, "dim": args.dim}
     if args.json:
         print(json.dumps(report))
     else:
