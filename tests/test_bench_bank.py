@@ -256,11 +256,12 @@ def test_masked_logsumexp_matches_plain_logsumexp(tau: float) -> None:
     assert torch.isfinite(a.grad).all() and not a.grad[~mask].any()
 
 
-def _worker(rank: int, world: int, out_dir: str, name: str) -> None:
+def _worker(rank: int, world: int, out_dir: str, name: str, selection: str = "auto") -> None:
     distributed.init(distributed.read_env(), timeout_s=60)
     sc = SCENARIOS[name]
     rows, table = _setup(sc)
-    bank, graph = ShardedBank(sc["n"], D, rank=rank, world=world, seed=3), NeighbourGraph(sc["n"], sc["k"])
+    bank = ShardedBank(sc["n"], D, rank=rank, world=world, seed=3, selection=selection)
+    graph = NeighbourGraph(sc["n"], sc["k"])
     bank.rows = rows[bank.start : bank.stop].clone()
     graph.table = table.clone()
     steps = _run(InvPLoss(bank, graph, **_hyper(sc)), sc, rank, world)
@@ -269,10 +270,12 @@ def _worker(rank: int, world: int, out_dir: str, name: str) -> None:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("world", [2, 3])
-def test_sampled_path_exact_over_ranks(world: int, tmp_path) -> None:
-    name = "sampled-paper-bfs-easy"  # n_local = 1500 / 1000, M = 64: every rank takes the sampled bound
-    spawn_ranks(_worker, world, (str(tmp_path), name), timeout_s=200)
+@pytest.mark.parametrize(("world", "selection"), [(2, "auto"), (3, "auto"), (2, "filter"), (3, "topk")])
+def test_sampled_path_exact_over_ranks(world: int, selection: str, tmp_path) -> None:
+    """auto on the CPU: n_local = 1500 / 1000, M = 64, so every rank takes the sampled bound; and the accelerator
+    selections, whose unordered candidate sets differ in width from rank to rank."""
+    name = "sampled-paper-bfs-easy"
+    spawn_ranks(_worker, world, (str(tmp_path), name, selection), timeout_s=200)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     want_steps, want_bank, want_table = _dense(SCENARIOS[name])
     b = Q // world

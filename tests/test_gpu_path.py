@@ -17,8 +17,9 @@ pytestmark = pytest.mark.timeout(300)
 
 def _trainer(tmp_path: Path, *overrides: str) -> Trainer:
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        invp_only = [] if "method=npid" in overrides else ["method.n_pos=5"]
         cfg = compose(config_name="config", overrides=["data=synthetic", "data.n_train=128", "train.batch_size=32",
-                                                       "train.num_workers=0", "method.n_pos=5", *overrides])
+                                                       "train.num_workers=0", *invp_only, *overrides])
     return Trainer(cfg, DistEnv(), torch.device("cpu"), tmp_path)
 
 
@@ -90,3 +91,25 @@ def test_bank_selection_from_config_and_reported_once(tmp_path: Path, capsys) ->
     cfg.bank.selection, cfg.deterministic = "auto", True
     assert bank_selection(cfg, torch.device("cuda")) == "topk"  # no timing-dependent choice when deterministic
     assert bank_selection(cfg, torch.device("cpu")) == "auto"
+
+
+@pytest.mark.parametrize(("overrides", "allowed"), [
+    (["bank.selection=topk"], []),
+    # one read: which queries the float16 filter could not clear (M + its margin well below the 512 rows)
+    (["bank.selection=filter", "data.n_train=512", "method.n_background=64"], ["nonzero"]),
+    (["method=npid"], []),
+])
+def test_accelerator_training_step_reads_nothing_back(tmp_path: Path, overrides: list[str], allowed: list[str]
+                                                      ) -> None:
+    """A training step as it runs on a GPU (accelerator selection, sync-free augmentation) makes no call that
+    would wait for the device: no .item(), no boolean-mask indexing, no data-dependent shapes."""
+    from sync_guard import SyncGuard
+
+    trainer = _trainer(tmp_path, *overrides)
+    trainer.augment.select_rows = False
+    images, labels, ids = trainer.images[:32], trainer.labels[:32], torch.arange(32)
+    trainer.train_step(images, labels, ids)  # first call: lazily built state
+    with SyncGuard() as guard:
+        monitors = trainer.train_step(images, labels, ids + 32)
+    assert guard.syncs == allowed
+    assert all(isinstance(v, (torch.Tensor, float)) for v in monitors.values())
