@@ -107,6 +107,7 @@ class Trainer:
         self.state = TrainState()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=env.is_main)
         self.ckpt_root = self.run_dir / "checkpoints"
+        self._selection_reported = False
 
     def _build_ffcv(self) -> Any:
         """The FFCV loader, built once per process and reused every epoch (its pipeline compiles once)."""
@@ -257,7 +258,7 @@ class Trainer:
 
     def report_bank_selection(self, progress: TrainProgress) -> None:
         """Once: what `bank.selection=auto` measured and chose on this accelerator (main rank)."""
-        if self.bank.tuned is None or getattr(self, "_selection_reported", False):
+        if self.bank.tuned is None or self._selection_reported:
             return
         self._selection_reported = True
         if self.env.is_main:
