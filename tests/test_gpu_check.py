@@ -24,7 +24,8 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path: Path) -> None:
         assert "error" not in summary[key], summary[key]
     assert summary["step_resnet50_224"]["invp_img_s"] > 0 and summary["step_resnet50_224"]["ratio"] > 0
     bank = summary["bank_step_5000"]
-    assert set(bank["ms"]) == {"topk", "bound", "filter", "auto"} and min(bank["ms"].values()) > 0
+    for timing in ("ms", "ms_pipelined"):
+        assert set(bank[timing]) == {"topk", "bound", "filter", "auto"} and min(bank[timing].values()) > 0
     assert bank["auto_chose"] is None and bank["host_syncs"] is None  # the CPU neither tunes nor counts syncs
     assert summary["trainer_step"] == {"host_syncs": None, "bank_selection": "auto"}
     assert 0 <= summary["fmnist_invp"]["knn_top1"] <= 1

@@ -51,6 +51,18 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def pipelined(fn, device: torch.device, iters: int) -> float:
+    """Seconds per call of `iters` back-to-back calls with one sync at the end: the steady-state cost in a
+    training loop, where the host queues the next step while the device still runs this one."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / iters
+
+
 def make_criterion(n: int, device: torch.device, m: int = 4096, selection: str = "auto") -> InvPLoss:
     bank = ShardedBank(n, 128, seed=0, device=device, selection=selection)
     graph = NeighbourGraph(n, 4, device)
@@ -121,15 +133,20 @@ def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch
 
     sup_s = timed(supervised, device, warmup, iters)
     invp_s = timed(invp, device, warmup, iters)
+    # as in a training loop: steps queued back to back, one wait at the end
+    sup_p, invp_p = pipelined(supervised, device, iters), pipelined(invp, device, iters)
     return {"arch": arch, "size": size, "batch": batch, "bank_rows": n_bank, "supervised_img_s": batch / sup_s,
-            "invp_img_s": batch / invp_s, "ratio": sup_s / invp_s, "bank_selection": crit.bank.tuned,
+            "invp_img_s": batch / invp_s, "ratio": sup_s / invp_s, "supervised_img_s_pipelined": batch / sup_p,
+            "invp_img_s_pipelined": batch / invp_p, "ratio_pipelined": sup_p / invp_p,
+            "bank_selection": crit.bank.tuned,
             "host_syncs_invp_step": host_syncs(invp, device),
             "host_syncs_supervised_step": host_syncs(supervised, device)}
 
 
 def bank_steps(n: int, batch: int, device: torch.device, warmup: int, iters: int) -> dict:
     """The bank step (scores, exact top-M, candidates, positives, backward, updates) with each top-M selection,
-    and with `auto` (what training uses: the fastest of the three, timed on the first call)."""
+    and with `auto` (what training uses: the fastest of the three, timed on the first call). `ms`: median of
+    calls each waited for (launch overhead included); `ms_pipelined`: back-to-back calls, as in training."""
     crit = make_criterion(n, device)
     z0 = torch.nn.functional.normalize(torch.randn(batch, 128, device=device), dim=1)
     ids = id_batches(n, batch, 8, device)
@@ -148,6 +165,7 @@ def bank_steps(n: int, batch: int, device: torch.device, warmup: int, iters: int
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         found["ms"][selection] = timed(step, device, warmup, iters) * 1000
+        found.setdefault("ms_pipelined", {})[selection] = pipelined(step, device, iters) * 1000
         if device.type == "cuda":
             found.setdefault("peak_gib", {})[selection] = torch.cuda.max_memory_allocated() / 2**30
     found.update(auto_chose=crit.bank.tuned, auto_timings_ms=crit.bank.tuning_ms,
