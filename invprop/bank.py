@@ -609,13 +609,18 @@ class ShardedBank:
         # No boolean-mask indexing (its nonzero() is a host sync on a GPU): an entry this rank does not own
         # repeats the write of an owned entry (the same row, the same value), so duplicate indices are harmless;
         # with no owned entry at all, row 0 is rewritten with itself.
-        own = self.owned(ids)
-        first_owned = own.to(torch.int8).argmax()
-        src = torch.where(own, torch.arange(ids.shape[0], device=ids.device), first_owned)
-        use = own[src].unsqueeze(1)
-        rows = torch.where(own[src], ids[src] - self.start, torch.zeros_like(ids))
-        mixed = momentum * self.rows[rows] + (1.0 - momentum) * z.detach()[src].to(self.rows.dtype)
-        new = torch.where(use, torch.nn.functional.normalize(mixed, dim=1), self.rows[rows])
+        if self.world == 1:  # every row is this rank's
+            rows = ids
+            mixed = momentum * self.rows[rows] + (1.0 - momentum) * z.detach().to(self.rows.dtype)
+            new = torch.nn.functional.normalize(mixed, dim=1)
+        else:
+            own = self.owned(ids)
+            first_owned = own.to(torch.int8).argmax()
+            src = torch.where(own, torch.arange(ids.shape[0], device=ids.device), first_owned)
+            use = own[src].unsqueeze(1)
+            rows = torch.where(own[src], ids[src] - self.start, torch.zeros_like(ids))
+            mixed = momentum * self.rows[rows] + (1.0 - momentum) * z.detach()[src].to(self.rows.dtype)
+            new = torch.where(use, torch.nn.functional.normalize(mixed, dim=1), self.rows[rows])
         mirrored = self._half is not None and self._half_key == self._rows_key()
         self.rows.index_put_((rows,), new)
         if mirrored:  # keep the float16 mirror of `filter` current instead of rebuilding it
