@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from invprop import collectives as coll
+from invprop.config import BANK_SELECTIONS
 
 # Rows are initialised in fixed chunks, each from its own seed, so the bank is the same for any world size.
 _INIT_CHUNK = 65536
@@ -39,7 +40,7 @@ _TOPK_CHUNK_ELEMENTS = 1 << 28
 #            and the few queries where it may not be are redone with `topk`;
 #   auto   - the CPU uses `bound` (fastest there, measured by tools/bench_bank.py); an accelerator times
 #            topk, bound and filter on its first step and keeps the fastest.
-SELECTIONS = ("auto", "topk", "bound", "filter")
+SELECTIONS = BANK_SELECTIONS
 _TUNED = ("topk", "bound", "filter")
 _FILTER_DTYPE = torch.float16
 _FILTER_UNIT = 2.0**-11  # float16 unit roundoff

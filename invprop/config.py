@@ -10,8 +10,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from invprop.bank import SELECTIONS
 from invprop.data import dataset_size
+
+# `bank.selection`: how each rank finds its exact local top-M (invprop/bank.py documents each).
+BANK_SELECTIONS = ("auto", "topk", "bound", "filter")
 
 
 class ConfigError(ValueError):
@@ -55,7 +57,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.batch_size={batch} must be divisible by nodes*gpus={world}; "
                           f"use a multiple of {world}")
     _choice(cfg.train.get("precision", "fp32"), "train.precision", ("fp32", "bf16"))
-    _choice((cfg.get("bank") or {}).get("selection", "auto"), "bank.selection", SELECTIONS)
+    _choice((cfg.get("bank") or {}).get("selection", "auto"), "bank.selection", BANK_SELECTIONS)
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr={cfg.train.lr} must be > 0")
     if not isinstance(cfg.data.get("subset", 0), int) or cfg.data.get("subset", 0) < 0:
