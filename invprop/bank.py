@@ -403,6 +403,8 @@ class ShardedBank:
                 best = min(best, time.perf_counter() - start)
             self.tuning_ms[name] = best * 1000
         self.tuned = min(self.tuning_ms, key=self.tuning_ms.__getitem__)
+        if self.tuned != "filter":  # its float16 copy of the shard is not needed after all
+            self._half, self._half_key = None, None
         return self.tuned
 
     def _select(self, zq: torch.Tensor, m_sel: int, strategy: str) -> tuple[torch.Tensor, torch.Tensor, bool]:

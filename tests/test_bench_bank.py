@@ -152,6 +152,7 @@ def test_autotune_keeps_the_fastest_it_measured() -> None:
     chosen = bank.autotune(z, 64, repeats=1)
     assert set(bank.tuning_ms) == {"topk", "bound", "filter"}
     assert chosen == bank.tuned == min(bank.tuning_ms, key=bank.tuning_ms.get)
+    assert (bank._half is not None) == (chosen == "filter")  # the float16 copy is kept only when used
     with pytest.raises(ValueError, match="bank.selection must be one of"):
         ShardedBank(10, D, selection="fastest")
 
