@@ -44,6 +44,10 @@ SELECTIONS = BANK_SELECTIONS
 _TUNED = ("topk", "bound", "filter")
 _FILTER_DTYPE = torch.float16
 _FILTER_UNIT = 2.0**-11  # float16 unit roundoff
+_FILTER_MAX_EXTRA = 8  # the filter's margin grows to at most this many times its start, max(256, M / 4)
+_FILTER_CLEAN_CALLS = 100  # calls without a redo before the margin halves again
+_RETUNE_AFTER_CALLS = 200  # `auto` measures again at most this often, and only when `filter` asked for it
+TUNE_ON_CPU = False  # tests switch it on to exercise the accelerators' `auto` on the CPU
 
 
 def _chunk_elements(device: torch.device) -> int:
@@ -268,22 +272,28 @@ class _float32_matmul:
     """float32 GEMMs as float32 (no TF32) whatever the caller enabled: the selection is exact in float32."""
 
     def __enter__(self) -> None:
-        self.before = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
+        self.before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
 
     def __exit__(self, *exc: object) -> None:
-        torch.set_float32_matmul_precision(self.before)
+        torch.backends.cuda.matmul.allow_tf32 = self.before
 
 
 class _full_precision_half_gemm:
-    """cuBLAS may reduce float16 GEMMs in float16 (split-K) unless told not to; the bound assumes float32."""
+    """cuBLAS may reduce float16 GEMMs in float16 (split-K), or accumulate in float16 where allowed, unless told
+    not to; the filter's error bound assumes float32 accumulation."""
+
+    _FLAGS = ("allow_fp16_reduced_precision_reduction", "allow_fp16_accumulation")
 
     def __enter__(self) -> None:
-        self.before = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+        matmul = torch.backends.cuda.matmul
+        self.before = {f: getattr(matmul, f) for f in self._FLAGS if hasattr(matmul, f)}
+        for flag in self.before:
+            setattr(matmul, flag, False)
 
     def __exit__(self, *exc: object) -> None:
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = self.before
+        for flag, value in self.before.items():
+            setattr(torch.backends.cuda.matmul, flag, value)
 
 
 class ShardedBank:
@@ -295,14 +305,27 @@ class ShardedBank:
             raise ValueError(f"bank.selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
         self.n, self.dim, self.rank, self.world = n, dim, rank, world
         self.start, self.stop = shard_bounds(n, rank, world)
+        self._half: torch.Tensor | None = None
         self.rows = init_rows(self.start, self.stop, dim, seed).to(device)
         self.selection = selection
         self.tuned: str | None = None  # what `auto` chose on this accelerator
         self.tuning_ms: dict[str, float] = {}  # what it measured
         self.filter_extra = 0  # candidates beyond M for `filter` (0: not set yet); doubles where too few
+        self.retune_requested = False  # `filter` failing even at its widest margin
+        self._calls = self._tuned_at = self._filter_clean_calls = 0
         self._half: torch.Tensor | None = None  # float16 mirror of `rows` for `filter`
         self._half_max_norm = torch.zeros(())
         self._half_key: tuple | None = None
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """This rank's rows (n_local x D, float32)."""
+        return self._rows
+
+    @rows.setter
+    def rows(self, value: torch.Tensor) -> None:
+        self._rows = value
+        self._half, self._half_key = None, None  # a new tensor: the float16 mirror is rebuilt on next use
 
     @property
     def n_local(self) -> int:
@@ -379,10 +402,14 @@ class ShardedBank:
         """The selection this call uses: the configured one, or what `auto` picks for this device."""
         if self.selection != "auto":
             return self.selection
-        if zq.device.type == "cpu":
+        if zq.device.type == "cpu" and not TUNE_ON_CPU:
             return "bound"
+        self._calls += 1
+        if self.retune_requested and self._calls - self._tuned_at >= _RETUNE_AFTER_CALLS:
+            self.tuned = None  # the scores have changed since the last measurement: measure again
         if self.tuned is None:
             self.autotune(zq, m_sel)
+            self._tuned_at, self.retune_requested = self._calls, False
         return self.tuned
 
     def autotune(self, zq: torch.Tensor, m_sel: int, repeats: int = 2) -> str:
@@ -450,9 +477,12 @@ class ShardedBank:
         Every float16 score a_j is within delta of any float32 evaluation e_j of the same product (bound in
         `_filter_delta`). If the smallest kept a_j lies more than 2 delta below the k-th largest kept a_j, every
         j with e_j >= (the k-th largest e) was kept: such a j has a_j >= e_k - delta >= a_k - 2 delta. Queries
-        failing that test are redone with float32 top-k, and the margin doubles for later calls.
+        failing that test are redone with float32 top-k. The margin (`filter_extra`) doubles after a failure up
+        to a cap, and halves again after a long run without one: scores crowd near the M-th largest when the
+        bank is young (rows from the untrained network) and spread out as training goes on.
         """
-        extra = self.filter_extra or max(256, k // 4)
+        start = max(256, k // 4)
+        extra = self.filter_extra or start
         if k + extra >= self.n_local:  # nothing left to filter out
             return self._chunked_topk(zq, k, self._topk_chunk(zq, k))
         half, max_norm = self._half_rows()
@@ -464,17 +494,24 @@ class ShardedBank:
         unsafe = approx.amin(1) >= kth - 2.0 * _filter_delta(zq, max_norm)
         vals = self._rescore(zq, ids)
         redo = unsafe.nonzero().squeeze(1)
+        self._filter_clean_calls = 0 if redo.numel() else self._filter_clean_calls + 1
         if redo.numel():
-            self.filter_extra = min(2 * extra, self.n_local)
             exact_vals, exact_ids = self._chunked_topk(zq[redo], k, self._topk_chunk(zq, k))
             vals, ids = _replace_rows(vals, ids, redo, exact_vals, exact_ids)
-        else:
-            self.filter_extra = extra
+            if extra < _FILTER_MAX_EXTRA * start:
+                extra *= 2
+            elif redo.numel() > zq.shape[0] // 4:  # even the widest margin fails: ask `auto` to measure again
+                self.retune_requested = True
+        elif self._filter_clean_calls >= _FILTER_CLEAN_CALLS and extra > start:
+            extra, self._filter_clean_calls = extra // 2, 0
+        self.filter_extra = extra
         return vals, ids
 
-    def _rescore(self, zq: torch.Tensor, ids: torch.Tensor, queries_per_block: int = 256) -> torch.Tensor:
+    def _rescore(self, zq: torch.Tensor, ids: torch.Tensor, block_bytes: int = 256 << 20) -> torch.Tensor:
         """float32 z_q . V_ids[q, c] for this shard's ids, a block of queries at a time (the gathered rows of
-        every query at once would be Q x C x D)."""
+        every query at once would be Q x C x D floats)."""
+        per_query = max(1, ids.shape[1] * self.dim * self.rows.element_size())
+        queries_per_block = max(1, block_bytes // per_query)
         out = torch.empty(ids.shape, dtype=self.rows.dtype, device=ids.device)
         for q0 in range(0, ids.shape[0], queries_per_block):
             block = ids[q0 : q0 + queries_per_block]

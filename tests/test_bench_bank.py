@@ -330,3 +330,62 @@ def test_cuda_path_equals_dense_reference(name: str) -> None:
         assert torch.equal(outs[0].neighbours.long(), outs[1].neighbours.long())
     torch.testing.assert_close(bank.rows, dense.bank, rtol=1e-5, atol=1e-6)
     assert torch.equal(graph.table.long(), dense.table.long())
+
+
+def _crowded_bank(n: int, spread: float) -> ShardedBank:
+    """Rows around one direction: scores crowd near the M-th largest (a young bank from the untrained network)."""
+    gen = torch.Generator().manual_seed(0)
+    bank = ShardedBank(n, D, seed=3, selection="filter")
+    base = torch.nn.functional.normalize(torch.randn(1, D, generator=gen), dim=1)
+    bank.rows = torch.nn.functional.normalize(base + spread * torch.randn(n, D, generator=gen), dim=1)
+    return bank
+
+
+def _assert_holds_exact_top(bank: ShardedBank, z: torch.Tensor, m: int) -> None:
+    top = bank.global_top(z, m)
+    want = (z @ bank.rows.t()).topk(m, dim=1).indices
+    for q in range(z.shape[0]):
+        assert set(want[q].tolist()) <= set(top.ids[q].tolist())
+
+
+def test_filter_margin_is_capped_and_relaxes_again(monkeypatch) -> None:
+    m = 64  # margin starts at 256, capped at 8 x 256
+    z = torch.nn.functional.normalize(torch.randn(Q, D, generator=torch.Generator().manual_seed(1)), dim=1)
+    crowded = _crowded_bank(20000, 3e-4)
+    for _ in range(6):
+        _assert_holds_exact_top(crowded, z, m)  # exact throughout, via the float32 redo
+    assert crowded.filter_extra == bank_mod._FILTER_MAX_EXTRA * 256  # grew, but not to the shard size
+    assert crowded.retune_requested  # failing at the cap: auto should measure again
+    monkeypatch.setattr(bank_mod, "_FILTER_CLEAN_CALLS", 2)
+    spread = _crowded_bank(20000, 10.0)  # well spread: no redo needed
+    spread.filter_extra = 1024
+    for _ in range(2):
+        _assert_holds_exact_top(spread, z, m)
+    assert spread.filter_extra == 512 and not spread.retune_requested
+
+
+def test_auto_measures_again_when_the_filter_asks(monkeypatch) -> None:
+    monkeypatch.setattr(bank_mod, "TUNE_ON_CPU", True)
+    monkeypatch.setattr(bank_mod, "_RETUNE_AFTER_CALLS", 3)
+    bank = ShardedBank(3000, D, seed=3, selection="auto")
+    z = torch.nn.functional.normalize(torch.randn(Q, D, generator=torch.Generator().manual_seed(0)), dim=1)
+    tunes = []
+    autotune = ShardedBank.autotune
+    monkeypatch.setattr(ShardedBank, "autotune", lambda self, *a, **k: tunes.append(1) or autotune(self, *a, **k))
+    for call in range(1, 7):
+        if call == 2:
+            bank.retune_requested = True
+        bank.global_top(z, 64)
+    assert len(tunes) == 2 and not bank.retune_requested  # first call, then once 3 calls after it
+    assert bank._tuned_at == 4
+
+
+def test_new_rows_drop_the_float16_copy() -> None:
+    bank = ShardedBank(3000, D, seed=3, selection="filter")
+    z = torch.nn.functional.normalize(torch.randn(Q, D, generator=torch.Generator().manual_seed(0)), dim=1)
+    bank.global_top(z, 64)
+    assert bank._half is not None
+    bank.rows = bank.rows.clone() * 0.5
+    assert bank._half is None
+    _assert_holds_exact_top(bank, z, 64)
+    assert torch.equal(bank._half, bank.rows.half())

@@ -322,28 +322,25 @@ class BatchColorAugment(nn.Module):
         once: the positions before each sample's hue step are applied first, then hue, then the rest.
         """
         order, jitter = params["order"], params["jitter"]
+        # a strength of 0 draws factor 1.0 exactly, and f = 1 leaves a row bit for bit as it was: no op to skip
         factors = torch.stack([params["brightness"], params["contrast"], params["saturation"]], dim=1)
-        enabled = torch.tensor([self.brightness > 0, self.contrast > 0, self.saturation > 0, self.hue > 0],
-                               device=x.device)
         if self.hue > 0:
             hue_at = (order == 3).to(torch.int64).argmax(dim=1)
             for step in range(3):  # positions before hue
-                x = self._blend_step(x, order[:, step], jitter & (step < hue_at), factors, enabled)
+                x = self._blend_step(x, order[:, step], jitter & (step < hue_at), factors)
             x = torch.where(_bcast(jitter), adjust_hue(x, params["hue"]), x)
             for step in range(1, 4):  # positions after hue
-                x = self._blend_step(x, order[:, step], jitter & (step > hue_at), factors, enabled)
+                x = self._blend_step(x, order[:, step], jitter & (step > hue_at), factors)
             return x
         for step in range(4):
-            x = self._blend_step(x, order[:, step], jitter, factors, enabled)
+            x = self._blend_step(x, order[:, step], jitter, factors)
         return x
 
     @staticmethod
-    def _blend_step(x: torch.Tensor, op: torch.Tensor, active: torch.Tensor, factors: torch.Tensor,
-                    enabled: torch.Tensor) -> torch.Tensor:
-        """Rows where `active` apply op 0 (brightness), 1 (contrast) or 2 (saturation); op 3 and disabled ops
-        leave their row as it is."""
-        blend = op < 3
-        active = active & blend & enabled[op]
+    def _blend_step(x: torch.Tensor, op: torch.Tensor, active: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """Rows where `active` apply op 0 (brightness), 1 (contrast) or 2 (saturation); op 3 (hue) leaves its
+        row as it is."""
+        active = active & (op < 3)
         f = _bcast(factors.gather(1, op.clamp(max=2).unsqueeze(1)).squeeze(1))
         gray = rgb_to_gray(x)
         target = torch.where(_bcast(op == 1), gray.mean(dim=(1, 2, 3), keepdim=True), gray)
