@@ -12,6 +12,8 @@ from torch.overrides import TorchFunctionMode
 # Reads of values into Python, and ops whose output shape depends on the data.
 _SYNCING = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__format__",
             "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount", "histc"}
+# A tensor made from Python data on a GPU is a blocking copy from pageable memory: PyTorch waits for the stream.
+_FROM_HOST_DATA = {"tensor", "as_tensor"}
 # Indexing with a boolean mask is a nonzero() inside.
 _MASK_INDEXED = {"__getitem__", "__setitem__", "index_put_", "index_put", "masked_scatter_"}
 
@@ -38,4 +40,6 @@ class SyncGuard(TorchFunctionMode):
             self.syncs.append(name)
         elif name in _MASK_INDEXED and len(args) > 1 and _has_bool_index(args[1]):
             self.syncs.append(f"{name}[bool mask]")
+        elif name in _FROM_HOST_DATA and args and not isinstance(args[0], torch.Tensor):
+            self.syncs.append(f"{name}(host data)")
         return func(*args, **(kwargs or {}))

@@ -153,7 +153,7 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """
     h, s, v = x.unbind(dim=1)
     h6 = torch.remainder(h, 1.0).mul(6.0).unsqueeze(1)
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1; no host copy
     k = torch.remainder(n + h6, 6.0)
     w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * w
@@ -203,7 +203,10 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     return y.view(bsz, ch, h, w)
 
 
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize(x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+              ) -> torch.Tensor:
+    """(x - mean) / std per channel. Pass tensors already on x's device in a loop: making them from Python
+    numbers is a blocking host-to-device copy on a GPU."""
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
@@ -258,6 +261,9 @@ class BatchColorAugment(nn.Module):
                 raise ValueError(f"{name} must be >= 0, got {v}")
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
+        # the same numbers as buffers, moved with .to(device) once instead of copied to the device every call
+        self.register_buffer("mean_t", torch.tensor(self.mean), persistent=False)
+        self.register_buffer("std_t", torch.tensor(self.std), persistent=False)
         self.brightness = float(brightness)
         self.contrast = float(contrast)
         self.saturation = float(saturation)
@@ -404,4 +410,4 @@ class BatchColorAugment(nn.Module):
                     x[sel] = fn(x[sel], params["sigma"][sel])
             else:
                 x = torch.where(_bcast(params[key]), fn(x, params["sigma"]), x)
-        return normalize(x, self.mean, self.std)
+        return normalize(x, self.mean_t, self.std_t)
