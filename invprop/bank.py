@@ -264,7 +264,7 @@ def _filter_delta(zq: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
     """
     d = zq.shape[1]
     zn = zq.norm(dim=1)
-    scale = zn * max_norm.to(zq.device)
+    scale = zn * max_norm
     return (3.0 * _FILTER_UNIT + 3.0 * d * 2.0**-24) * 1.01 * scale + 2.0**-20 * (1.0 + d**0.5 * (zn + max_norm))
 
 
@@ -305,17 +305,13 @@ class ShardedBank:
             raise ValueError(f"bank.selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
         self.n, self.dim, self.rank, self.world = n, dim, rank, world
         self.start, self.stop = shard_bounds(n, rank, world)
-        self._half: torch.Tensor | None = None
-        self.rows = init_rows(self.start, self.stop, dim, seed).to(device)
+        self.rows = init_rows(self.start, self.stop, dim, seed).to(device)  # also resets the float16 mirror
         self.selection = selection
         self.tuned: str | None = None  # what `auto` chose on this accelerator
         self.tuning_ms: dict[str, float] = {}  # what it measured
         self.filter_extra = 0  # candidates beyond M for `filter` (0: not set yet); doubles where too few
         self.retune_requested = False  # `filter` failing even at its widest margin
         self._calls = self._tuned_at = self._filter_clean_calls = 0
-        self._half: torch.Tensor | None = None  # float16 mirror of `rows` for `filter`
-        self._half_max_norm = torch.zeros(())
-        self._half_key: tuple | None = None
 
     @property
     def rows(self) -> torch.Tensor:
@@ -325,7 +321,10 @@ class ShardedBank:
     @rows.setter
     def rows(self, value: torch.Tensor) -> None:
         self._rows = value
-        self._half, self._half_key = None, None  # a new tensor: the float16 mirror is rebuilt on next use
+        # float16 mirror of the rows for `filter`, rebuilt on next use; _half_key: the rows' version it matches
+        self._half: torch.Tensor | None = None
+        self._half_key: int | None = None
+        self._half_max_norm = torch.zeros(())
 
     @property
     def n_local(self) -> int:
@@ -342,10 +341,13 @@ class ShardedBank:
         """Global scores z_q . V_ids[q, c] (ids < 0 give 0) from the owner shards, without a full score matrix;
         differentiable in z. Non-owners contribute exact zeros, so every rank receives bit-identical values."""
         own = self.owned(ids)
-        local = torch.where(own, ids - self.start, torch.zeros_like(ids))
-        rows = self.rows.index_select(0, local.reshape(-1)).view(*local.shape, self.dim)
-        picked = torch.bmm(rows, z.unsqueeze(2)).squeeze(2) * own
+        picked = self._local_dots(z, torch.where(own, ids - self.start, torch.zeros_like(ids))) * own
         return coll.sum_across_ranks(picked)
+
+    def _local_dots(self, z: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """z_q . rows[local[q, c]] (Q x C) for local row indices, by gathering only those rows."""
+        rows = self.rows.index_select(0, local.reshape(-1)).view(*local.shape, self.dim)
+        return torch.bmm(rows, z.unsqueeze(2)).squeeze(2)
 
     def kth_largest(self, top_vals: torch.Tensor, k: int) -> torch.Tensor:
         """Exact global k-th largest score per query, from any superset of each rank's local top-k values
@@ -431,7 +433,7 @@ class ShardedBank:
             self.tuning_ms[name] = best * 1000
         self.tuned = min(self.tuning_ms, key=self.tuning_ms.__getitem__)
         if self.tuned != "filter":  # its float16 copy of the shard is not needed after all
-            self._half, self._half_key = None, None
+            self._half = None
         return self.tuned
 
     def _select(self, zq: torch.Tensor, m_sel: int, strategy: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -514,22 +516,19 @@ class ShardedBank:
         queries_per_block = max(1, block_bytes // per_query)
         out = torch.empty(ids.shape, dtype=self.rows.dtype, device=ids.device)
         for q0 in range(0, ids.shape[0], queries_per_block):
-            block = ids[q0 : q0 + queries_per_block]
-            rows = self.rows.index_select(0, (block - self.start).reshape(-1)).view(*block.shape, self.dim)
-            out[q0 : q0 + queries_per_block] = torch.bmm(rows, zq[q0 : q0 + queries_per_block].unsqueeze(2)).squeeze(2)
+            block = slice(q0, q0 + queries_per_block)
+            out[block] = self._local_dots(zq[block], ids[block] - self.start)
         return out
-
-    def _rows_key(self) -> tuple:
-        return (self.rows.data_ptr(), self.rows._version, tuple(self.rows.shape), self.rows.device)
 
     def _half_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The float16 mirror of the rows and the largest row norm (a 0-d tensor); rebuilt when the rows were
-        replaced or written anywhere but `update`, which keeps both current."""
-        if self._half is None or self._half_key != self._rows_key():
+        replaced (the setter drops it) or written in place anywhere but `update`, which keeps both current (the
+        rows' version counter tells)."""
+        if self._half is None or self._half_key != self.rows._version:
             self._half = self.rows.to(_FILTER_DTYPE)
             norms = self.rows.norm(dim=1)
             self._half_max_norm = norms.max() if norms.numel() else norms.new_zeros(())
-            self._half_key = self._rows_key()
+            self._half_key = self.rows._version
         return self._half, self._half_max_norm
 
     def _sample_bound(self, zq: torch.Tensor, m_sel: int) -> tuple[torch.Tensor | None, int]:
@@ -661,12 +660,12 @@ class ShardedBank:
             rows = torch.where(own[src], ids[src] - self.start, torch.zeros_like(ids))
             mixed = momentum * self.rows[rows] + (1.0 - momentum) * z.detach()[src].to(self.rows.dtype)
             new = torch.where(use, torch.nn.functional.normalize(mixed, dim=1), self.rows[rows])
-        mirrored = self._half is not None and self._half_key == self._rows_key()
+        mirrored = self._half is not None and self._half_key == self.rows._version
         self.rows.index_put_((rows,), new)
         if mirrored:  # keep the float16 mirror of `filter` current instead of rebuilding it
             self._half.index_put_((rows,), new.to(_FILTER_DTYPE))
             self._half_max_norm = torch.maximum(self._half_max_norm, new.norm(dim=1).max())
-            self._half_key = self._rows_key()
+            self._half_key = self.rows._version
 
     # -- checkpoint and evaluation helpers -------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor | int]:

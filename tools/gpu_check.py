@@ -11,12 +11,14 @@ positives, backward, updates) at N = 1.28M and 10M rows, peak GPU memory, and a 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -71,10 +73,11 @@ def make_criterion(n: int, device: torch.device, m: int = 4096, selection: str =
                     warmup_epochs=0)
 
 
-def id_batches(n: int, batch: int, count: int, device: torch.device) -> list[torch.Tensor]:
-    """Distinct bank ids per step, drawn before timing (a 1.28M-long randperm per step would be timed too)."""
+def id_batches(n: int, batch: int, count: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Distinct bank ids per step, drawn before timing (a 1.28M-long randperm per step would be timed too),
+    then repeated in turn."""
     gen = torch.Generator().manual_seed(0)
-    return [torch.randperm(n, generator=gen)[:batch].to(device) for _ in range(count)]
+    return itertools.cycle([torch.randperm(n, generator=gen)[:batch].to(device) for _ in range(count)])
 
 
 def host_syncs(fn, device: torch.device) -> int | None:
@@ -108,7 +111,6 @@ def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch
     crit = make_criterion(n_bank, device)
     gen = torch.Generator(device=device).manual_seed(0)
     ids = id_batches(n_bank, batch, 8, device)
-    step = [0]
 
     def batch_in() -> torch.Tensor:
         x = images.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else images
@@ -124,8 +126,7 @@ def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch
     def invp() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             z = model(batch_in())
-        step[0] += 1
-        out = crit(torch.nn.functional.normalize(z.float(), dim=1), ids[step[0] % len(ids)], 1)
+        out = crit(torch.nn.functional.normalize(z.float(), dim=1), next(ids), 1)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -150,12 +151,10 @@ def bank_steps(n: int, batch: int, device: torch.device, warmup: int, iters: int
     crit = make_criterion(n, device)
     z0 = torch.nn.functional.normalize(torch.randn(batch, 128, device=device), dim=1)
     ids = id_batches(n, batch, 8, device)
-    count = [0]
 
     def step() -> None:
         z = z0.clone().requires_grad_()
-        count[0] += 1
-        out = crit(z, ids[count[0] % len(ids)], 1)
+        out = crit(z, next(ids), 1)
         out.loss.backward()
         crit.commit(out)
 

@@ -25,7 +25,7 @@ from invprop.data.loader import IndexedImageDataset, batch_generator, build_trai
 from invprop.digest import state_digest
 from invprop.distributed import DistEnv
 from invprop.graph import UNKNOWN, NeighbourGraph
-from invprop.loss import StepOutput, build_criterion
+from invprop.loss import StepOutput, build_criterion, monitor_floats
 from invprop.metrics import MetricsLog
 from invprop.models import build_model
 from invprop.train.boundary import StepBoundary
@@ -46,10 +46,7 @@ def window_means(window: list[dict[str, torch.Tensor | float]]) -> dict[str, flo
     on the device and read back in one copy."""
     keys = list(window[-1])
     on_device = [k for k in keys if isinstance(window[-1][k], torch.Tensor)]
-    means: dict[str, float] = {}
-    if on_device:
-        stacked = torch.stack([torch.stack([w[k].float() for w in window if k in w]).mean() for k in on_device])
-        means.update(zip(on_device, stacked.tolist(), strict=True))
+    means = monitor_floats({k: torch.stack([w[k].float() for w in window if k in w]).mean() for k in on_device})
     for k in keys:
         if k not in means:
             means[k] = float(np.mean([float(w[k]) for w in window if k in w]))
