@@ -19,20 +19,27 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
     assert summary["env"]["dry_run"] is True and summary["env"]["device"] == "cpu"
-    for key in ("step_resnet50_224", "step_resnet18_32", "bank_step_2000", "bank_step_5000", "trainer_step",
-                "fmnist_invp"):
+    for key in ("selection_exact", "step_resnet50_224", "step_resnet18_32", "bank_step_2000", "bank_step_5000",
+                "trainer_step", "fmnist_invp"):
         assert "error" not in summary[key], summary[key]
     assert summary["step_resnet50_224"]["invp_img_s"] > 0 and summary["step_resnet50_224"]["ratio"] > 0
     bank = summary["bank_step_5000"]
-    for timing in ("ms", "ms_pipelined"):
+    for timing in ("ms", "ms_pipelined", "host_ms"):
         assert set(bank[timing]) == {"topk", "bound", "filter", "auto"} and min(bank[timing].values()) > 0
     assert bank["auto_chose"] is None and bank["host_syncs"] is None  # the CPU neither tunes nor counts syncs
+    # where the time goes: the profiler's table per step (the CPU's own ops in a dry run)
+    assert bank["profile"]["ms_per_call"] > 0 and bank["profile"]["top"][0]["share"] > 0
+    assert set(summary["step_resnet50_224"]["profile"]) == {"supervised", "invp"}
+    exact = summary["selection_exact"]
+    assert exact["all_exact"] is True and {s["same_set"] for s in exact["random"].values()} == {1.0}
     assert summary["trainer_step"] == {"host_syncs": None, "bank_selection": "auto"}
-    # the goal table: bank step (both timings) and the ResNet-50 ratio (both), never "met" on tiny CPU sizes
+    # the goal table: bank step (both timings), the exactness guard and the ResNet-50 ratio (both); the speed
+    # goals are never "met" on tiny CPU sizes
     assert [g["measured"] for g in summary["goals"]] == [
-        round(bank["ms"]["auto"], 3), round(bank["ms_pipelined"]["auto"], 3),
+        round(bank["ms"]["auto"], 3), round(bank["ms_pipelined"]["auto"], 3), True,
         round(summary["step_resnet50_224"]["ratio"], 3), round(summary["step_resnet50_224"]["ratio_pipelined"], 3)]
-    assert not any(g["met"] for g in summary["goals"]) and "GPU check against the goals" in proc.stdout
+    assert [g["met"] for g in summary["goals"]] == [False, False, True, False, False]
+    assert "GPU check against the goals" in proc.stdout
     assert 0 <= summary["fmnist_invp"]["knn_top1"] <= 1
 
 
@@ -50,3 +57,31 @@ def test_goals_judge_the_issue_targets() -> None:
     assert "1,281,167 rows" in goals(summary)[0]["goal"]  # the 1.28M bank, not the 10M one
     bank["ms"]["auto"] = 5.0
     assert goals(summary)[0]["met"] is False  # under 5 ms means under
+
+
+def test_selection_exact_flags_a_selection_that_misses_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exactness probe is not vacuous: a selection that loses its best row per query is reported."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gpu_probes import selection_exact
+
+    from invprop.bank import ShardedBank
+
+    select = ShardedBank._select
+
+    def lossy(self, zq, m_sel, strategy):
+        vals, ids, ascending = select(self, zq, m_sel, strategy)
+        if strategy != "filter":
+            return vals, ids, ascending
+        best = vals.argmax(dim=1, keepdim=True)  # drop each query's top row: a different row takes its place
+        return vals.scatter(1, best, -1.0), ids.scatter(1, best, 0), ascending
+
+    monkeypatch.setattr(ShardedBank, "_select", lossy)
+    found = selection_exact(3000, 8, 64, torch.device("cpu"))
+    assert found["all_exact"] is False
+    for regime in ("random", "crowded"):
+        assert found[regime]["topk"]["exact"] and found[regime]["bound"]["exact"]
+        assert not found[regime]["filter"]["exact"] and found[regime]["filter"]["same_set"] == 0.0

@@ -1,0 +1,111 @@
+"""Two parts of the GPU check that a timing alone cannot give: whether each top-M selection is still exact on
+this device (its GEMMs and float16 rounding are not the CPU's), and where a step's time goes (profiler), so
+one short run on a lent GPU says what to change next."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from invprop.bank import ShardedBank
+
+SELECTIONS_CHECKED = ("topk", "bound", "filter")
+
+
+def crowded_rows(n: int, dim: int, device: torch.device, seed: int, clusters: int = 16,
+                 spread: float = 0.1) -> torch.Tensor:
+    """Unit rows bunched around a few centres: the scores of a young bank (rows from an untrained network)
+    crowd near the M-th largest, where a float16 filter is least sure and has to redo queries. `spread`: the
+    offsets' typical length."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(clusters, dim, generator=gen), dim=1)
+    rows = centres[torch.randint(0, clusters, (n,), generator=gen)]
+    rows = rows + spread / dim**0.5 * torch.randn(n, dim, generator=gen)
+    return torch.nn.functional.normalize(rows, dim=1).to(device)
+
+
+def float32_tolerance(dim: int) -> float:
+    """How far a float32 dot product of unit vectors of length `dim` may lie from the exact one (a sum of
+    `dim` rounded products, each step within a unit roundoff), doubled for the two evaluations compared."""
+    return 2.0 * dim * 2.0**-24
+
+
+def selection_exact(n: int, batch: int, m: int, device: torch.device, dim: int = 128) -> dict:
+    """Each selection's top-M against a float64 top-M of the same queries, on spread (random) and crowded
+    bank rows. `max_deficit`: how far the lowest selected score (in float64) lies below the float64 M-th
+    largest (0 up to float32 rounding when exact); `same_set`: share of queries whose set equals float64's."""
+    tolerance = float32_tolerance(dim)
+    found: dict = {"rows": n, "batch": batch, "m": m, "tolerance": tolerance}
+    for regime in ("random", "crowded"):
+        bank = ShardedBank(n, dim, seed=0, device=device, selection="topk")
+        if regime == "crowded":
+            bank.rows = crowded_rows(n, dim, device, seed=1)
+        gen = torch.Generator().manual_seed(2)
+        ids = torch.randperm(n, generator=gen)[:batch].to(device)
+        # queries near their own rows, as a trained network's embeddings are
+        noise = 0.1 / dim**0.5 * torch.randn(batch, dim, generator=gen).to(device)
+        z = torch.nn.functional.normalize(bank.rows[ids] + noise, dim=1)
+        exact = z.double() @ bank.rows.double().t()
+        exact_top = exact.topk(m, dim=1)
+        kth = exact_top.values[:, -1]
+        reference = exact_top.indices.sort(dim=1).values
+        del exact_top
+        per_selection = {}
+        for selection in SELECTIONS_CHECKED:
+            bank.selection, bank.filter_extra = selection, 0
+            top = bank.global_top(z, m)
+            picked = torch.where(top.in_top, top.ids, torch.full_like(top.ids, -1))
+            scores = exact.gather(1, picked.clamp(min=0)).masked_fill(~top.in_top, float("inf"))
+            counts = top.in_top.sum(dim=1)
+            same = counts == m
+            if bool(same.any()):
+                chosen = picked.masked_fill(~top.in_top, n).sort(dim=1).values[:, :m]
+                same &= (chosen == reference).all(dim=1)
+            deficit = float((kth - scores.amin(dim=1)).clamp(min=0).max())
+            per_selection[selection] = {
+                "max_deficit": deficit, "min_count": int(counts.min()), "max_count": int(counts.max()),
+                "same_set": float(same.float().mean()),
+                "exact": bool(deficit <= tolerance and int(counts.min()) >= m)}
+            if selection == "filter":
+                per_selection[selection]["filter_extra_after"] = bank.filter_extra
+        found[regime] = per_selection
+        del exact
+    found["all_exact"] = all(s["exact"] for regime in ("random", "crowded") for s in found[regime].values())
+    return found
+
+
+def _self_time_us(event, on_device: bool) -> float:
+    return event.self_device_time_total if on_device else event.self_cpu_time_total
+
+
+def profile_steps(steps: dict[str, Callable[[], None]], device: torch.device, calls: int = 3,
+                  top: int = 12) -> dict:
+    """Per named step: time on the device per call (kernels; the CPU's own ops in a dry run), kernel launches
+    per call, and the `top` kernels by time, from torch.profiler over `calls` calls after one warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_device = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    found = {}
+    for name, fn in steps.items():
+        fn()
+        if on_device:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                fn()
+            if on_device:
+                torch.cuda.synchronize()
+        events = [e for e in prof.key_averages()
+                  if (e.device_type == torch.autograd.DeviceType.CUDA) == on_device]
+        events.sort(key=lambda e: _self_time_us(e, on_device), reverse=True)
+        total_us = sum(_self_time_us(e, on_device) for e in events)
+        found[name] = {
+            "ms_per_call": total_us / calls / 1000,
+            "kernels_per_call" if on_device else "ops_per_call": sum(e.count for e in events) / calls,
+            "top": [{"name": e.key[:120], "ms_per_call": _self_time_us(e, on_device) / calls / 1000,
+                     "calls_per_call": e.count / calls,
+                     "share": _self_time_us(e, on_device) / total_us if total_us else 0.0}
+                    for e in events[:top]]}
+    return found
