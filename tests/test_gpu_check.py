@@ -85,3 +85,19 @@ def test_selection_exact_flags_a_selection_that_misses_rows(monkeypatch: pytest.
     for regime in ("random", "crowded"):
         assert found[regime]["topk"]["exact"] and found[regime]["bound"]["exact"]
         assert not found[regime]["filter"]["exact"] and found[regime]["filter"]["same_set"] == 0.0
+
+
+def test_a_failing_profile_costs_only_its_own_entry() -> None:
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gpu_probes import profile_steps
+
+    def refused() -> None:
+        raise RuntimeError("CUPTI refused")
+
+    found = profile_steps({"sum": lambda: torch.ones(64).sum(), "refused": refused}, torch.device("cpu"))
+    assert found["refused"] == {"error": "RuntimeError: CUPTI refused"}
+    assert found["sum"]["ops_per_call"] >= 1 and any(row["name"] == "aten::sum" for row in found["sum"]["top"])

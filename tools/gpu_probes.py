@@ -82,30 +82,37 @@ def _self_time_us(event, on_device: bool) -> float:
 def profile_steps(steps: dict[str, Callable[[], None]], device: torch.device, calls: int = 3,
                   top: int = 12) -> dict:
     """Per named step: time on the device per call (kernels; the CPU's own ops in a dry run), kernel launches
-    per call, and the `top` kernels by time, from torch.profiler over `calls` calls after one warm-up."""
+    per call, and the `top` kernels by time, from torch.profiler over `calls` calls after one warm-up. A
+    profiler that fails (CUPTI refused, say) costs only its own entry, never the timings beside it."""
+    found = {}
+    for name, fn in steps.items():
+        try:
+            found[name] = _profile(fn, device, calls, top)
+        except Exception as exc:
+            found[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return found
+
+
+def _profile(fn: Callable[[], None], device: torch.device, calls: int, top: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     on_device = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
-    found = {}
-    for name, fn in steps.items():
-        fn()
+    fn()
+    if on_device:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
         if on_device:
             torch.cuda.synchronize()
-        with profile(activities=activities) as prof:
-            for _ in range(calls):
-                fn()
-            if on_device:
-                torch.cuda.synchronize()
-        events = [e for e in prof.key_averages()
-                  if (e.device_type == torch.autograd.DeviceType.CUDA) == on_device]
-        events.sort(key=lambda e: _self_time_us(e, on_device), reverse=True)
-        total_us = sum(_self_time_us(e, on_device) for e in events)
-        found[name] = {
-            "ms_per_call": total_us / calls / 1000,
-            "kernels_per_call" if on_device else "ops_per_call": sum(e.count for e in events) / calls,
-            "top": [{"name": e.key[:120], "ms_per_call": _self_time_us(e, on_device) / calls / 1000,
-                     "calls_per_call": e.count / calls,
-                     "share": _self_time_us(e, on_device) / total_us if total_us else 0.0}
-                    for e in events[:top]]}
-    return found
+    events = [e for e in prof.key_averages() if (e.device_type == torch.autograd.DeviceType.CUDA) == on_device]
+    events.sort(key=lambda e: _self_time_us(e, on_device), reverse=True)
+    total_us = sum(_self_time_us(e, on_device) for e in events)
+    return {
+        "ms_per_call": total_us / calls / 1000,
+        "kernels_per_call" if on_device else "ops_per_call": sum(e.count for e in events) / calls,
+        "top": [{"name": e.key[:120], "ms_per_call": _self_time_us(e, on_device) / calls / 1000,
+                 "calls_per_call": e.count / calls,
+                 "share": _self_time_us(e, on_device) / total_us if total_us else 0.0}
+                for e in events[:top]]}
