@@ -443,9 +443,13 @@ class ShardedBank:
             if bound is not None:
                 vals, ids, count = self._scan(zq, bound, expect)
                 short = (count < m_sel).nonzero().squeeze(1)
-                if short.numel():  # the sampled bound overshot for these queries: use their exact bound
-                    exact = (zq[short] @ self.rows.t()).topk(m_sel, dim=1, sorted=False).values.amin(1)
-                    vals, ids = _replace_rows(vals, ids, short, *self._scan(zq[short], exact, m_sel)[:2])
+                if short.numel():  # the sampled bound overshot for these queries: their exact local top-m_sel
+                    # Values and ids from one evaluation: a rescan with the exact bound would need two GEMMs of
+                    # different shapes to agree to the last bit, which a GPU's GEMMs need not.
+                    zs = zq[short]
+                    exact_vals, exact_ids = self._chunked_topk(zs, m_sel, self._topk_chunk(zs, m_sel))
+                    exact_ids, order = exact_ids.sort(dim=1)  # ids ascend along each row, as scanned rows' do
+                    vals, ids = _replace_rows(vals, ids, short, exact_vals.gather(1, order), exact_ids)
                 return vals, ids, True
         if strategy == "filter":
             return (*self._filtered_topk(zq, m_sel), False)
@@ -616,9 +620,13 @@ class ShardedBank:
                 out_cols = torch.nn.functional.pad(out_cols, (0, grow), value=-1)
                 width += grow
             # hit i, of query r, goes to out[r, fill[r] + i - first[r]]; its column is flat[i] - r * b + c0
-            at = torch.repeat_interleave(query * width + fill - first, count) + torch.arange(flat.numel(), device=dev)
+            # output_size: the count is known here already, and without it each call waits for the device
+            hits = flat.numel()
+            at = (torch.repeat_interleave(query * width + fill - first, count, output_size=hits)
+                  + torch.arange(hits, device=dev))
             out_vals.view(-1).index_copy_(0, at, vals)
-            out_cols.view(-1).index_copy_(0, at, flat + torch.repeat_interleave(self.start + c0 - query * b, count))
+            out_cols.view(-1).index_copy_(0, at, flat + torch.repeat_interleave(self.start + c0 - query * b, count,
+                                                                                output_size=hits))
             fill = new_fill
         used = int(fill.max()) if q else 0
         return out_vals[:, :used], out_cols[:, :used], fill

@@ -125,13 +125,15 @@ def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     augment = BatchColorAugment((0.5,) * 3, (0.25,) * 3).to(device)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    if device.type == "cuda":  # pinned once, as a loader's worker would hand it over: no pinning in the step
+        images = images.pin_memory()
     labels = torch.randint(0, 1000, (batch,), device=device)
     crit = make_criterion(n_bank, device)
     gen = torch.Generator(device=device).manual_seed(0)
     ids = id_batches(n_bank, batch, 8, device)
 
     def batch_in() -> torch.Tensor:
-        x = images.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else images
+        x = images.to(device, non_blocking=True)
         return augment(x, gen).contiguous(memory_format=torch.channels_last)
 
     def supervised() -> None:
@@ -262,8 +264,8 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if device.type == "cpu":  # a CUDA build of PyTorch without a GPU logs "gpuGetDeviceCount failed" per profile
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    # numerics as in training: PyTorch's defaults (float32 matmuls without TF32) and cuDNN's autotuner, which the
+    # trainer switches on unless deterministic
     torch.backends.cudnn.benchmark = True
     skip = set(filter(None, args.skip.split(",")))
     dry = args.dry_run

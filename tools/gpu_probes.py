@@ -106,7 +106,11 @@ def _profile(fn: Callable[[], None], device: torch.device, calls: int, top: int)
             fn()
         if on_device:
             torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if (e.device_type == torch.autograd.DeviceType.CUDA) == on_device]
+    # on the device only kernels and copies: user annotations (the optimiser's step, say) span kernels again
+    events = [e for e in prof.key_averages() if (e.device_type == torch.autograd.DeviceType.CUDA) == on_device
+              and not getattr(e, "is_user_annotation", False)]
+    if not events:  # CUPTI recorded nothing: say so rather than report zeros
+        raise RuntimeError("the profiler recorded no events")
     events.sort(key=lambda e: _self_time_us(e, on_device), reverse=True)
     total_us = sum(_self_time_us(e, on_device) for e in events)
     return {
