@@ -385,9 +385,9 @@ class ShardedBank:
         found is `selection` (see SELECTIONS). With `bound` on a shard much larger than M, the shard is scored
         in column chunks and only the scores at or above a cheap per-query lower bound of the local
         max(m, keep)-th largest are kept; the full Q x n_local score matrix is never held. The bound comes from
-        a strided sample of the shard; where it fails (fewer than max(m, keep) scores reach it) the query is
-        redone with its exact local bound, so the result never depends on the sample. Ids then ascend along
-        each row. Otherwise (a smaller shard, where most scores would pass any bound; `topk`; `filter`) the
+        a strided sample of the shard; where it fails (fewer than max(m, keep) scores reach it) the query's
+        exact local top-max(m, keep) is taken instead, so the result never depends on the sample. Ids then
+        ascend along each row. Otherwise (a smaller shard, where most scores would pass any bound; `topk`; `filter`) the
         candidates hold the local top-max(m, keep), in no particular order.
         """
         m_sel = min(max(m, keep), self.n_local)

@@ -32,6 +32,7 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path: Path) -> None:
     assert set(summary["step_resnet50_224"]["profile"]) == {"supervised", "invp"}
     exact = summary["selection_exact"]
     assert exact["all_exact"] is True and {s["same_set"] for s in exact["random"].values()} == {1.0}
+    assert set(exact["random"]) == {"topk", "bound", "bound-fallback", "filter"}
     assert summary["trainer_step"] == {"host_syncs": None, "bank_selection": "auto"}
     # the goal table: bank step (both timings), the exactness guard and the ResNet-50 ratio (both); the speed
     # goals are never "met" on tiny CPU sizes
@@ -101,3 +102,72 @@ def test_a_failing_profile_costs_only_its_own_entry() -> None:
     found = profile_steps({"sum": lambda: torch.ones(64).sum(), "refused": refused}, torch.device("cpu"))
     assert found["refused"] == {"error": "RuntimeError: CUPTI refused"}
     assert found["sum"]["ops_per_call"] >= 1 and any(row["name"] == "aten::sum" for row in found["sum"]["top"])
+
+
+def _tied_bank(n: int, m: int) -> tuple:
+    """A bank and one query whose m-th and (m+1)-th best rows are the same vector (an exact tie)."""
+    import torch
+
+    from invprop.bank import ShardedBank
+
+    bank = ShardedBank(n, 128, seed=0, selection="topk")
+    noise = 0.01 * torch.randn(1, 128, generator=torch.Generator().manual_seed(0))
+    z = torch.nn.functional.normalize(bank.rows[:1] + noise, dim=1)
+    order = (z @ bank.rows.t()).argsort(dim=1, descending=True)[0]
+    rows = bank.rows.clone()
+    rows[order[m]] = rows[order[m - 1]]
+    bank.rows = rows
+    return bank, z
+
+
+def test_audit_flags_a_dropped_top_row_even_when_a_tie_fills_its_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks 2..m+1 instead of 1..m, the (m+1)-th tied with the m-th: every selected row reaches the m-th score
+    (no deficit, m rows), but the best row is missing; only `max_excess` can tell."""
+    import sys
+
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gpu_probes import audit_selection
+
+    from invprop.bank import ShardedBank
+
+    n, m = 3000, 64
+    bank, z = _tied_bank(n, m)
+    assert audit_selection(bank, z, m, "topk")["exact"]
+
+    def skips_the_best(self, zq, m_sel, strategy):
+        vals, cols = (zq @ self.rows.t()).topk(m_sel + 1, dim=1)
+        return vals[:, 1:], cols[:, 1:] + self.start, False
+
+    monkeypatch.setattr(ShardedBank, "_select", skips_the_best)
+    found = audit_selection(bank, z, m, "topk")
+    assert found["max_deficit"] == 0.0 and found["min_count"] == m  # what the deficit check alone would pass
+    assert found["max_excess"] > 0.01 and not found["exact"] and found["same_set"] == 0.0
+
+
+def test_audit_of_bound_fallback_takes_the_exact_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gpu_probes import audit_selection
+
+    import invprop.bank as bank_module
+    from invprop.bank import ShardedBank
+
+    exact_calls = []
+    chunked = ShardedBank._chunked_topk
+
+    def spy(self, zq, k, chunk, rows=None):
+        exact_calls.append((zq.shape[0], k))
+        return chunked(self, zq, k, chunk, rows)
+
+    monkeypatch.setattr(ShardedBank, "_chunked_topk", spy)
+    bank = ShardedBank(4000, 128, seed=0)
+    z = torch.nn.functional.normalize(torch.randn(8, 128, generator=torch.Generator().manual_seed(0)), dim=1)
+    sigmas = bank_module._SAMPLE_SIGMAS
+    assert audit_selection(bank, z, 256, "bound")["exact"] and exact_calls == []  # the sampled bound held
+    found = audit_selection(bank, z, 256, "bound-fallback")
+    assert found["exact"] and exact_calls == [(8, 256)]  # every query through the exact fallback
+    assert bank_module._SAMPLE_SIGMAS == sigmas and bank.selection == "bound"  # the module setting restored

@@ -59,8 +59,9 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
 
 
 def enqueue_time(fn, device: torch.device, iters: int) -> float:
-    """Median seconds the host spends in one call on an idle device, not waiting for it at the end: the
-    launch overhead a step cannot hide when the device finishes its kernels sooner (the CPU: the whole call)."""
+    """Median seconds the host spends in one call started on an idle device, without a wait at the end. Waits
+    inside the call (`host_syncs`) are included; where there are none this is the launch overhead, which a step
+    cannot hide when the device finishes its kernels sooner (on the CPU: the whole call)."""
     times = []
     for _ in range(iters):
         sync(device)
@@ -288,7 +289,8 @@ def main() -> int:
     # exactness first (timings of a wrong selection mean nothing), then the bank: the headline number; each
     # part writes the JSON as it goes, so a cut-off run keeps the rest
     if "exact" not in skip:
-        record("selection_exact", lambda: selection_exact(2000 if dry else 1_281_167, 16 if dry else 256,
+        # dry: a shard of over 8 M rows, so `bound` samples and scans as on the GPU rather than taking top-k
+        record("selection_exact", lambda: selection_exact(4000 if dry else 1_281_167, 16 if dry else 256,
                                                           256 if dry else 4096, device))
     if "bank" not in skip:
         for n in ((2000, 5000) if dry else (1_281_167, 10_000_000)):
@@ -334,10 +336,11 @@ def goals(summary: dict) -> list[dict]:
             found.append({"goal": f"bank step, {part['rows']:,} rows ({timing}, auto: {part.get('auto_chose')})",
                           "measured": round(ms, 3), "target": f"< {BANK_GOAL_MS} ms",
                           "met": bool(not dry and part["rows"] >= BANK_GOAL_ROWS and ms < BANK_GOAL_MS)})
-    exact = summary.get("selection_exact", {})
-    if "all_exact" in exact:  # a guard, not a speed goal: met on the CPU too
+    exact = summary.get("selection_exact")
+    if exact is not None:  # a guard, not a speed goal: met on the CPU too; a check that failed is not met
         found.append({"goal": f"top-M exact vs float64 ({', '.join(SELECTIONS_CHECKED)}; random and crowded rows)",
-                      "measured": exact["all_exact"], "target": "True", "met": bool(exact["all_exact"])})
+                      "measured": exact.get("all_exact", exact.get("error")), "target": "True",
+                      "met": exact.get("all_exact") is True})
     step = summary.get("step_resnet50_224", {})
     for ratio in ("ratio", "ratio_pipelined"):
         if ratio in step:

@@ -8,9 +8,11 @@ from collections.abc import Callable
 
 import torch
 
+import invprop.bank as bank_module
 from invprop.bank import ShardedBank
 
-SELECTIONS_CHECKED = ("topk", "bound", "filter")
+# "bound-fallback": `bound` with its sampled bound made to overshoot for every query, so the exact fallback runs
+SELECTIONS_CHECKED = ("topk", "bound", "bound-fallback", "filter")
 
 
 def crowded_rows(n: int, dim: int, device: torch.device, seed: int, clusters: int = 16,
@@ -32,11 +34,9 @@ def float32_tolerance(dim: int) -> float:
 
 
 def selection_exact(n: int, batch: int, m: int, device: torch.device, dim: int = 128) -> dict:
-    """Each selection's top-M against a float64 top-M of the same queries, on spread (random) and crowded
-    bank rows. `max_deficit`: how far the lowest selected score (in float64) lies below the float64 M-th
-    largest (0 up to float32 rounding when exact); `same_set`: share of queries whose set equals float64's."""
-    tolerance = float32_tolerance(dim)
-    found: dict = {"rows": n, "batch": batch, "m": m, "tolerance": tolerance}
+    """Each selection's top-M against a float64 top-M of the same queries, on spread (random) and crowded bank
+    rows (see `audit_selection`); `all_exact` when every one is exact up to float32 rounding."""
+    found: dict = {"rows": n, "batch": batch, "m": m, "tolerance": float32_tolerance(dim)}
     for regime in ("random", "crowded"):
         bank = ShardedBank(n, dim, seed=0, device=device, selection="topk")
         if regime == "crowded":
@@ -46,32 +46,42 @@ def selection_exact(n: int, batch: int, m: int, device: torch.device, dim: int =
         # queries near their own rows, as a trained network's embeddings are
         noise = 0.1 / dim**0.5 * torch.randn(batch, dim, generator=gen).to(device)
         z = torch.nn.functional.normalize(bank.rows[ids] + noise, dim=1)
-        exact = z.double() @ bank.rows.double().t()
-        exact_top = exact.topk(m, dim=1)
-        kth = exact_top.values[:, -1]
-        reference = exact_top.indices.sort(dim=1).values
-        del exact_top
-        per_selection = {}
-        for selection in SELECTIONS_CHECKED:
-            bank.selection, bank.filter_extra = selection, 0
-            top = bank.global_top(z, m)
-            picked = torch.where(top.in_top, top.ids, torch.full_like(top.ids, -1))
-            scores = exact.gather(1, picked.clamp(min=0)).masked_fill(~top.in_top, float("inf"))
-            counts = top.in_top.sum(dim=1)
-            same = counts == m
-            if bool(same.any()):
-                chosen = picked.masked_fill(~top.in_top, n).sort(dim=1).values[:, :m]
-                same &= (chosen == reference).all(dim=1)
-            deficit = float((kth - scores.amin(dim=1)).clamp(min=0).max())
-            per_selection[selection] = {
-                "max_deficit": deficit, "min_count": int(counts.min()), "max_count": int(counts.max()),
-                "same_set": float(same.float().mean()),
-                "exact": bool(deficit <= tolerance and int(counts.min()) >= m)}
-            if selection == "filter":
-                per_selection[selection]["filter_extra_after"] = bank.filter_extra
-        found[regime] = per_selection
-        del exact
+        found[regime] = {selection: audit_selection(bank, z, m, selection) for selection in SELECTIONS_CHECKED}
     found["all_exact"] = all(s["exact"] for regime in ("random", "crowded") for s in found[regime].values())
+    return found
+
+
+def audit_selection(bank: ShardedBank, z: torch.Tensor, m: int, selection: str) -> dict:
+    """The rows `selection` marks as the top-m of each query in `z`, judged by float64 scores:
+    `max_deficit`, how far the lowest selected row lies below the float64 m-th largest score; `max_excess`, how
+    far the highest row left out lies above it (a dropped top row shows here even when a tie fills its place);
+    both 0 up to float32 rounding when exact. `same_set`: share of queries whose set equals float64's."""
+    tolerance = float32_tolerance(bank.dim)
+    exact = z.double() @ bank.rows.double().t()
+    ref_vals, ref_ids = exact.topk(m, dim=1)
+    kth = ref_vals[:, -1:]
+    bank.selection, bank.filter_extra = selection.removesuffix("-fallback"), 0
+    sigmas = bank_module._SAMPLE_SIGMAS
+    if selection == "bound-fallback":
+        bank_module._SAMPLE_SIGMAS = -50.0  # the sample's maximum as the bound: far too high for every query
+    try:
+        top = bank.global_top(z, m)
+    finally:
+        bank_module._SAMPLE_SIGMAS = sigmas
+    selected = top.in_top & (top.ids >= 0)
+    count = selected.sum(dim=1)
+    picked = top.ids.masked_fill(~selected, bank.n).sort(dim=1).values  # selected ids ascending, then n
+    lowest = exact.gather(1, picked.clamp(max=bank.n - 1)).masked_fill(picked == bank.n, float("inf")).amin(dim=1)
+    deficit = (kth.squeeze(1) - lowest).clamp(min=0)
+    slot = torch.searchsorted(picked, ref_ids).clamp(max=picked.shape[1] - 1)
+    chosen = picked.gather(1, slot) == ref_ids  # each float64 top-m row: selected?
+    excess = ((ref_vals - kth) * ~chosen).clamp(min=0)
+    deficit, excess = float(deficit.max()), float(excess.max())
+    found = {"max_deficit": deficit, "max_excess": excess, "min_count": int(count.min()),
+             "max_count": int(count.max()), "same_set": float(((count == m) & chosen.all(dim=1)).float().mean()),
+             "exact": bool(deficit <= tolerance and excess <= tolerance and int(count.min()) >= m)}
+    if selection == "filter":
+        found["filter_extra_after"] = bank.filter_extra
     return found
 
 

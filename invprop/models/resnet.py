@@ -7,9 +7,6 @@
   smoke runs and tests.
 - ``resnet50``: ``torchvision.models.resnet50(weights=None)`` with ``fc`` replaced by identity, so its
   state_dict keys are torchvision's minus ``fc.*`` (exportable as is).
-
-All pool with :class:`GlobalAvgPool`, not ``nn.AdaptiveAvgPool2d``: the latter's backward on CUDA has no
-deterministic kernel, so ``deterministic=true`` on a GPU would stop at the first backward.
 """
 
 from __future__ import annotations
@@ -20,14 +17,6 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
-
-
-class GlobalAvgPool(nn.Module):
-    """Mean over height and width, kept as (B, C, 1, 1) like ``nn.AdaptiveAvgPool2d(1)`` (the same values and
-    gradients), with a backward that is deterministic on every device."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3), keepdim=True)
 
 
 class CifarResNet(nn.Module):
@@ -47,7 +36,7 @@ class CifarResNet(nn.Module):
             stages.append(self._make_stage(inplanes, width, n_blocks, stride))
             inplanes = width
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.avgpool = GlobalAvgPool()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = int(widths[-1])
         self._init_weights()
 
@@ -90,7 +79,6 @@ def resnet50() -> nn.Module:
     """torchvision ResNet-50 (random init) whose ``fc`` is an identity: returns 2048-d pooled features."""
     model = torchvision.models.resnet50(weights=None)
     model.feature_dim = int(model.fc.in_features)
-    model.avgpool = GlobalAvgPool()
     model.fc = nn.Identity()
     return model
 
