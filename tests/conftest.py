@@ -10,3 +10,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def exact_topk_calls(monkeypatch):
+    """(queries, k) of every exact top-k the bank runs (`ShardedBank._chunked_topk`), in call order."""
+    from invprop.bank import ShardedBank
+
+    calls = []
+    chunked = ShardedBank._chunked_topk
+
+    def recorded(bank, zq, k, chunk, rows=None):
+        calls.append((zq.shape[0], k))
+        return chunked(bank, zq, k, chunk, rows)
+
+    monkeypatch.setattr(ShardedBank, "_chunked_topk", recorded)
+    return calls

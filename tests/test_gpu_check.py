@@ -145,7 +145,7 @@ def test_audit_flags_a_dropped_top_row_even_when_a_tie_fills_its_place(monkeypat
     assert found["max_excess"] > 0.01 and not found["exact"] and found["same_set"] == 0.0
 
 
-def test_audit_of_bound_fallback_takes_the_exact_route(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_audit_of_bound_fallback_takes_the_exact_route(exact_topk_calls) -> None:
     import sys
 
     import torch
@@ -156,18 +156,10 @@ def test_audit_of_bound_fallback_takes_the_exact_route(monkeypatch: pytest.Monke
     import invprop.bank as bank_module
     from invprop.bank import ShardedBank
 
-    exact_calls = []
-    chunked = ShardedBank._chunked_topk
-
-    def spy(self, zq, k, chunk, rows=None):
-        exact_calls.append((zq.shape[0], k))
-        return chunked(self, zq, k, chunk, rows)
-
-    monkeypatch.setattr(ShardedBank, "_chunked_topk", spy)
     bank = ShardedBank(4000, 128, seed=0)
     z = torch.nn.functional.normalize(torch.randn(8, 128, generator=torch.Generator().manual_seed(0)), dim=1)
     sigmas = bank_module._SAMPLE_SIGMAS
-    assert audit_selection(bank, z, 256, "bound")["exact"] and exact_calls == []  # the sampled bound held
+    assert audit_selection(bank, z, 256, "bound")["exact"] and exact_topk_calls == []  # the sampled bound held
     found = audit_selection(bank, z, 256, "bound-fallback")
-    assert found["exact"] and exact_calls == [(8, 256)]  # every query through the exact fallback
+    assert found["exact"] and exact_topk_calls == [(8, 256)]  # every query through the exact fallback
     assert bank_module._SAMPLE_SIGMAS == sigmas and bank.selection == "bound"  # the module setting restored
