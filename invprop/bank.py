@@ -447,13 +447,17 @@ class ShardedBank:
                     # Values and ids from one evaluation: a rescan with the exact bound would need two GEMMs of
                     # different shapes to agree to the last bit, which a GPU's GEMMs need not.
                     zs = zq[short]
-                    exact_vals, exact_ids = self._chunked_topk(zs, m_sel, self._topk_chunk(zs, m_sel))
+                    exact_vals, exact_ids = self._exact_topk(zs, m_sel)
                     exact_ids, order = exact_ids.sort(dim=1)  # ids ascend along each row, as scanned rows' do
                     vals, ids = _replace_rows(vals, ids, short, exact_vals.gather(1, order), exact_ids)
                 return vals, ids, True
         if strategy == "filter":
             return (*self._filtered_topk(zq, m_sel), False)
-        return (*self._chunked_topk(zq, m_sel, self._topk_chunk(zq, m_sel)), False)
+        return (*self._exact_topk(zq, m_sel), False)
+
+    def _exact_topk(self, zq: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local float32 top-k (values, global ids; unordered) of every query in `zq`."""
+        return self._chunked_topk(zq, k, self._topk_chunk(zq, k))
 
     def _topk_chunk(self, zq: torch.Tensor, k: int, bytes_per_score: int = 4) -> int:
         if zq.device.type == "cpu":
@@ -490,7 +494,7 @@ class ShardedBank:
         start = max(256, k // 4)
         extra = self.filter_extra or start
         if k + extra >= self.n_local:  # nothing left to filter out
-            return self._chunked_topk(zq, k, self._topk_chunk(zq, k))
+            return self._exact_topk(zq, k)
         half, max_norm = self._half_rows()
         with _full_precision_half_gemm():
             approx, ids = self._chunked_topk(zq.to(_FILTER_DTYPE), k + extra, self._topk_chunk(zq, k + extra, 2),
@@ -502,7 +506,7 @@ class ShardedBank:
         redo = unsafe.nonzero().squeeze(1)
         self._filter_clean_calls = 0 if redo.numel() else self._filter_clean_calls + 1
         if redo.numel():
-            exact_vals, exact_ids = self._chunked_topk(zq[redo], k, self._topk_chunk(zq, k))
+            exact_vals, exact_ids = self._exact_topk(zq[redo], k)
             vals, ids = _replace_rows(vals, ids, redo, exact_vals, exact_ids)
             if extra < _FILTER_MAX_EXTRA * start:
                 extra *= 2
