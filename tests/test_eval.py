@@ -97,6 +97,26 @@ def test_bank_knn_equals_recomputed_knn_when_the_bank_holds_the_features():
     assert evaluate_knn(cfg, model, bank, images, labels, CPU)["knn_bank_top1"] != out["knn_top1"]
 
 
+def test_backbone_knn_uses_the_pooled_features_not_the_head():
+    cfg = _cfg()
+    model = _model(cfg)
+    images, labels = load_split(cfg.data, "train")
+    test_images, test_labels = load_split(cfg.data, "test")
+    bank = ShardedBank(len(labels), 16)
+    out = evaluate_knn(cfg, model, bank, images, labels, CPU)
+
+    def pooled(x):
+        return torch.nn.functional.normalize(embed(model, x, cfg.data, CPU, 256, pooled=True), dim=1)
+
+    k, sigma = int(cfg.eval.knn_k), float(cfg.eval.knn_sigma)
+    expected = knn_top1(pooled(test_images), test_labels, pooled(images), labels, 4, k, sigma)
+    assert out["knn_backbone_top1"] == expected
+    with torch.no_grad():  # a different backbone gives a different figure, while the head-only score is kept
+        for p in model.backbone.parameters():
+            p.add_(torch.randn_like(p))
+    assert evaluate_knn(cfg, model, bank, images, labels, CPU)["knn_backbone_top1"] != expected
+
+
 # -- linear probe -------------------------------------------------------------------------------------------
 
 

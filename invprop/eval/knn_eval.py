@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from invprop.bank import ShardedBank
@@ -15,7 +16,8 @@ from invprop.eval.knn import knn_top1
 
 def evaluate_knn(cfg: DictConfig, model: torch.nn.Module, bank: ShardedBank, train_images: torch.Tensor,
                  train_labels: torch.Tensor, device: torch.device, max_test: int | None = None) -> dict[str, float]:
-    """knn_top1 (reference = train features recomputed with the test transform) and knn_bank_top1.
+    """knn_top1 (head embeddings; reference = train images recomputed with the test transform),
+    knn_backbone_top1 (the backbone's pooled features, L2-normalised: what users fine-tune) and knn_bank_top1.
 
     Each rank holds the rows of its bank shard; test features are computed on every rank.
     """
@@ -28,8 +30,12 @@ def evaluate_knn(cfg: DictConfig, model: torch.nn.Module, bank: ShardedBank, tra
     queries = embed(model, test_images, cfg.data, device, bs)
     shard_labels = train_labels[bank.start : bank.stop].to(device)
     shard_feats = embed(model, train_images[bank.start : bank.stop], cfg.data, device, bs)
+    pooled_queries = F.normalize(embed(model, test_images, cfg.data, device, bs, pooled=True), dim=1)
+    pooled_shard = F.normalize(embed(model, train_images[bank.start : bank.stop], cfg.data, device, bs,
+                                     pooled=True), dim=1)
     return {
         "knn_top1": knn_top1(queries, test_labels, shard_feats, shard_labels, classes, k, sigma),
+        "knn_backbone_top1": knn_top1(pooled_queries, test_labels, pooled_shard, shard_labels, classes, k, sigma),
         "knn_bank_top1": knn_top1(queries, test_labels, bank.rows, shard_labels, classes, k, sigma),
         "knn_eval_s": time.perf_counter() - start,
     }

@@ -20,15 +20,18 @@ from invprop.metrics import read_jsonl
 # Config keys that differ between any two runs without saying anything about them.
 IGNORED_CONFIG_KEYS = ("out_dir",)
 # results.json figures shown in the table, in this order (others matching RESULT_PATTERNS follow).
-RESULT_KEYS = ("knn_top1", "knn_bank_top1", "knn_untrained_top1", "knn_pixels_top1", "nn1_pixels_top1",
+RESULT_KEYS = ("knn_top1", "knn_backbone_top1", "knn_bank_top1", "knn_untrained_top1", "knn_backbone_untrained_top1",
+               "knn_pixels_top1", "nn1_pixels_top1",
                "linear_top1", "linear_top5")
 RESULT_PATTERNS = (r"^semisup_.*_top[15]$",)
 TRAILING_RESULT_KEYS = ("final_train_loss", "epochs", "steps", "world_size", "train_wall_s", "wall_s")
 
 LOSS_KEYS = ("loss", "loss_ins", "loss_inv", "lr")
-KNN_KEYS = ("epoch_knn_top1", "epoch_knn_bank_top1")
+KNN_KEYS = ("epoch_knn_top1", "epoch_knn_backbone_top1", "epoch_knn_bank_top1")
 # Bars drawn across the kNN plot (results.json, all test images): what training has to clear.
-BASELINE_KEYS = {"knn_untrained_top1": ("untrained network", ":"), "knn_pixels_top1": ("raw pixels", "-.")}
+BASELINE_KEYS = {"knn_untrained_top1": ("untrained network", ":"),
+                 "knn_backbone_untrained_top1": ("untrained backbone", (0, (1, 3))),
+                 "knn_pixels_top1": ("raw pixels", "-.")}
 PURITY_KEYS = ("hp_purity", "graph_purity", "own_in_top_m", "empty_candidates")
 
 

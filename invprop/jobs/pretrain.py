@@ -76,7 +76,9 @@ def _untrained_baseline(cfg: DictConfig, trainer: Trainer, device, env: distribu
     found = evaluate_knn(cfg, trainer.model, trainer.bank, trainer.images, trainer.labels, device)
     pixels = evaluate_pixels_knn(cfg, trainer.bank, trainer.images, trainer.labels, device)
     if env.is_main:
-        update_results(Path(trainer.run_dir), {"knn_untrained_top1": found["knn_top1"], **pixels})
+        update_results(Path(trainer.run_dir), {"knn_untrained_top1": found["knn_top1"],
+                                                  "knn_backbone_untrained_top1": found["knn_backbone_top1"],
+                                                  **pixels})
 
 
 def _preempted(trainer: Trainer, boundary: StepBoundary, env: distributed.DistEnv) -> dict:

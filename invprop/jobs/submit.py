@@ -42,7 +42,8 @@ def summary_table(results: dict, run_dir: Path, cfg: DictConfig) -> Table:
     table = Table(title=f"invprop {cfg.method.name} on {cfg.data.name}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("knn_top1", "knn_bank_top1", "knn_untrained_top1", "knn_pixels_top1", "linear_top1", "linear_top5",
+    for key in ("knn_top1", "knn_backbone_top1", "knn_bank_top1", "knn_untrained_top1",
+                "knn_backbone_untrained_top1", "knn_pixels_top1", "linear_top1", "linear_top5",
                 "semisup_1pct_top1", "semisup_10pct_top1", "final_train_loss", "epochs", "images", "steps",
                 "world_size", "wall_s"):
         if key in results:
