@@ -60,6 +60,9 @@ def validate(cfg: DictConfig) -> None:
     _choice((cfg.get("bank") or {}).get("selection", "auto"), "bank.selection", BANK_SELECTIONS)
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr={cfg.train.lr} must be > 0")
+    warm = cfg.train.get("lr_warmup_epochs", 0)
+    if not isinstance(warm, int) or isinstance(warm, bool) or not 0 <= warm < cfg.train.epochs:
+        raise ConfigError(f"train.lr_warmup_epochs={warm!r} must be an integer in [0, train.epochs)")
     if not isinstance(cfg.data.get("subset", 0), int) or cfg.data.get("subset", 0) < 0:
         raise ConfigError(f"data.subset={cfg.data.subset!r} must be >= 0 (0 = the whole training set)")
     try:

@@ -54,6 +54,14 @@ def window_means(window: list[dict[str, torch.Tensor | float]]) -> dict[str, flo
     return {k: means[k] for k in keys}
 
 
+def warmup_cosine_lr(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0) -> float:
+    """Linear warm-up to `base_lr` over the first `warmup_steps`, then cosine to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
+
+
 @dataclass
 class TrainState:
     """Where training stands; with the RNG states this is all a resume needs besides the weights and bank."""
@@ -172,8 +180,8 @@ class Trainer:
 
     # -- schedule ---------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        """Cosine from the scaled base lr to 0 over all steps."""
-        return 0.5 * self.base_lr * (1 + math.cos(math.pi * step / max(1, self.total_steps)))
+        warm = int(self.cfg.train.get("lr_warmup_epochs", 0) or 0) * self.order.num_batches
+        return warmup_cosine_lr(step, self.base_lr, self.total_steps, warm)
 
     def set_lr(self) -> float:
         lr = self.lr_at(self.state.step)
