@@ -134,18 +134,21 @@ class WandbLogger(NullLogger):
     def record(self, record: dict[str, Any]) -> None:
         step = int(record["step"])
         values = {k: v for k, v in record_scalars(record).items() if math.isfinite(v)}
-        if step > self._last_step:
-            self._run.log(values, step=step)
-            self._last_step = step
-        elif step == self._last_step:  # a second line at the same step (the epoch kNN): same wandb step
-            self._run.log(values, step=step, commit=False)
+        if step < self._last_step:
+            return  # wandb drops steps that go back (with a warning); say nothing twice
+        # commit=False: lines of one step (the window and the epoch kNN) form one row, committed when a later
+        # step arrives or at finish()
+        self._run.log(values, step=step, commit=False)
+        self._last_step = step
 
     def resume_after(self, step: int) -> None:
         self._last_step = step
 
     def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
         array = (grid.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255).astype("uint8")
-        self._run.log({tag: self._wandb.Image(array)}, step=max(step, self._last_step), commit=False)
+        if step >= self._last_step:
+            self._run.log({tag: self._wandb.Image(array)}, step=step, commit=False)
+            self._last_step = step
 
     def text(self, tag: str, text: str, step: int) -> None:
         self._run.summary[tag] = text

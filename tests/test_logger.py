@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -117,3 +118,70 @@ def test_training_run_with_resume_logs_what_metrics_jsonl_holds(tmp_path: Path) 
     config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "method:" in config_text and "lr: 0.03" in config_text  # the fresh run's config
     assert json.loads((run / "results.json").read_text())["steps"] == 8
+
+
+def wandb_history(run_dir: Path) -> list[list[dict[str, float]]]:
+    """Per offline wandb run file (one per process, in order), its history rows' numeric values.
+
+    The .wandb file is a LevelDB-style log (7-byte ':W&B' header, 32 KiB blocks of checksum, length, type,
+    payload) of wandb's Record protobufs; this wandb version ships no reader of its own.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    files = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, payload, rows = path.read_bytes(), 7, b"", []
+        assert data[:4] == b":W&B"
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+            if left < 7 or (kind == 0 and length == 0):  # block trailer or padding
+                pos += left
+                continue
+            chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+            payload = chunk if kind in (1, 2) else payload + chunk  # full/first start a record
+            if kind in (1, 4):  # full/last end one
+                record = pb.Record()
+                record.ParseFromString(payload)
+                if record.WhichOneof("record_type") == "history":
+                    items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                    rows.append({k: float(v) for k, v in items.items()
+                                 if isinstance(v, (int, float)) and "/" not in k  # not media metadata
+                                 and (k == "_step" or not k.startswith("_"))})
+        files.append(rows)
+    return files
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="logger=wandb is optional; wandb not installed")
+def test_wandb_offline_rows_are_the_jsonl_lines(tmp_path: Path, monkeypatch) -> None:
+    """One wandb row per step holding every line of that step; a resumed process starts after the checkpoint."""
+    import torch
+
+    from invprop.logger import build_logger
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    path = tmp_path / "metrics.jsonl"
+    logger = build_logger({"name": "wandb", "project": "test"}, tmp_path, {"seed": 0})
+    log = MetricsLog(path, mirror=logger)
+    logger.image("augmented_views", torch.rand(3, 10, 20), 0)
+    for step in range(7):
+        log.write({"step": step, "loss": 10.0 - step, "time": 0.0})
+        if step == 4:
+            log.write({"step": step, "epoch_knn_top1": 0.5, "time": 0.0})
+    logger.close()
+    resumed = build_logger({"name": "wandb", "project": "test"}, tmp_path, {"seed": 0})
+    log = MetricsLog(path, mirror=resumed)
+    log.truncate_after(3)
+    for step in range(4, 7):
+        log.write({"step": step, "loss": 100.0 + step, "time": 0.0})
+    resumed.close()
+    import wandb
+
+    wandb.teardown()  # finish() leaves the last file's tail to wandb's service; a process exit would flush it
+
+    first, second = wandb_history(tmp_path)
+    assert first[0]["_step"] == 0 and (tmp_path / "wandb").is_dir()
+    assert first == [{"_step": s, "loss": 10.0 - s, **({"epoch_knn_top1": 0.5} if s == 4 else {})} for s in range(7)]
+    assert second == [{"_step": s, "loss": 100.0 + s} for s in range(4, 7)]
