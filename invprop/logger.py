@@ -38,6 +38,7 @@ class NullLogger:
     """logger=none, and every rank but the main one."""
 
     active = False
+    views = 0  # augmented views in the grid logged at the start
 
     def record(self, record: dict[str, Any]) -> None:
         """Mirror one metrics.jsonl record (its numeric values, at its `step`)."""
@@ -159,20 +160,27 @@ class WandbLogger(NullLogger):
             self._run = None
 
 
-def build_logger(logger_cfg: Any, run_dir: Path, config: dict[str, Any], enabled: bool = True) -> NullLogger:
-    """The logger named by the `logger` config group (absent: tensorboard); a NullLogger off the main rank."""
-    cfg = dict(logger_cfg or {})
-    name = str(cfg.get("name", "tensorboard"))
+def build_logger(cfg: Any, run_dir: Path, enabled: bool = True) -> NullLogger:
+    """The logger named by the run config's `logger` group (absent: tensorboard); a NullLogger off the main
+    rank. `logger.views` sets how many augmented views the start grid shows."""
+    section = dict(cfg.get("logger") or {})
+    name = str(section.get("name", "tensorboard"))
     if name not in LOGGERS:
         raise ValueError(f"logger.name={name!r} is not one of {', '.join(LOGGERS)}")
     if not enabled or name == "none":
         return NullLogger()
     if name == "tensorboard":
-        return TensorBoardLogger(Path(run_dir) / str(cfg.get("dir", "tb")))
-    missing = wandb_missing_message()
-    if missing:
-        raise RuntimeError(missing)
-    return WandbLogger(Path(run_dir), str(cfg.get("project", "invprop")), config)
+        logger: NullLogger = TensorBoardLogger(Path(run_dir) / str(section.get("dir", "tb")))
+    else:
+        missing = wandb_missing_message()
+        if missing:
+            raise RuntimeError(missing)
+        from omegaconf import OmegaConf
+
+        logger = WandbLogger(Path(run_dir), str(section.get("project", "invprop")),
+                             OmegaConf.to_container(cfg, resolve=True))
+    logger.views = int(section.get("views", 32) or 0)
+    return logger
 
 
 def views_grid(views: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], count: int) -> torch.Tensor:

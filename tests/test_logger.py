@@ -158,12 +158,14 @@ def wandb_history(run_dir: Path) -> list[list[dict[str, float]]]:
 def test_wandb_offline_rows_are_the_jsonl_lines(tmp_path: Path, monkeypatch) -> None:
     """One wandb row per step holding every line of that step; a resumed process starts after the checkpoint."""
     import torch
+    from omegaconf import OmegaConf
 
     from invprop.logger import build_logger
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     path = tmp_path / "metrics.jsonl"
-    logger = build_logger({"name": "wandb", "project": "test"}, tmp_path, {"seed": 0})
+    cfg = OmegaConf.create({"logger": {"name": "wandb", "project": "test"}, "seed": 0})
+    logger = build_logger(cfg, tmp_path)
     log = MetricsLog(path, mirror=logger)
     logger.image("augmented_views", torch.rand(3, 10, 20), 0)
     for step in range(7):
@@ -171,7 +173,7 @@ def test_wandb_offline_rows_are_the_jsonl_lines(tmp_path: Path, monkeypatch) -> 
         if step == 4:
             log.write({"step": step, "epoch_knn_top1": 0.5, "time": 0.0})
     logger.close()
-    resumed = build_logger({"name": "wandb", "project": "test"}, tmp_path, {"seed": 0})
+    resumed = build_logger(cfg, tmp_path)
     log = MetricsLog(path, mirror=resumed)
     log.truncate_after(3)
     for step in range(4, 7):

@@ -108,8 +108,7 @@ class Trainer:
                                          weight_decay=float(cfg.train.weight_decay))
         self.total_steps = int(cfg.train.epochs) * self.order.num_batches
         self.state = TrainState()
-        self.logger = build_logger(cfg.get("logger"), self.run_dir, OmegaConf.to_container(cfg, resolve=True),
-                                   enabled=env.is_main)
+        self.logger = build_logger(cfg, self.run_dir, enabled=env.is_main)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=env.is_main, mirror=self.logger)
         self.ckpt_root = self.run_dir / "checkpoints"
         self._selection_reported = False
@@ -269,11 +268,10 @@ class Trainer:
         if not self.logger.active:
             return
         self.logger.text("config", config_markdown(OmegaConf.to_yaml(self.cfg)), 0)
-        count = int((self.cfg.get("logger") or {}).get("views", 0) or 0)
-        if count > 0:
+        if self.logger.views > 0:
             with torch.no_grad():
                 views = self.augment_batch(images)
-            self.logger.image("augmented_views", views_grid(views, *normalization(self.cfg.data), count), 0)
+            self.logger.image("augmented_views", views_grid(views, *normalization(self.cfg.data), self.logger.views), 0)
 
     def close(self) -> None:
         """Flush and close the logger's files."""
