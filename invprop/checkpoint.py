@@ -51,7 +51,8 @@ def save(root: Path, step: int, rank: int, world: int, state: dict[str, Any] | N
         save_atomic(state, target / "state.pt")
     coll.barrier()
     if rank == 0:
-        sizes = {p.name: p.stat().st_size for p in target.iterdir() if not p.name.startswith(".")}
+        # not COMMITTED itself: a second save of the same step (periodic, then final) rewrites it
+        sizes = {p.name: p.stat().st_size for p in target.iterdir() if not p.name.startswith(".") and p.name != MARKER}
         marker = target / f".{MARKER}.tmp"
         marker.write_text(json.dumps({"step": step, "world": world, "files": sizes}))
         os.replace(marker, target / MARKER)

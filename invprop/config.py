@@ -74,6 +74,7 @@ def validate(cfg: DictConfig) -> None:
                           "or raise data.subset")
     _validate_method(cfg.method, n)
     _validate_eval(cfg.eval)
+    _validate_logger(cfg.get("logger"))
     out = str(cfg.out_dir)
     if os.path.isfile(out):
         raise ConfigError(f"out_dir={out} is a file; give a directory path")
@@ -128,6 +129,18 @@ def _validate_eval(ev: DictConfig) -> None:
         if not 0 < fraction <= 1:
             raise ConfigError(f"eval.semisup.fractions has {fraction}; each must be in (0, 1]")
     _choice(ev.semisup.augment, "eval.semisup.augment", ("crop", "none"))
+
+
+def _validate_logger(logger: DictConfig | None) -> None:
+    from invprop.logger import LOGGERS, wandb_missing_message
+
+    name = (logger or {}).get("name", "tensorboard")
+    _choice(name, "logger", LOGGERS)
+    if name == "wandb" and wandb_missing_message():
+        raise ConfigError(wandb_missing_message())
+    views = (logger or {}).get("views", 0)
+    if not isinstance(views, int) or isinstance(views, bool) or views < 0:
+        raise ConfigError(f"logger.views={views!r} must be an integer >= 0 (augmented views in the start grid)")
 
 
 def _validate_slurm(cluster: DictConfig) -> None:

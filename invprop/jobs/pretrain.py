@@ -35,6 +35,7 @@ def pretrain(run_dir: Path, evaluate: bool = True) -> dict:
     device = distributed.init(env, float(cfg.train.dist_timeout_s))
     boundary = StepBoundary(device, int(cfg.train.get("checkpoint_every_steps", 0) or 0),
                             float(cfg.train.get("checkpoint_every_min", 0) or 0))
+    trainer = None
     try:
         trainer = Trainer(cfg, env, device, run_dir)
         latest = checkpoint.latest(trainer.ckpt_root)
@@ -66,6 +67,8 @@ def pretrain(run_dir: Path, evaluate: bool = True) -> dict:
             return update_results(run_dir, results)
         return results
     finally:
+        if trainer is not None:
+            trainer.close()
         boundary.close()
         distributed.shutdown()
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from invprop import checkpoint
@@ -26,6 +26,7 @@ from invprop.data.loader import IndexedImageDataset, batch_generator, build_trai
 from invprop.digest import state_digest
 from invprop.distributed import DistEnv
 from invprop.graph import UNKNOWN, NeighbourGraph
+from invprop.logger import build_logger, config_markdown, views_grid
 from invprop.loss import StepOutput, build_criterion, monitor_floats
 from invprop.metrics import MetricsLog
 from invprop.models import build_model
@@ -115,7 +116,8 @@ class Trainer:
                                          weight_decay=float(cfg.train.weight_decay))
         self.total_steps = int(cfg.train.epochs) * self.order.num_batches
         self.state = TrainState()
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=env.is_main)
+        self.logger = build_logger(cfg, self.run_dir, enabled=env.is_main)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=env.is_main, mirror=self.logger)
         self.ckpt_root = self.run_dir / "checkpoints"
         self._selection_reported = False
 
@@ -239,6 +241,8 @@ class Trainer:
                 loader = self.batches()
                 window, tick = [], time.perf_counter()
                 for images, labels, indices in loader:
+                    if self.state.step == 0:
+                        self.log_start(images)
                     window.append(self.train_step(images, labels, indices))
                     self.report_bank_selection(progress)
                     self.state.batch += 1
@@ -265,6 +269,21 @@ class Trainer:
                     if self.state.batch == 0:
                         break  # the loader of a finished epoch has nothing left
         return True
+
+    def log_start(self, images: torch.Tensor) -> None:
+        """A fresh run's first batch: the resolved config and a grid of its augmented views, for the logger
+        (the views are drawn from the same per-batch generator as the step's, so they are what it trains on)."""
+        if not self.logger.active:
+            return
+        self.logger.text("config", config_markdown(OmegaConf.to_yaml(self.cfg)), 0)
+        if self.logger.views > 0:
+            with torch.no_grad():
+                views = self.augment_batch(images)
+            self.logger.image("augmented_views", views_grid(views, *normalization(self.cfg.data), self.logger.views), 0)
+
+    def close(self) -> None:
+        """Flush and close the logger's files."""
+        self.logger.close()
 
     def report_bank_selection(self, progress: TrainProgress) -> None:
         """Once: what `bank.selection=auto` measured and chose on this accelerator (main rank)."""
