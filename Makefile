@@ -48,7 +48,7 @@ $(VENV_STAMP): pyproject.toml requirements.lock | apt-packages
 	  echo "Creating $(VENV) with $$py"; \
 	  $$py -m venv $(VENV); \
 	fi
-	$(PYTHON) -m pip install -q -e '.[dev]' -c requirements.lock
+	$(PYTHON) -m pip install -q -e '.[dev,ffcv]' -c requirements.lock
 	@touch $@
 
 run: setup
@@ -63,7 +63,7 @@ lint: setup
 
 lock: setup
 	@{ echo "# Full pin set of the project's environment (pip freeze --exclude-editable of a venv built by 'make setup')."; \
-	   echo "# Used as a constraint: pip install -e '.[dev]' -c requirements.lock. Regenerate with 'make lock'."; \
+	   echo "# Used as a constraint: pip install -e '.[dev,ffcv]' -c requirements.lock. Regenerate with 'make lock'."; \
 	   $(PYTHON) -m pip freeze --exclude-editable; } > requirements.lock.tmp
 	@mv requirements.lock.tmp requirements.lock
 	@touch $(VENV_STAMP)

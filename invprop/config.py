@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from invprop.data import dataset_size
+from invprop.data import dataset_size, eval_split, num_classes
 
 # `bank.selection`: how each rank finds its exact local top-M (invprop/bank.py documents each).
 BANK_SELECTIONS = ("auto", "topk", "bound", "filter")
@@ -67,8 +67,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.subset={cfg.data.subset!r} must be >= 0 (0 = the whole training set)")
     try:
         n = dataset_size(cfg.data, "train")
-    except ValueError as exc:
-        raise ConfigError(f"data.name: {exc}") from None
+        classes = num_classes(cfg.data)
+        dataset_size(cfg.data, eval_split(cfg.data))  # the evaluation split must exist too
+    except (ValueError, OSError) as exc:
+        # names the field itself (data.root=..., data.name...) when it is about one; else say where it is
+        text = str(exc)
+        raise ConfigError(text if text.startswith("data.") else f"data.name={cfg.data.get('name')}: {text}"
+                          ) from None
+    if classes < 2:
+        raise ConfigError(f"data: {classes} class(es); classification needs at least 2")
     if batch > n:
         raise ConfigError(f"train.batch_size={batch} is larger than the {n} training images; lower it "
                           "or raise data.subset")

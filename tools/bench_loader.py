@@ -17,6 +17,13 @@ Usage::
     python tools/bench_loader.py --json                # one JSON object on stdout
     python tools/bench_loader.py --dataset synthetic --n 20000 --image-size 64
     python tools/bench_loader.py --profile             # where the FFCV time goes (cProfile + stage timings)
+    python tools/bench_loader.py --dataset folder --size 224 --generate 2000   # ImageNet-like JPEG folder
+    python tools/bench_loader.py --dataset folder --root /data/imagenet --n 20000 --size 224
+
+For ``--dataset folder`` (``root/train/<class>/<image>``; ``--generate N`` writes N JPEGs of 250-500 px into a
+temporary folder first) both paths flip as well, FFCV reads a jpg beton (longer side 256) and decodes with
+its RandomResizedCrop JPEG decoder at the target size, torchvision decodes the files with PIL (reduced-size
+JPEG draft, shrink to 256, crop, resize) in the same number of DataLoader workers.
 """
 
 from __future__ import annotations
@@ -32,6 +39,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def write_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
+    """``root/{train,val}/<class>/<i>.jpg``: n smooth pictures (gradient, a shape, light noise) of 250-500 px
+    a side, roughly ImageNet's sizes and JPEG entropy; val gets a tenth as many."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n), ("val", max(classes, n // 10))):
+        for i in range(count):
+            c = i % classes
+            h, w = (int(v) for v in rng.integers(250, 501, 2))
+            yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+            img = np.stack([xx / w * 200 + c * 5, yy / h * 200, (xx + yy) / (h + w) * 255 - c * 9], axis=-1)
+            cy, cx, r = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w, rng.uniform(0.1, 0.3) * min(h, w)
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
+            img += rng.normal(0, 6, img.shape)
+            folder = root / split / f"c{c:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
+    return root
+
+
 def _data_cfg(args: argparse.Namespace):
     from omegaconf import OmegaConf
 
@@ -39,7 +68,7 @@ def _data_cfg(args: argparse.Namespace):
         {
             "name": args.dataset,
             "root": args.root,
-            "subset": args.n if args.dataset == "fashion_mnist" else 0,
+            "subset": args.n if args.dataset in ("fashion_mnist", "folder") else 0,
             "image_size": args.image_size,
             "resize_mode": args.resize_mode,
             "n_train": args.n or 20000,
@@ -66,7 +95,7 @@ def bench_ffcv(beton: Path, order, args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     loader = build_ffcv_train_loader(
-        beton, order, 0, 1, args.workers, args.image_size, args.seed, scale=(0.2, 1.0)
+        beton, order, 0, 1, args.workers, args.image_size, args.seed, scale=(0.2, 1.0), flip=args.flip
     )
     t_build = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -97,7 +126,8 @@ def bench_torchvision(order, args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     cfg = _data_cfg(args)
-    dataset = build_dataset(cfg, "train", train=True, seed=args.seed, aug_cfg={"crop_scale": (0.2, 1.0)})
+    dataset = build_dataset(cfg, "train", train=True, seed=args.seed,
+                            aug_cfg={"crop_scale": (0.2, 1.0), "flip": args.flip})
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
     _drain(build_train_loader(dataset, order, 0, 0, 0, 1, args.workers), limit=args.tv_warmup_batches)
@@ -192,23 +222,30 @@ def _slot(v):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "synthetic"])
+    p.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "synthetic", "folder"])
     p.add_argument("--root", default=None, help="dataset folder (default: the Debian package's files)")
     p.add_argument("--n", type=int, default=0, help="use the first n training images (0 = all)")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", "--size", type=int, default=None, help="32 (224 for --dataset folder)")
+    p.add_argument("--generate", type=int, default=0, help="folder: write this many JPEGs to a temp folder")
     p.add_argument("--resize-mode", default="pad", choices=["pad", "resize"])
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3, help="timed FFCV epochs after the warm-up epoch")
     p.add_argument("--tv-epochs", type=int, default=1, help="timed torchvision epochs")
     p.add_argument("--tv-warmup-batches", type=int, default=20)
-    p.add_argument("--mode", default="raw", choices=["raw", "jpg"], help="beton image encoding")
+    p.add_argument("--mode", default=None, choices=["raw", "jpg"], help="beton encoding (raw; jpg for folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beton-dir", default=None, help="cache folder for the beton (default: a temp dir)")
     p.add_argument("--skip-torchvision", action="store_true")
     p.add_argument("--profile", action="store_true", help="also print where the FFCV time goes")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
+    folder = args.dataset == "folder"
+    args.image_size = args.image_size or (224 if folder else 32)
+    args.mode = args.mode or ("jpg" if folder else "raw")
+    args.flip = folder  # the ImageNet recipe flips; the small-image default does not
+    if folder and not args.root and not args.generate:
+        p.error("--dataset folder needs --root (root/train/<class>/<image>) or --generate N")
 
     from invprop.data.beton import ensure_beton
     from invprop.data.order import EpochOrder
@@ -220,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         beton_dir = args.beton_dir
     try:
+        if args.generate:
+            t0 = time.perf_counter()
+            args.root = str(write_folder(Path(beton_dir) / "folder", args.generate, seed=args.seed))
+            print(f"wrote {args.generate} JPEGs in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         t0 = time.perf_counter()
         beton = ensure_beton(_data_cfg(args), "train", beton_dir, num_workers=args.workers, progress=not args.json)
         t_write = time.perf_counter() - t0
@@ -255,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         from rich.table import Table
 
         t = Table(title=f"{args.dataset}, {n} images at {args.image_size} px, batch {args.batch_size}, "
-                  f"{args.workers} workers, RandomResizedCrop(0.2-1), beton {args.mode}")
+                  f"{args.workers} workers, RandomResizedCrop(0.2-1){' + flip' if args.flip else ''}, "
+                  f"beton {args.mode}")
         t.add_column("loader")
         t.add_column("images/s", justify="right")
         t.add_column("timed", justify="right")

@@ -53,7 +53,7 @@ def export_features(run_dir: Path, split: str, out: Path, *, embedding: bool = F
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--split", choices=("train", "test"), default="train")
+    parser.add_argument("--split", choices=("train", "test", "val"), default="train", help="val: image folders")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--embedding", action="store_true", help="head embeddings instead of pooled features")
     parser.add_argument("--batch-size", type=int, default=512)

@@ -8,9 +8,11 @@ from invprop.data.augment import (
     random_hflip,
     random_resized_crop,
 )
+from invprop.data.batches import eval_batches, is_lazy, materialize
 from invprop.data.datasets import (
     DATASETS,
     dataset_size,
+    eval_split,
     load_split,
     normalization,
     num_classes,
@@ -41,11 +43,15 @@ __all__ = [
     "build_train_loader",
     "dataset_size",
     "derive_seed",
+    "eval_batches",
+    "eval_split",
     "eval_transform",
     "geometric_augment",
+    "is_lazy",
     "load_fashion_mnist",
     "load_split",
     "make_synthetic",
+    "materialize",
     "normalization",
     "num_classes",
     "random_hflip",

@@ -26,7 +26,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import pickle
 import sys
 import threading
 import time
@@ -36,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from invprop.data.cifar import load_cifar
+from invprop.data.folder import IMAGE_EXTENSIONS, class_folders, decode, list_images
 
 __all__ = [
     "ArraySource",
@@ -52,8 +54,6 @@ __all__ = [
 
 # Bumped whenever the layout written by this module changes, so cached files are rewritten.
 BETON_FORMAT_VERSION = 1
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # Names handled here; any other name goes through ``invprop.data.load_split``.
 CIFAR_NAMES = {"cifar10": 10, "cifar-10": 10, "cifar100": 100, "cifar-100": 100}
@@ -97,41 +97,34 @@ class ArraySource:
 
 class FolderSource:
     """An ImageNet-style folder: one sub-folder per class (sorted names give labels 0..C-1), images in them
-    (any depth, sorted paths). ``root/<split>`` is used when it exists, else ``root`` itself."""
+    (any depth, sorted paths). ``root/<split>`` is used when it exists, else ``root`` itself. ``rows``
+    (optional) keeps those positions of the scan, in that order (``data.subset`` of the trainer)."""
 
-    def __init__(self, root: str | os.PathLike, split: str | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, split: str | None = None, rows: Sequence[int] | None = None
+                 ) -> None:
         root = Path(root).expanduser()
         if split is not None and (root / split).is_dir():
             root = root / split
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        classes = class_folders(root)
         if not classes:
             raise FileNotFoundError(f"no class sub-folders in {root} (expected root/<class>/<image>)")
         self.root = root
         self.classes = classes
-        samples: list[tuple[str, int]] = []
-        for label, name in enumerate(classes):
-            for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-                dirnames.sort()
-                for fn in sorted(filenames):
-                    if fn.lower().endswith(IMAGE_EXTENSIONS):
-                        samples.append((os.path.join(dirpath, fn), label))
-        if not samples:
+        paths, labels = list_images(root, classes)
+        if not paths:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-        self.samples = samples
-        self.labels = np.array([lbl for _, lbl in samples], dtype=np.int64)
+        keep = np.arange(len(paths)) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.samples = [(paths[i], labels[i]) for i in keep.tolist()]
+        self.labels = np.array([lbl for _, lbl in self.samples], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
-        from PIL import Image
-
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            img = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        return np.ascontiguousarray(img), int(label), int(i)
+        return np.ascontiguousarray(decode(path, None)), int(label), int(i)
 
 
 class _Limited:
@@ -153,44 +146,6 @@ class _Limited:
 # ----------------------------------------------------------------------------------------------------
 # Standard files
 # ----------------------------------------------------------------------------------------------------
-
-
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
-
-
-def load_cifar(root: str | os.PathLike, split: str, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10/100 from the python-pickle release. ``root`` is the extracted folder
-    (``cifar-10-batches-py`` / ``cifar-100-python``) or its parent. Returns images uint8 ``(N, 32, 32, 3)``
-    and labels int64 (fine labels for CIFAR-100), in the order of the release files."""
-    if num_classes not in (10, 100):
-        raise ValueError(f"CIFAR has 10 or 100 classes, not {num_classes}")
-    if split not in ("train", "test"):
-        raise ValueError(f"CIFAR split must be 'train' or 'test', got {split!r}")
-    root = Path(root).expanduser()
-    sub = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
-    marker = "data_batch_1" if num_classes == 10 else "train"
-    folder = root if (root / marker).is_file() else root / sub
-    if num_classes == 10:
-        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        label_key = b"labels"
-    else:
-        names = [split]
-        label_key = b"fine_labels"
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"CIFAR-{num_classes} files {missing} not found in {folder} (give the folder of the python "
-            f"release, '{sub}', or its parent)"
-        )
-    data, labels = [], []
-    for n in names:
-        d = _unpickle(folder / n)
-        data.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(d[label_key], dtype=np.int64))
-    images = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))
-    return images, np.concatenate(labels)
 
 
 def load_svhn(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -238,6 +193,12 @@ def build_source(data_cfg: Any, split: str):
         if root is None:
             raise ValueError("data.root must point at the folder with the SVHN .mat files")
         src = ArraySource(*load_svhn(root, split), layout="hwc")
+    elif name in ("folder", "imagenet"):
+        # The trainer's folder data sets: root/<split>/<class>/<image>, checked, the same rows as load_split.
+        from invprop.data.datasets import _folder_rows
+
+        _, _, rows = _folder_rows(data_cfg, split)
+        return FolderSource(Path(str(root)) / split, None, rows)
     elif name in FOLDER_NAMES:
         if root is None:
             raise ValueError(f"data.root must point at the image folder for {name}")

@@ -1,9 +1,16 @@
-"""Dataset registry: every dataset becomes uint8 ``(N, 3, S, S)`` images and int64 labels.
+"""Dataset registry: every dataset becomes uint8 images ``(N, 3, S, S)`` and int64 labels.
 
-``data_cfg`` is the ``data`` node of the Hydra config (any mapping with ``.get``): ``name``
-("fashion_mnist" | "synthetic"), ``root`` (null or a folder), ``subset`` (keep the first n training images,
-0 = all), ``image_size`` (32), ``resize_mode`` ("pad" | "resize"); synthetic also reads ``n_train``,
-``n_test``, ``num_classes``, ``seed`` and ``noise`` (0.35). Unknown keys are ignored.
+In-memory data sets (Fashion-MNIST, synthetic, CIFAR-10/100) return a tensor; image folders (``folder``,
+``imagenet``: ``root/<split>/<class>/<image>``) return a lazy :class:`~invprop.data.folder.FolderImages`
+that indexes like one (``images[i]``, slices, index tensors) and decodes files only when asked.
+
+``data_cfg`` is the ``data`` node of the Hydra config (any mapping with ``.get``): ``name`` (one of
+:data:`DATASETS`), ``root`` (null or a folder), ``subset`` (keep n training images, 0 = all: the first n,
+or n spread evenly over a folder's class-sorted files), ``image_size`` (32), ``resize_mode`` ("pad" |
+"resize", Fashion-MNIST), ``eval_split`` (default "val" for folders, else "test"), ``mean`` / ``std``
+(override the normalisation); synthetic also reads ``n_train``, ``n_test``, ``num_classes``, ``seed`` and
+``noise`` (0.35); folders read ``beton_max_resolution`` (256), ``eval_crop_ratio`` (0.875) and
+``eval_workers`` (0). Unknown keys are ignored.
 """
 
 from __future__ import annotations
@@ -17,10 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from invprop.data import fashion_mnist
+from invprop.data.cifar import CIFAR_STATS, load_cifar
+from invprop.data.folder import FolderImages, scan_split, spread_subset
 from invprop.data.synthetic import make_synthetic
 
-DATASETS = ("fashion_mnist", "synthetic")
-SPLITS = ("train", "test")
+DATASETS = ("fashion_mnist", "synthetic", "cifar10", "cifar100", "folder", "imagenet")
+FOLDERS = ("folder", "imagenet")
+CIFARS = {"cifar10": 10, "cifar100": 100}
+SPLITS = ("train", "test", "val")
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 # Per-channel statistics of the *training* split as the model sees it (after pad/resize), so zero padding's
 # extra black pixels are accounted for. Measured with `normalization_from_data` on the full split.
@@ -28,6 +40,10 @@ _STATS: dict[tuple[str, str], tuple[tuple[float, ...], tuple[float, ...]]] = {
     ("fashion_mnist", "pad"): ((0.2190,) * 3, (0.3318,) * 3),
     ("fashion_mnist", "resize"): ((0.2854,) * 3, (0.3384,) * 3),
     ("synthetic", "any"): ((0.509,) * 3, (0.182,) * 3),  # seed-dependent; approximate
+    ("cifar10", "any"): CIFAR_STATS[10],
+    ("cifar100", "any"): CIFAR_STATS[100],
+    ("imagenet", "any"): IMAGENET_STATS,
+    ("folder", "any"): IMAGENET_STATS,  # photos: ImageNet's statistics unless data.mean / data.std say otherwise
 }
 
 
@@ -43,9 +59,50 @@ def _name(data_cfg: Any) -> str:
     return name
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+def _check_split(split: str, name: str = "") -> None:
+    # An image folder's splits are its sub-folders (checked when scanned); the others have train and test.
+    if name not in FOLDERS and split not in SPLITS[:2]:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS[:2]}")
+
+
+def eval_split(data_cfg: Any) -> str:
+    """The split evaluation reads: ``data.eval_split``, else "val" for image folders and "test" otherwise."""
+    return str(_get(data_cfg, "eval_split", "val" if _name(data_cfg) in FOLDERS else "test"))
+
+
+def _root(data_cfg: Any, name: str) -> str:
+    root = _get(data_cfg, "root", None)
+    if root is None:
+        raise ValueError(f"data.root is null; data={name} needs data.root=<folder of the data set>")
+    return str(root)
+
+
+@functools.lru_cache(maxsize=4)
+def _cifar_raw(root: str, classes: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+    # Cached: training and kNN evaluation both read the train split.
+    images, labels = load_cifar(root, split, classes)
+    images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def _folder_rows(data_cfg: Any, split: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """``(paths, labels, rows)`` of a folder split: ``rows`` are the kept positions in the scan."""
+    name = _name(data_cfg)
+    _, paths, labels = scan_split(_root(data_cfg, name), split)
+    rows = spread_subset(len(paths), _subset(data_cfg, split, len(paths)))
+    return paths, labels, rows
+
+
+def folder_images(data_cfg: Any, split: str) -> tuple[FolderImages, torch.Tensor]:
+    """The lazy images and labels of a folder split (after ``data.subset``)."""
+    paths, labels, rows = _folder_rows(data_cfg, split)
+    images = FolderImages(np.asarray(paths, dtype=object)[rows], image_size=int(_get(data_cfg, "image_size", 224)),
+                          max_resolution=_get(data_cfg, "beton_max_resolution", 256),
+                          eval_crop_ratio=float(_get(data_cfg, "eval_crop_ratio", 0.875)),
+                          eval_workers=int(_get(data_cfg, "eval_workers", 0)))
+    return images, torch.from_numpy(labels[rows].copy())
 
 
 def _subset(data_cfg: Any, split: str, n: int) -> int:
@@ -62,22 +119,37 @@ def _synthetic_size(data_cfg: Any, split: str) -> int:
 
 def dataset_size(data_cfg: Any, split: str = "train") -> int:
     """Number of samples of ``split`` after ``data.subset``, without reading any pixels."""
-    _check_split(split)
     name = _name(data_cfg)
-    n = fashion_mnist.SPLIT_SIZES[split] if name == "fashion_mnist" else _synthetic_size(data_cfg, split)
+    _check_split(split, name)
+    if name in FOLDERS:
+        return len(_folder_rows(data_cfg, split)[2])
+    if name in CIFARS:
+        n = len(_cifar_raw(_root(data_cfg, name), CIFARS[name], split)[1])
+    elif name == "fashion_mnist":
+        n = fashion_mnist.SPLIT_SIZES[split]
+    else:
+        n = _synthetic_size(data_cfg, split)
     return _subset(data_cfg, split, n)
 
 
 def num_classes(data_cfg: Any) -> int:
     name = _name(data_cfg)
+    if name in CIFARS:
+        return CIFARS[name]
+    if name in FOLDERS:
+        return len(scan_split(_root(data_cfg, name), "train")[0])
     return fashion_mnist.NUM_CLASSES if name == "fashion_mnist" else int(_get(data_cfg, "num_classes", 10))
 
 
 def normalization(data_cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` per RGB channel, in [0, 1] pixel units, for the configured dataset and resize mode."""
+    """``(mean, std)`` per RGB channel, in [0, 1] pixel units, for the configured dataset and resize mode
+    (``data.mean`` / ``data.std`` override it)."""
     name = _name(data_cfg)
-    if name == "synthetic":
-        return _STATS[("synthetic", "any")]
+    mean, std = _get(data_cfg, "mean", None), _get(data_cfg, "std", None)
+    if mean is not None and std is not None:
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if name != "fashion_mnist":
+        return _STATS[(name, "any")]
     mode = str(_get(data_cfg, "resize_mode", "pad"))
     return _STATS[(name, "pad" if mode == "pad" else "resize")]
 
@@ -126,12 +198,32 @@ def to_rgb_size(gray: torch.Tensor, image_size: int, resize_mode: str, chunk: in
     return out
 
 
-def load_split(data_cfg: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(images uint8 (N, 3, S, S), labels int64 (N,))`` of ``split`` ("train" | "test")."""
-    _check_split(split)
+def resize_square(images: torch.Tensor, image_size: int, chunk: int = 4096) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` -> ``(N, C, S, S)`` (bilinear, antialiased when shrinking); unchanged if equal."""
+    n, c, h, w = images.shape
+    if (h, w) == (image_size, image_size):
+        return images
+    out = torch.empty(n, c, image_size, image_size, dtype=torch.uint8)
+    for c0 in range(0, n, chunk):
+        x = F.interpolate(images[c0 : c0 + chunk].float(), size=(image_size, image_size), mode="bilinear",
+                          align_corners=False, antialias=image_size < max(h, w))
+        out[c0 : c0 + chunk] = x.round().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def load_split(data_cfg: Any, split: str) -> tuple[Any, torch.Tensor]:
+    """Return ``(images, labels int64 (N,))`` of ``split``: images are uint8 ``(N, 3, S, S)`` in memory, or a
+    lazy :class:`~invprop.data.folder.FolderImages` for image folders."""
     name = _name(data_cfg)
+    _check_split(split, name)
+    if name in FOLDERS:
+        return folder_images(data_cfg, split)
     image_size = int(_get(data_cfg, "image_size", 32))
     n = dataset_size(data_cfg, split)
+    if name in CIFARS:
+        raw_images, raw_labels = _cifar_raw(_root(data_cfg, name), CIFARS[name], split)
+        images = resize_square(torch.from_numpy(raw_images[:n].copy()), image_size)
+        return images, torch.from_numpy(raw_labels[:n].copy())
     if name == "fashion_mnist":
         root = _get(data_cfg, "root", None)
         raw_images, raw_labels = _fashion_raw(split, None if root is None else str(root))

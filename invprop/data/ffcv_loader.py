@@ -66,8 +66,8 @@ from ffcv.transforms import ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 from numba import njit
 
+from invprop.data.crop import CROP_STREAM, crop_box, crop_epoch_key, flip_bit, sample_crop, sample_key
 from invprop.data.order import EpochOrder
-from invprop.data.seeding import derive_seed
 
 __all__ = [
     "CROP_STREAM",
@@ -83,15 +83,6 @@ __all__ = [
 ]
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-# Stream tag mixed into the crop seed so crops never share random numbers with other users of derive_seed.
-CROP_STREAM = 0xC0FFC7
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_INV53 = 1.0 / 9007199254740992.0  # 2**-53
-
 
 # ----------------------------------------------------------------------------------------------------
 # Traversal orders
@@ -160,85 +151,6 @@ _jit = njit(nogil=True, error_model="numpy")
 
 
 @_jit
-def _mix64(z):
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
-
-@_jit
-def _uniform(key, counter):
-    """Uniform float in [0, 1) from (key, counter): the top 53 bits of a SplitMix64 output."""
-    return float(_mix64(np.uint64(key) + np.uint64(counter + 1) * _GOLDEN) >> np.uint64(11)) * _INV53
-
-
-@_jit
-def _sample_key(epoch_key, index):
-    return _mix64(np.uint64(epoch_key) ^ _mix64(np.uint64(index) * _GOLDEN + np.uint64(1)))
-
-
-@_jit
-def _crop_box(key, height, width, scale_lo, scale_hi, log_r_lo, log_r_hi):
-    """RandomResizedCrop box ``(top, left, h, w)``: up to 10 draws of (area share, log aspect); the first
-    that fits is placed uniformly at random; otherwise the largest centred box whose aspect is in range."""
-    area = float(height) * float(width)
-    for attempt in range(10):
-        c = 4 * attempt
-        share = scale_lo + (scale_hi - scale_lo) * _uniform(key, c)
-        aspect = np.exp(log_r_lo + (log_r_hi - log_r_lo) * _uniform(key, c + 1))
-        w = int(np.round(np.sqrt(area * share * aspect)))
-        h = int(np.round(np.sqrt(area * share / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = min(int(_uniform(key, c + 2) * (height - h + 1)), height - h)
-            left = min(int(_uniform(key, c + 3) * (width - w + 1)), width - w)
-            return top, left, h, w
-    in_ratio = float(width) / float(height)
-    r_lo = np.exp(log_r_lo)
-    r_hi = np.exp(log_r_hi)
-    if in_ratio < r_lo:
-        w = width
-        h = min(height, int(np.round(w / r_lo)))
-    elif in_ratio > r_hi:
-        h = height
-        w = min(width, int(np.round(h * r_hi)))
-    else:
-        w = width
-        h = height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-@_jit
-def _flip_bit(key):
-    return _uniform(key, 1000) < 0.5
-
-
-def crop_epoch_key(seed: int, epoch: int) -> int:
-    """The 64-bit key from which every crop of ``epoch`` is derived."""
-    return derive_seed(int(seed), CROP_STREAM, int(epoch))
-
-
-def sample_crop(
-    seed: int,
-    epoch: int,
-    index: int,
-    height: int,
-    width: int,
-    scale: tuple[float, float] = (0.2, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> tuple[int, int, int, int, bool]:
-    """``(top, left, h, w, flip)`` that :class:`SeededRandomResizedCropDecoder` uses for sample ``index``
-    (an image of ``height x width``) in ``epoch``: the same compiled helpers, callable for tests/debugging.
-    ``flip`` is the draw used when the decoder has ``flip=True`` (ignored otherwise)."""
-    # Keys stay uint64 (a Python int below 2**63 would be typed int64, and int64 op uint64 is float64).
-    key = np.uint64(_sample_key(np.uint64(crop_epoch_key(seed, epoch)), np.uint64(index)))
-    top, left, h, w = _crop_box(
-        key, np.int64(height), np.int64(width), float(scale[0]), float(scale[1]),
-        float(np.log(ratio[0])), float(np.log(ratio[1])),
-    )
-    return int(top), int(left), int(h), int(w), bool(_flip_bit(key))
-
-
-@_jit
 def _center_box(height, width, ratio):
     """Centred square of side ``ratio * min(height, width)``: ``(top, left, side, side)``."""
     side = max(1, min(height, width, int(ratio * min(height, width))))
@@ -287,7 +199,7 @@ class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
         self._state[0] = np.uint64(int(key) & 0xFFFFFFFFFFFFFFFF)
 
     def generate_code(self):
-        sample_key, crop_box, flip_bit = _sample_key, _crop_box, _flip_bit
+        sample_key_, crop_box_, flip_bit_ = sample_key, crop_box, flip_bit
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         # FFCV's C functions, called through ctypes straight from this compiled function. (FFCV's decoders
@@ -327,11 +239,11 @@ class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
                     image = temp_buffer.reshape(-1)[:n_bytes].reshape(height, width, 3)
                 else:
                     image = image_data.reshape(height, width, 3)
-                key = sample_key(epoch_key, source_ix)
+                key = sample_key_(epoch_key, source_ix)
                 hh = np.int64(height)
                 ww = np.int64(width)
                 if mode == 1:
-                    top, left, ch_, cw = crop_box(key, hh, ww, scale_lo, scale_hi, log_r_lo, log_r_hi)
+                    top, left, ch_, cw = crop_box_(key, hh, ww, scale_lo, scale_hi, log_r_lo, log_r_hi)
                 elif mode == 2:
                     top, left, ch_, cw = center_box(hh, ww, center_ratio)
                 else:
@@ -341,7 +253,7 @@ class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
                     0, image.ctypes.data, hh, ww, top, top + ch_, left, left + cw,
                     out.ctypes.data, out.shape[0], out.shape[1],
                 )
-                if do_flip and flip_bit(key):
+                if do_flip and flip_bit_(key):
                     n_cols = out.shape[1]
                     for r in range(out.shape[0]):
                         for c in range(n_cols // 2):

@@ -1,7 +1,9 @@
 """The plain PyTorch ``DataLoader`` path (no FFCV), with the same order and augmentation semantics.
 
 Training batches come from :class:`~invprop.data.order.EpochOrder` (resumable at any global batch, same
-samples per step for any world size); each sample's crop is a pure function of (seed, epoch, index).
+samples per step for any world size); each sample's crop box and flip come from
+:func:`invprop.data.crop.sample_crop` of (seed, epoch, index, image size), the function the FFCV decoder
+compiles too, so both paths crop a sample the same way.
 Colour augmentation and normalisation are left to :class:`~invprop.data.augment.BatchColorAugment` on the
 device, so batches leave the loader as uint8.
 """
@@ -14,17 +16,20 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from invprop.data.augment import geometric_augment, resize_uint8
+from invprop.data.augment import resize_uint8
+from invprop.data.crop import sample_crop
 from invprop.data.order import EpochOrder
 from invprop.data.seeding import derive_seed
 
 
 class IndexedImageDataset(Dataset):
-    """``(uint8 (3, S, S) image, int label, int index)`` over in-memory uint8 images.
+    """``(uint8 (3, S, S) image, int label, int index)`` over uint8 images: an in-memory ``(N, 3, H, W)``
+    tensor, or a lazy :class:`~invprop.data.folder.FolderImages` (files decoded on access, in the workers).
 
-    In train mode each item is RandomResizedCrop'ed (and optionally flipped) with a generator seeded from
-    ``(seed, epoch, index)``; call :meth:`set_epoch` before building each epoch's loader. In eval mode images
-    are returned as stored (resized only if ``out_size`` differs).
+    In train mode each item is RandomResizedCrop'ed (and optionally flipped) with the box of
+    :func:`~invprop.data.crop.sample_crop` for ``(seed, epoch, index)``; call :meth:`set_epoch` before
+    building each epoch's loader. In eval mode images are returned as stored (in-memory, resized only if
+    ``out_size`` differs) or as their evaluation view (lazy: centred square, resized).
     """
 
     def __init__(
@@ -39,7 +44,8 @@ class IndexedImageDataset(Dataset):
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         flip: bool = False,
     ) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
+        lazy = not isinstance(images, torch.Tensor)
+        if not lazy and (images.dtype != torch.uint8 or images.ndim != 4):
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -47,11 +53,14 @@ class IndexedImageDataset(Dataset):
         self.labels = labels.to(torch.int64)
         self.train = bool(train)
         self.seed = int(seed)
-        self.out_size = int(out_size) if out_size is not None else int(images.shape[-1])
+        self.lazy = lazy
+        self.out_size = int(out_size) if out_size is not None else int(images.image_size if lazy else images.shape[-1])
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.crop_ratio = (float(crop_ratio[0]), float(crop_ratio[1]))
         self.flip = bool(flip)
         self.epoch = 0
+        if self.train:
+            sample_crop(self.seed, 0, 0, 2, 2)  # compile the crop box now, before DataLoader workers fork
 
     @classmethod
     def from_config(
@@ -89,12 +98,15 @@ class IndexedImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         index = int(index)
-        img = self.images[index]
+        if not self.train and self.lazy:
+            return self.images.eval_image(index, self.out_size), int(self.labels[index]), index
+        img = self.images[index]  # lazy: the decoded file, shrunk to the beton's max_resolution
         if self.train:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index))
-            img = geometric_augment(
-                img, self.out_size, g, scale=self.crop_scale, ratio=self.crop_ratio, flip=self.flip
-            )
+            top, left, h, w, flip = sample_crop(self.seed, self.epoch, index, int(img.shape[-2]), int(img.shape[-1]),
+                                                self.crop_scale, self.crop_ratio)
+            img = resize_uint8(img[:, top : top + h, left : left + w], self.out_size)
+            if self.flip and flip:
+                img = img.flip(-1)
         elif img.shape[-1] != self.out_size or img.shape[-2] != self.out_size:
             img = resize_uint8(img, self.out_size)
         return img, int(self.labels[index]), index

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from invprop.bank import ShardedBank
-from invprop.data import load_split, num_classes
+from invprop.data import eval_split, is_lazy, load_split, num_classes
 from invprop.eval.features import embed
 from invprop.eval.knn import knn_top1
 
@@ -22,7 +22,7 @@ def evaluate_knn(cfg: DictConfig, model: torch.nn.Module, bank: ShardedBank, tra
     Each rank holds the rows of its bank shard; test features are computed on every rank.
     """
     start = time.perf_counter()
-    test_images, test_labels = load_split(cfg.data, "test")
+    test_images, test_labels = load_split(cfg.data, eval_split(cfg.data))
     if max_test is not None:  # a quick estimate on the first test images, for curves during training
         test_images, test_labels = test_images[:max_test], test_labels[:max_test]
     classes = num_classes(cfg.data)
@@ -49,8 +49,11 @@ def pixel_vectors(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def evaluate_pixels_knn(cfg: DictConfig, bank: ShardedBank, train_images: torch.Tensor, train_labels: torch.Tensor,
                         device: torch.device) -> dict[str, float]:
-    """The raw-pixel baselines on the same split and reference set: weighted kNN (same K, sigma) and 1-NN."""
-    test_images, test_labels = load_split(cfg.data, "test")
+    """The raw-pixel baselines on the same split and reference set: weighted kNN (same K, sigma) and 1-NN.
+    None for image folders: at 224 px pixel vectors mean nothing and the reference set would not fit."""
+    if is_lazy(train_images):
+        return {}
+    test_images, test_labels = load_split(cfg.data, eval_split(cfg.data))
     classes, k, sigma = num_classes(cfg.data), int(cfg.eval.knn_k), float(cfg.eval.knn_sigma)
     queries = pixel_vectors(test_images, device)
     refs = pixel_vectors(train_images[bank.start : bank.stop], device)

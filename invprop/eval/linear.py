@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from invprop.data import geometric_augment, load_split, num_classes
+from invprop.data import eval_split, geometric_augment, is_lazy, load_split, num_classes
 from invprop.data.seeding import derive_seed
 from invprop.eval.features import embed
 
@@ -58,8 +58,9 @@ def single_thread() -> Iterator[None]:
 
 def crop_batch(images: torch.Tensor, indices: list[int], seeds: list[int], crop_scale: tuple[float, float],
                flip: bool) -> torch.Tensor:
-    """Random resized crops (same size as the input) of ``images[indices]``, sample j from ``seeds[j]``."""
-    size = int(images.shape[-1])
+    """Random resized crops (the evaluation size) of ``images[indices]``, sample j from ``seeds[j]``; for
+    folder images the crop is taken from the decoded file."""
+    size = int(images.image_size if is_lazy(images) else images.shape[-1])
     with single_thread():
         return torch.stack([geometric_augment(images[i], size, torch.Generator().manual_seed(s), scale=crop_scale,
                                               flip=flip) for i, s in zip(indices, seeds, strict=True)])
@@ -83,8 +84,8 @@ def pooled_features(model: nn.Module, images: torch.Tensor, data_cfg: Any, devic
     if view is None:
         return embed(model, images, data_cfg, device, batch_size, pooled=True)
     out = []
-    for lo in range(0, images.shape[0], batch_size):
-        idx = list(range(lo, min(lo + batch_size, images.shape[0])))
+    for lo in range(0, len(images), batch_size):
+        idx = list(range(lo, min(lo + batch_size, len(images))))
         crops = crop_batch(images, idx, [derive_seed(seed, 0x11FEA7, view, i) for i in idx], crop_scale, flip)
         out.append(embed(model, crops, data_cfg, device, batch_size, pooled=True))
     return torch.cat(out)
@@ -191,7 +192,7 @@ def linear_probe(cfg: Any, model: nn.Module, device: torch.device, *, epochs: in
              "aug_views": aug_views, "seed": seed}
     opts.update({k: v for k, v in given.items() if v is not None})
     train_images, train_labels = train_split if train_split is not None else load_split(cfg.data, "train")
-    test_images, test_labels = test_split if test_split is not None else load_split(cfg.data, "test")
+    test_images, test_labels = test_split if test_split is not None else load_split(cfg.data, eval_split(cfg.data))
     embed_bs = int(cfg_get(cfg_get(cfg, "eval", None), "batch_size", 512))
     aug_cfg = cfg_get(cfg.data, "augment", None)
     crop_scale = tuple(float(v) for v in cfg_get(aug_cfg, "crop_scale", (0.2, 1.0)))

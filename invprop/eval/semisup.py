@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from invprop.data import load_split, normalization, num_classes
+from invprop.data import eval_batches, eval_split, load_split, materialize, normalization, num_classes
 from invprop.data.seeding import derive_seed
 from invprop.eval.linear import cfg_get, crop_batch, eval_section, topk_accuracy
 from invprop.eval.subsets import fraction_tag, load_or_create_subset
@@ -36,6 +36,9 @@ SEMISUP_DEFAULTS: dict[str, Any] = {
     "augment": "crop",         # crop | none
     "crop_scale": [0.5, 1.0],
     "seed": 0,                 # picks the label subset (and the classifier init and data order)
+    # {fraction tag: list file} or null: the standard per-image subset lists (one file name per line, e.g.
+    # ImageNet's 1percent.txt / 10percent.txt), matched to the training files by name; else balanced draws.
+    "subset_files": None,
 }
 
 
@@ -80,8 +83,8 @@ def _normalise(x: torch.Tensor, mean_t: torch.Tensor, std_t: torch.Tensor) -> to
 def _logits(net: nn.Module, images: torch.Tensor, mean_t: torch.Tensor, std_t: torch.Tensor,
             device: torch.device, batch_size: int) -> torch.Tensor:
     net.eval()
-    return torch.cat([net(_normalise(images[lo : lo + batch_size].to(device), mean_t, std_t)).float()
-                      for lo in range(0, images.shape[0], batch_size)])
+    return torch.cat([net(_normalise(batch.to(device), mean_t, std_t)).float()
+                      for batch in eval_batches(images, batch_size)])
 
 
 def finetune_subset(cfg: Any, model: nn.Module, device: torch.device, run_dir: Path, fraction: float, *,
@@ -112,10 +115,11 @@ def finetune_subset(cfg: Any, model: nn.Module, device: torch.device, run_dir: P
     flip = bool(cfg_get(cfg_get(cfg.data, "augment", None), "flip", False))
 
     train_images, train_labels = train_split if train_split is not None else load_split(cfg.data, "train")
-    test_images, test_labels = test_split if test_split is not None else load_split(cfg.data, "test")
-    subset = load_or_create_subset(run_dir, train_labels, fraction, seed)
+    test_images, test_labels = test_split if test_split is not None else load_split(cfg.data, eval_split(cfg.data))
+    subset = load_or_create_subset(run_dir, train_labels, fraction, seed, opts.get("subset_files"), tag,
+                                   train_images)
     images, labels = train_images[subset], train_labels[subset].to(device)
-    n = images.shape[0]
+    n = len(images)
 
     with torch.random.fork_rng(devices=[]):  # classifier init from the seed, global RNG untouched
         torch.manual_seed(derive_seed(seed, 0xC1A55, subset.numel()))
@@ -141,7 +145,7 @@ def finetune_subset(cfg: Any, model: nn.Module, device: torch.device, run_dir: P
                 ids = idx.tolist()
                 x = crop_batch(images, ids, [derive_seed(seed, 0xF17E, epoch, i) for i in ids], crop_scale, flip)
             else:
-                x = images[idx]
+                x = materialize(images[idx])
             loss = nn.functional.cross_entropy(net(_normalise(x.to(device), mean_t, std_t)), labels[idx.to(device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -162,7 +166,7 @@ def semisup_eval(cfg: Any, model: nn.Module, device: torch.device, run_dir: Path
     if fractions is None:
         fractions = list(eval_section(cfg, "semisup", SEMISUP_DEFAULTS)["fractions"])
     train_split = train_split if train_split is not None else load_split(cfg.data, "train")
-    test_split = test_split if test_split is not None else load_split(cfg.data, "test")
+    test_split = test_split if test_split is not None else load_split(cfg.data, eval_split(cfg.data))
     results: dict[str, float] = {}
     for fraction in fractions:
         results.update(finetune_subset(cfg, model, device, run_dir, float(fraction), train_split=train_split,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,8 +85,34 @@ def read_subset(path: Path, n: int | None = None) -> torch.Tensor:
     return idx
 
 
-def load_or_create_subset(run_dir: Path, labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """The run's subset for (fraction, seed): read from its list file if there, else chosen and written."""
+def read_named_subset(path: Path, image_paths: Sequence[str]) -> torch.Tensor:
+    """Sorted indices of the training images named in a standard subset list (one file name per line, as
+    ImageNet's 1percent.txt / 10percent.txt; matched to the training files by base name)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.semisup.subset_files names {path}, which does not exist")
+    row = {os.path.basename(str(p)): i for i, p in enumerate(image_paths)}
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    missing = [n for n in names if os.path.basename(n) not in row]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} of {len(names)} listed images are not in the training set "
+                         f"(first: {missing[0]}); was data.subset set, or is it another data set's list?")
+    if not names:
+        raise ValueError(f"{path} lists no images")
+    return torch.tensor(sorted({row[os.path.basename(n)] for n in names}), dtype=torch.int64)
+
+
+def load_or_create_subset(run_dir: Path, labels: torch.Tensor, fraction: float, seed: int,
+                          subset_files: Mapping[str, str] | None = None, tag: str | None = None,
+                          images: Any = None) -> torch.Tensor:
+    """The run's subset for (fraction, seed): the standard list ``subset_files[tag]`` when given (file names
+    for image folders, else indices), else read from the run's list file if there, else chosen and written."""
+    tag = tag or fraction_tag(fraction)
+    given = (subset_files or {}).get(tag)
+    if given is not None:
+        if images is not None and hasattr(images, "paths"):
+            return read_named_subset(Path(str(given)), list(images.paths))
+        return read_subset(Path(str(given)).expanduser(), labels.numel())
     path = subset_path(run_dir, fraction, seed)
     if path.exists():
         return read_subset(path, labels.numel())

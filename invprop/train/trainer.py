@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from invprop import checkpoint
 from invprop import collectives as coll
 from invprop.bank import ShardedBank
 from invprop.config import n_background
-from invprop.data import EpochOrder, load_split, normalization
+from invprop.data import EpochOrder, eval_batches, load_split, normalization
 from invprop.data.augment import BatchColorAugment, eval_transform
 from invprop.data.loader import IndexedImageDataset, batch_generator, build_train_loader
 from invprop.digest import state_digest
@@ -72,6 +73,19 @@ class TrainState:
     step: int = 0  # optimiser steps done in total
 
 
+def ffcv_available(say: bool) -> bool:
+    """Whether FFCV imports (an optional extra: sites that cannot build it train through torchvision); says
+    so once, on the main rank, when it does not."""
+    try:
+        import ffcv  # noqa: F401
+    except ImportError as exc:
+        if say:
+            print(f"data.format=ffcv but FFCV is not installed ({exc}); training through the torchvision "
+                  "loader instead (`pip install invprop[ffcv]` for the FFCV path)", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -109,7 +123,8 @@ class Trainer:
         self.dataset = IndexedImageDataset.from_config(self.images, self.labels, aug_cfg, train=True,
                                                        seed=int(cfg.seed))
         self.augment = BatchColorAugment.from_config(aug_cfg, *normalization(cfg.data)).to(device)
-        self.ffcv = self._build_ffcv() if cfg.data.get("format", "torchvision") == "ffcv" else None
+        self.ffcv = self._build_ffcv() if cfg.data.get("format", "torchvision") == "ffcv" and ffcv_available(
+            env.is_main) else None
         self.base_lr = float(cfg.train.lr) * int(cfg.train.batch_size) / 128
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.base_lr,
                                          momentum=float(cfg.train.momentum),
@@ -168,15 +183,17 @@ class Trainer:
         self.model.train()
         local = max(1, int(self.cfg.train.batch_size) // self.env.world_size)
         mean, std = normalization(self.cfg.data)
-        for lo in range(self.bank.start, self.bank.stop, local):
-            hi = min(lo + local, self.bank.stop)
-            x = eval_transform(self.images[lo:hi].to(self.device), mean, std)
+        lo = self.bank.start
+        for batch in eval_batches(self.images[self.bank.start : self.bank.stop], local):
+            hi = lo + batch.shape[0]
+            x = eval_transform(batch.to(self.device), mean, std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             # The bare model, not DDP: ranks hold different row counts, and DDP's forward is a collective.
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 z = self.model(x)
             self.bank.rows[lo - self.bank.start : hi - self.bank.start] = F.normalize(z.float(), dim=1)
+            lo = hi
         for name, b in self.model.named_buffers():
             b.copy_(buffers[name])
 

@@ -1,0 +1,53 @@
+"""CIFAR-10/100 from the official python-pickle release (``cifar-10-batches-py`` / ``cifar-100-python``)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+# Per-channel mean / std of the training splits (the values the CIFAR literature normalises with).
+CIFAR_STATS = {
+    10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def load_cifar(root: str | os.PathLike, split: str, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10/100 from the python-pickle release. ``root`` is the extracted folder
+    (``cifar-10-batches-py`` / ``cifar-100-python``) or its parent. Returns images uint8 ``(N, 32, 32, 3)``
+    and labels int64 (fine labels for CIFAR-100), in the order of the release files."""
+    if num_classes not in (10, 100):
+        raise ValueError(f"CIFAR has 10 or 100 classes, not {num_classes}")
+    if split not in ("train", "test"):
+        raise ValueError(f"CIFAR split must be 'train' or 'test', got {split!r}")
+    root = Path(root).expanduser()
+    sub = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
+    marker = "data_batch_1" if num_classes == 10 else "train"
+    folder = root if (root / marker).is_file() else root / sub
+    if num_classes == 10:
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        label_key = b"labels"
+    else:
+        names = [split]
+        label_key = b"fine_labels"
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-{num_classes} files {missing} not found in {folder} (give the folder of the python "
+            f"release, '{sub}', or its parent)"
+        )
+    data, labels = [], []
+    for n in names:
+        d = _unpickle(folder / n)
+        data.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(d[label_key], dtype=np.int64))
+    images = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))
+    return images, np.concatenate(labels)

@@ -1,0 +1,120 @@
+"""The one RandomResizedCrop box (and flip draw) of the training data, shared by both loaders.
+
+A sample's box is a pure function of ``(seed, epoch, dataset index, image height, image width)``: the FFCV
+decoder (``invprop.data.ffcv_loader``) inlines these compiled functions in its numba pipeline, and the
+torchvision path (``invprop.data.loader``) calls the very same functions per sample, so the two paths crop
+the same sample the same way in the same epoch, on any rank, world size, batch position or after a resume.
+
+Random numbers come from a counter-based SplitMix64 hash of ``(epoch key, index, counter)``: no generator
+state, so no per-thread state to seed inside numba's parallel loops. numba is required (it also compiles
+FFCV's pipelines); the functions are compiled on first use (about a second).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from invprop.data.seeding import derive_seed
+
+__all__ = ["CROP_STREAM", "crop_box", "crop_epoch_key", "flip_bit", "sample_crop", "sample_key", "stored_size"]
+
+# Stream tag mixed into the crop seed so crops never share random numbers with other users of derive_seed.
+CROP_STREAM = 0xC0FFC7
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_INV53 = 1.0 / 9007199254740992.0  # 2**-53
+
+_jit = njit(nogil=True, error_model="numpy")
+
+
+@_jit
+def _mix64(z):
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+@_jit
+def _uniform(key, counter):
+    """Uniform float in [0, 1) from (key, counter): the top 53 bits of a SplitMix64 output."""
+    return float(_mix64(np.uint64(key) + np.uint64(counter + 1) * _GOLDEN) >> np.uint64(11)) * _INV53
+
+
+@_jit
+def sample_key(epoch_key, index):
+    """The 64-bit key of one sample in one epoch (``epoch_key`` from :func:`crop_epoch_key`)."""
+    return _mix64(np.uint64(epoch_key) ^ _mix64(np.uint64(index) * _GOLDEN + np.uint64(1)))
+
+
+@_jit
+def crop_box(key, height, width, scale_lo, scale_hi, log_r_lo, log_r_hi):
+    """RandomResizedCrop box ``(top, left, h, w)``: up to 10 draws of (area share, log aspect); the first
+    that fits is placed uniformly at random; otherwise the largest centred box whose aspect is in range."""
+    area = float(height) * float(width)
+    for attempt in range(10):
+        c = 4 * attempt
+        share = scale_lo + (scale_hi - scale_lo) * _uniform(key, c)
+        aspect = np.exp(log_r_lo + (log_r_hi - log_r_lo) * _uniform(key, c + 1))
+        w = int(np.round(np.sqrt(area * share * aspect)))
+        h = int(np.round(np.sqrt(area * share / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(_uniform(key, c + 2) * (height - h + 1)), height - h)
+            left = min(int(_uniform(key, c + 3) * (width - w + 1)), width - w)
+            return top, left, h, w
+    in_ratio = float(width) / float(height)
+    r_lo = np.exp(log_r_lo)
+    r_hi = np.exp(log_r_hi)
+    if in_ratio < r_lo:
+        w = width
+        h = min(height, int(np.round(w / r_lo)))
+    elif in_ratio > r_hi:
+        h = height
+        w = min(width, int(np.round(h * r_hi)))
+    else:
+        w = width
+        h = height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@_jit
+def flip_bit(key):
+    """The horizontal-flip draw of a sample (used when flipping is on), independent of its box draws."""
+    return _uniform(key, 1000) < 0.5
+
+
+def crop_epoch_key(seed: int, epoch: int) -> int:
+    """The 64-bit key from which every crop of ``epoch`` is derived."""
+    return derive_seed(int(seed), CROP_STREAM, int(epoch))
+
+
+def sample_crop(
+    seed: int,
+    epoch: int,
+    index: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int, bool]:
+    """``(top, left, h, w, flip)`` of sample ``index`` (an image of ``height x width``) in ``epoch``.
+    ``flip`` is the draw used when flipping is on (ignored otherwise)."""
+    # Keys stay uint64 (a Python int below 2**63 would be typed int64, and int64 op uint64 is float64).
+    key = np.uint64(sample_key(np.uint64(crop_epoch_key(seed, epoch)), np.uint64(index)))
+    top, left, h, w = crop_box(
+        key, np.int64(height), np.int64(width), float(scale[0]), float(scale[1]),
+        float(np.log(ratio[0])), float(np.log(ratio[1])),
+    )
+    return int(top), int(left), int(h), int(w), bool(flip_bit(key))
+
+
+def stored_size(height: int, width: int, max_resolution: int | None) -> tuple[int, int]:
+    """``(h, w)`` of an image after shrinking its longer side to ``max_resolution`` (never enlarged), with
+    FFCV's rounding (``RGBImageField(max_resolution=...)``: sizes floored), so both loaders see the same
+    dimensions and therefore draw the same boxes."""
+    if not max_resolution or max(height, width) <= int(max_resolution):
+        return int(height), int(width)
+    ratio = int(max_resolution) / max(height, width)
+    return max(1, int(ratio * height)), max(1, int(ratio * width))
