@@ -16,10 +16,10 @@ import torch
 import invprop.bank as bank_mod
 from invprop import distributed
 from invprop.bank import ShardedBank, shard_bounds
-from invprop.dense_reference import DenseInvP
 from invprop.graph import NeighbourGraph
 from invprop.jobs.spawn import spawn_ranks
 from invprop.loss import InvPLoss
+from invprop.testing.dense_reference import DenseInvP
 
 ROOT = Path(__file__).resolve().parents[1]
 D, Q, STEPS, TAU, LAM, MOMENTUM = 32, 24, 3, 0.1, 0.6, 0.5

@@ -14,7 +14,7 @@ LAYERS = [
     ("invprop.digest", 0), ("invprop.train.progress", 0),
     ("invprop.collectives", 1), ("invprop.distributed", 1),
     ("invprop.bank", 2), ("invprop.graph", 2),
-    ("invprop.loss", 3), ("invprop.checkpoint", 3), ("invprop.dense_reference", 3),
+    ("invprop.loss", 3), ("invprop.checkpoint", 3), ("invprop.testing", 3),
     ("invprop.train", 4), ("invprop.eval", 4),
     ("invprop.jobs", 5),
     ("launchers", 6),
