@@ -1,5 +1,5 @@
-"""DESIGN section 7: dependencies point one way, launchers -> jobs -> train/eval -> loss/checkpoint -> bank ->
-distributed env; config, data, models and logging are leaves. Nothing lower imports upward."""
+"""docs/DESIGN.md, "The layout": dependencies point one way, launchers -> jobs -> train/eval -> loss/checkpoint ->
+bank -> distributed env; config, data, models and logging are leaves. Nothing lower imports upward."""
 
 from __future__ import annotations
 
