@@ -1,4 +1,4 @@
-"""Committed checkpoint directories (DESIGN section 4).
+"""Committed checkpoint directories (docs/DESIGN.md, "The checkpoint protocol").
 
 step_<n>/ holds rank 0's `state.pt` (model, optimiser, schedule position, RNG, data position, neighbour
 table) and every rank's `bank.<r>-of-<W>`. Each file goes to a temporary name and is os.replace'd; after

@@ -12,7 +12,7 @@ class NeighbourGraph:
 
     def __init__(self, n: int, k: int, device: torch.device | str = "cpu") -> None:
         self.n, self.k = n, k
-        # int32 keeps an ImageNet-scale table at 20 MB (DESIGN section 3).
+        # int32 keeps an ImageNet-scale table at 20 MB (docs/DESIGN.md, "Rows sharded by rank").
         self.table = torch.full((n, k), UNKNOWN, dtype=torch.int32, device=device)
 
     def candidates(self, ids: torch.Tensor, layers: int, mode: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""InvP and NPID losses over a sharded bank (DESIGN section 2, computed as section 3 prescribes).
+"""InvP and NPID losses over a sharded bank (docs/DESIGN.md, "The algorithm", computed as "The sharded bank" says).
 
 Each rank calls the criterion with its own batch. The returned `loss` is this rank's share of the
 global mean (sum over ranks = mean over the global batch), so gradients with respect to every

@@ -14,15 +14,16 @@ def one_thread():
 
 @pytest.fixture
 def exact_topk_calls(monkeypatch):
-    """(queries, k) of every exact top-k the bank runs (`ShardedBank._chunked_topk`), in call order."""
-    from invprop.bank import ShardedBank
+    """(queries, k) of every exact top-k the bank runs (`TopK.chunked`, which every strategy's exact path
+    uses), in call order."""
+    from invprop.bank.select import TopK
 
     calls = []
-    chunked = ShardedBank._chunked_topk
+    chunked = TopK.chunked
 
-    def recorded(bank, zq, k, chunk, rows=None):
+    def recorded(topk, zq, rows, start, k, chunk):
         calls.append((zq.shape[0], k))
-        return chunked(bank, zq, k, chunk, rows)
+        return chunked(topk, zq, rows, start, k, chunk)
 
-    monkeypatch.setattr(ShardedBank, "_chunked_topk", recorded)
+    monkeypatch.setattr(TopK, "chunked", recorded)
     return calls

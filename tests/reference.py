@@ -1,4 +1,4 @@
-"""An independent dense reference of DESIGN section 2, written plainly: full N x D bank, one anchor at a time."""
+"""A plain, independent dense reference of docs/DESIGN.md, "The algorithm": full N x D bank, one anchor at a time."""
 
 from __future__ import annotations
 

@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import invprop.bank as bank_mod
 from invprop import distributed
-from invprop.bank import ShardedBank, shard_bounds
-from invprop.dense_reference import DenseInvP
+from invprop.bank import SelectSettings, ShardedBank, masked_logsumexp, shard_bounds
+from invprop.bank.autotune import AutoSelect
+from invprop.bank.select import SampledBound, TopK
+from invprop.bank.select import filter as filter_mod
 from invprop.graph import NeighbourGraph
 from invprop.jobs.spawn import spawn_ranks
 from invprop.loss import InvPLoss
+from invprop.testing.dense_reference import DenseInvP
 
 ROOT = Path(__file__).resolve().parents[1]
 D, Q, STEPS, TAU, LAM, MOMENTUM = 32, 24, 3, 0.1, 0.6, 0.5
@@ -77,9 +79,11 @@ def _dense(sc: dict) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
     return _run(dense, sc), dense.bank, dense.table
 
 
-def _sharded(sc: dict, selection: str = "auto") -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+def _sharded(sc: dict, selection: str = "auto", settings: SelectSettings | None = None
+             ) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
     rows, table = _setup(sc)
-    bank, graph = ShardedBank(sc["n"], D, seed=3, selection=selection), NeighbourGraph(sc["n"], sc["k"])
+    bank = ShardedBank(sc["n"], D, seed=3, selection=selection, settings=settings)
+    graph = NeighbourGraph(sc["n"], sc["k"])
     bank.rows, graph.table = rows.clone(), table.clone()
     return _run(InvPLoss(bank, graph, **_hyper(sc)), sc), bank.rows, graph.table
 
@@ -113,18 +117,18 @@ def test_every_selection_equals_dense_reference(name: str, selection: str) -> No
 
 def test_filter_redoes_the_queries_its_error_bound_cannot_clear(monkeypatch) -> None:
     calls = []
-    chunked = ShardedBank._chunked_topk
+    chunked = TopK.chunked
 
-    def spy(bank, zq, k, chunk, rows=None):
+    def spy(topk, zq, rows, start, k, chunk):
         calls.append((zq.dtype, zq.shape[0], k))
-        return chunked(bank, zq, k, chunk, rows)
+        return chunked(topk, zq, rows, start, k, chunk)
 
-    monkeypatch.setattr(ShardedBank, "_chunked_topk", spy)
+    monkeypatch.setattr(TopK, "chunked", spy)
     sc = SCENARIOS["sampled"]
     _sharded(sc, "filter")
     assert calls and all(c[0] == torch.float16 for c in calls)  # the true bound clears every query here
     calls.clear()
-    monkeypatch.setattr(bank_mod, "_filter_delta", lambda zq, max_norm: torch.full((zq.shape[0],), 10.0))
+    monkeypatch.setattr(filter_mod, "error_bound", lambda zq, max_norm: torch.full((zq.shape[0],), 10.0))
     _assert_same(_sharded(sc, "filter"), _dense(sc))
     redone = [c for c in calls if c[0] == torch.float32]
     assert redone == [(torch.float32, Q, sc["m"])] * STEPS  # every query, every step, in float32
@@ -139,7 +143,7 @@ def test_float16_scores_stay_within_the_filter_error_bound() -> None:
     z[:4] *= torch.tensor([[1e-3], [0.5], [2.0], [1.0]])
     approx = (z.half() @ rows.half().t()).float()
     exact = z.double() @ rows.double().t()
-    delta = bank_mod._filter_delta(z, rows.norm(dim=1).max())
+    delta = filter_mod.error_bound(z, rows.norm(dim=1).max())
     err = (approx.double() - exact).abs().amax(1)
     assert (err <= delta.double()).all()
     assert (err > 0.05 * delta.double()).any()  # and not vacuously loose
@@ -152,30 +156,33 @@ def test_autotune_keeps_the_fastest_it_measured() -> None:
     chosen = bank.autotune(z, 64, repeats=1)
     assert set(bank.tuning_ms) == {"topk", "bound", "filter"}
     assert chosen == bank.tuned == min(bank.tuning_ms, key=bank.tuning_ms.get)
-    assert (bank._half is not None) == (chosen == "filter")  # the float16 copy is kept only when used
+    assert (bank.selections["filter"].mirror is not None) == (chosen == "filter")  # kept only when used
     with pytest.raises(ValueError, match="bank.selection must be one of"):
         ShardedBank(10, D, selection="fastest")
 
 
 class _Spy:
-    """Records which scan paths ran: torch (`blocks`: the block size of each chunk) or numba (`kernel_calls`)."""
+    """Records which scan paths of `bound` ran: torch (`blocks`: the block size of each chunk) or numba
+    (`kernel_calls`)."""
 
-    def __init__(self, monkeypatch, use_numba: bool) -> None:
+    def __init__(self, monkeypatch) -> None:
         self.blocks: list[int] = []
         self.scans: list[int] = []
         self.kernel_calls = 0
-        hits, scan, kernel = bank_mod._hits, ShardedBank._scan, bank_mod._collect_kernel
+        hits, scan, kernel = SampledBound.hits, SampledBound.scan, SampledBound.kernel
 
         def spy_hits(s, lower, block):
             self.blocks.append(block)
             return hits(s, lower, block)
 
-        def spy_scan(bank, zq, bound, width=0):
+        def spy_scan(bound, zq, rows, start, lower, width=0):
             self.scans.append(zq.shape[0])
-            return scan(bank, zq, bound, width)
+            return scan(bound, zq, rows, start, lower, width)
 
-        def spy_kernel():
-            compiled = kernel()
+        def spy_kernel(bound, device):
+            compiled = kernel(bound, device)
+            if compiled is None:
+                return None
 
             def call(*args):
                 self.kernel_calls += 1
@@ -183,34 +190,33 @@ class _Spy:
 
             return call
 
-        monkeypatch.setattr(bank_mod, "USE_NUMBA", use_numba)
-        monkeypatch.setattr(bank_mod, "_hits", spy_hits)
-        monkeypatch.setattr(bank_mod, "_collect_kernel", spy_kernel)
-        monkeypatch.setattr(ShardedBank, "_scan", spy_scan)
+        monkeypatch.setattr(SampledBound, "hits", staticmethod(spy_hits))
+        monkeypatch.setattr(SampledBound, "kernel", spy_kernel)
+        monkeypatch.setattr(SampledBound, "scan", spy_scan)
 
 
 @pytest.mark.parametrize("use_numba", [True, False])
 def test_scan_paths_are_taken_and_exact(monkeypatch, use_numba: bool) -> None:
-    spy = _Spy(monkeypatch, use_numba)
-    _assert_same(_sharded(SCENARIOS["blocked"]), _dense(SCENARIOS["blocked"]))
+    spy, settings = _Spy(monkeypatch), SelectSettings(use_numba=use_numba)
+    _assert_same(_sharded(SCENARIOS["blocked"], settings=settings), _dense(SCENARIOS["blocked"]))
     if use_numba:
         assert spy.kernel_calls and not spy.blocks
     else:
         assert 32 in spy.blocks and not spy.kernel_calls  # sparse hits: per-block maxima first
     spy.blocks.clear()
-    _assert_same(_sharded(SCENARIOS["sampled"]), _dense(SCENARIOS["sampled"]))
+    _assert_same(_sharded(SCENARIOS["sampled"], settings=settings), _dense(SCENARIOS["sampled"]))
     if not use_numba:
         assert spy.blocks and set(spy.blocks) == {1}  # dense hits: every score compared
 
 
 @pytest.mark.parametrize("use_numba", [True, False])
 def test_many_chunks_and_a_widened_output(monkeypatch, use_numba: bool) -> None:
-    spy = _Spy(monkeypatch, use_numba)
-    monkeypatch.setattr(bank_mod, "_chunk_elements", lambda device: Q * 256)  # 256 columns per chunk
-    sample_bound = ShardedBank._sample_bound
-    monkeypatch.setattr(ShardedBank, "_sample_bound", lambda self, zq, m: (sample_bound(self, zq, m)[0], 1))
+    spy = _Spy(monkeypatch)
+    settings = SelectSettings(use_numba=use_numba, scan_chunk_elements=Q * 256)  # 256 columns per chunk
+    sample_bound = SampledBound.sample_bound  # its guess of the hit count made 1: the output has to widen
+    monkeypatch.setattr(SampledBound, "sample_bound", lambda self, zq, rows, m: (sample_bound(self, zq, rows, m)[0], 1))
     for name in ("sampled", "blocked"):
-        _assert_same(_sharded(SCENARIOS[name]), _dense(SCENARIOS[name]))
+        _assert_same(_sharded(SCENARIOS[name], settings=settings), _dense(SCENARIOS[name]))
     if use_numba:  # every chunk once, plus the chunks collected again after widening
         chunks = sum(-(-SCENARIOS[name]["n"] // 256) for name in ("sampled", "blocked")) * STEPS
         assert spy.kernel_calls > chunks
@@ -220,10 +226,10 @@ def test_many_chunks_and_a_widened_output(monkeypatch, use_numba: bool) -> None:
 
 @pytest.mark.parametrize("use_numba", [True, False])
 def test_failed_sample_bound_falls_back_to_the_exact_one(monkeypatch, use_numba: bool, exact_topk_calls) -> None:
-    spy = _Spy(monkeypatch, use_numba)
-    monkeypatch.setattr(bank_mod, "_SAMPLE_SIGMAS", -50.0)  # r = 1: the sample's maximum, far too high
+    spy = _Spy(monkeypatch)
+    settings = SelectSettings(use_numba=use_numba, sample_sigmas=-50.0)  # r = 1: the sample's maximum, too high
     sc = SCENARIOS["sampled-paper-bfs-easy"]
-    _assert_same(_sharded(sc), _dense(sc))
+    _assert_same(_sharded(sc, settings=settings), _dense(sc))
     assert spy.scans == [Q] * STEPS  # the scan with the sampled bound; no second scan
     # every query's exact local top-M, values and ids from one evaluation
     assert exact_topk_calls == [(Q, max(sc["m"], sc["k"] + 1))] * STEPS
@@ -234,7 +240,7 @@ def test_chunked_topk_merges_to_the_exact_top_k(chunk: int) -> None:
     """The accelerator route: a top-k per chunk of columns merged into a running top-k."""
     bank = ShardedBank(3000, D, rank=1, world=2, seed=3)  # ids offset by the shard start
     z = torch.nn.functional.normalize(torch.randn(Q, D, generator=torch.Generator().manual_seed(0)), dim=1)
-    vals, ids = bank._chunked_topk(z, 64, chunk)
+    vals, ids = bank.selections["topk"].chunked(z, bank.rows, bank.start, 64, chunk)
     want_vals, want_cols = (z @ bank.rows.t()).topk(64, dim=1)
     torch.testing.assert_close(vals.sort(dim=1, descending=True).values, want_vals, rtol=1e-6, atol=1e-6)
     assert torch.equal(ids.sort(dim=1).values, (want_cols + bank.start).sort(dim=1).values)
@@ -249,7 +255,7 @@ def test_masked_logsumexp_matches_plain_logsumexp(tau: float) -> None:
     mask = torch.rand(6, 50, generator=gen) < 0.6
     mask[3], mask[4] = False, True
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    got = bank_mod.masked_logsumexp(a, mask, tau=tau)
+    got = masked_logsumexp(a, mask, tau=tau)
     want = torch.stack([torch.logsumexp(b[i][mask[i] & (x[i] > float("-inf"))] / tau, 0) for i in range(6)])
     assert torch.isneginf(got[[1, 3]]).all() and torch.isneginf(want[[1, 3]]).all()
     torch.testing.assert_close(got, want)
@@ -334,10 +340,10 @@ def test_cuda_path_equals_dense_reference(name: str) -> None:
     assert torch.equal(graph.table.long(), dense.table.long())
 
 
-def _crowded_bank(n: int, spread: float) -> ShardedBank:
+def _crowded_bank(n: int, spread: float, settings: SelectSettings | None = None) -> ShardedBank:
     """Rows around one direction: scores crowd near the M-th largest (a young bank from the untrained network)."""
     gen = torch.Generator().manual_seed(0)
-    bank = ShardedBank(n, D, seed=3, selection="filter")
+    bank = ShardedBank(n, D, seed=3, selection="filter", settings=settings)
     base = torch.nn.functional.normalize(torch.randn(1, D, generator=gen), dim=1)
     bank.rows = torch.nn.functional.normalize(base + spread * torch.randn(n, D, generator=gen), dim=1)
     return bank
@@ -350,44 +356,43 @@ def _assert_holds_exact_top(bank: ShardedBank, z: torch.Tensor, m: int) -> None:
         assert set(want[q].tolist()) <= set(top.ids[q].tolist())
 
 
-def test_filter_margin_is_capped_and_relaxes_again(monkeypatch) -> None:
+def test_filter_margin_is_capped_and_relaxes_again() -> None:
     m = 64  # margin starts at 256, capped at 8 x 256
     z = torch.nn.functional.normalize(torch.randn(Q, D, generator=torch.Generator().manual_seed(1)), dim=1)
     crowded = _crowded_bank(20000, 3e-4)
     for _ in range(6):
         _assert_holds_exact_top(crowded, z, m)  # exact throughout, via the float32 redo
-    assert crowded.filter_extra == bank_mod._FILTER_MAX_EXTRA * 256  # grew, but not to the shard size
-    assert crowded.retune_requested  # failing at the cap: auto should measure again
-    monkeypatch.setattr(bank_mod, "_FILTER_CLEAN_CALLS", 2)
-    spread = _crowded_bank(20000, 10.0)  # well spread: no redo needed
+    assert crowded.filter_extra == crowded.selections["filter"].max_extra * 256  # grew, not to the shard size
+    assert crowded.selections["filter"].retune_requested  # failing at the cap: auto should measure again
+    spread = _crowded_bank(20000, 10.0, SelectSettings(filter_clean_calls=2))  # well spread: no redo needed
     spread.filter_extra = 1024
     for _ in range(2):
         _assert_holds_exact_top(spread, z, m)
-    assert spread.filter_extra == 512 and not spread.retune_requested
+    assert spread.filter_extra == 512 and not spread.selections["filter"].retune_requested
 
 
 def test_auto_measures_again_when_the_filter_asks(monkeypatch) -> None:
-    monkeypatch.setattr(bank_mod, "TUNE_ON_CPU", True)
-    monkeypatch.setattr(bank_mod, "_RETUNE_AFTER_CALLS", 3)
-    bank = ShardedBank(3000, D, seed=3, selection="auto")
+    settings = SelectSettings(tune_on_cpu=True, retune_after_calls=3)
+    bank = ShardedBank(3000, D, seed=3, selection="auto", settings=settings)
     z = torch.nn.functional.normalize(torch.randn(Q, D, generator=torch.Generator().manual_seed(0)), dim=1)
     tunes = []
-    autotune = ShardedBank.autotune
-    monkeypatch.setattr(ShardedBank, "autotune", lambda self, *a, **k: tunes.append(1) or autotune(self, *a, **k))
+    measure = AutoSelect.measure
+    monkeypatch.setattr(AutoSelect, "measure", lambda self, *a, **k: tunes.append(1) or measure(self, *a, **k))
     for call in range(1, 7):
         if call == 2:
-            bank.retune_requested = True
+            bank.selections["filter"].retune_requested = True
         bank.global_top(z, 64)
-    assert len(tunes) == 2 and not bank.retune_requested  # first call, then once 3 calls after it
-    assert bank._tuned_at == 4
+    assert len(tunes) == 2 and not bank.selections["filter"].retune_requested  # first call, then 3 calls on
+    assert bank.auto.tuned_at == 4
 
 
 def test_new_rows_drop_the_float16_copy() -> None:
     bank = ShardedBank(3000, D, seed=3, selection="filter")
     z = torch.nn.functional.normalize(torch.randn(Q, D, generator=torch.Generator().manual_seed(0)), dim=1)
+    filt = bank.selections["filter"]
     bank.global_top(z, 64)
-    assert bank._half is not None
+    assert filt.mirror is not None
     bank.rows = bank.rows.clone() * 0.5
-    assert bank._half is None
+    assert filt.mirror is None
     _assert_holds_exact_top(bank, z, 64)
-    assert torch.equal(bank._half, bank.rows.half())
+    assert torch.equal(filt.mirror, bank.rows.half())

@@ -71,7 +71,7 @@ def test_selection_exact_flags_a_selection_that_misses_rows(monkeypatch: pytest.
 
     from invprop.bank import ShardedBank
 
-    select = ShardedBank._select
+    select = ShardedBank.select_local
 
     def lossy(self, zq, m_sel, strategy):
         vals, ids, ascending = select(self, zq, m_sel, strategy)
@@ -80,7 +80,7 @@ def test_selection_exact_flags_a_selection_that_misses_rows(monkeypatch: pytest.
         best = vals.argmax(dim=1, keepdim=True)  # drop each query's top row: a different row takes its place
         return vals.scatter(1, best, -1.0), ids.scatter(1, best, 0), ascending
 
-    monkeypatch.setattr(ShardedBank, "_select", lossy)
+    monkeypatch.setattr(ShardedBank, "select_local", lossy)
     found = selection_exact(3000, 8, 64, torch.device("cpu"))
     assert found["all_exact"] is False
     for regime in ("random", "crowded"):
@@ -139,7 +139,7 @@ def test_audit_flags_a_dropped_top_row_even_when_a_tie_fills_its_place(monkeypat
         vals, cols = (zq @ self.rows.t()).topk(m_sel + 1, dim=1)
         return vals[:, 1:], cols[:, 1:] + self.start, False
 
-    monkeypatch.setattr(ShardedBank, "_select", skips_the_best)
+    monkeypatch.setattr(ShardedBank, "select_local", skips_the_best)
     found = audit_selection(bank, z, m, "topk")
     assert found["max_deficit"] == 0.0 and found["min_count"] == m  # what the deficit check alone would pass
     assert found["max_excess"] > 0.01 and not found["exact"] and found["same_set"] == 0.0
@@ -153,13 +153,12 @@ def test_audit_of_bound_fallback_takes_the_exact_route(exact_topk_calls) -> None
     sys.path.insert(0, str(ROOT / "tools"))
     from gpu_probes import audit_selection
 
-    import invprop.bank as bank_module
     from invprop.bank import ShardedBank
 
     bank = ShardedBank(4000, 128, seed=0)
     z = torch.nn.functional.normalize(torch.randn(8, 128, generator=torch.Generator().manual_seed(0)), dim=1)
-    sigmas = bank_module._SAMPLE_SIGMAS
+    sigmas = bank.selections["bound"].sample_sigmas
     assert audit_selection(bank, z, 256, "bound")["exact"] and exact_topk_calls == []  # the sampled bound held
     found = audit_selection(bank, z, 256, "bound-fallback")
     assert found["exact"] and exact_topk_calls == [(8, 256)]  # every query through the exact fallback
-    assert bank_module._SAMPLE_SIGMAS == sigmas and bank.selection == "bound"  # the module setting restored
+    assert bank.selections["bound"].sample_sigmas == sigmas and bank.selection == "bound"  # the setting restored

@@ -1,4 +1,4 @@
-"""Single-process checks of DESIGN section 2 against the plain reference and hand-worked graphs."""
+"""Single-process checks of docs/DESIGN.md, "The algorithm", against the plain reference and hand-worked graphs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The contract of DESIGN section 3: W gloo ranks equal the dense single-process reference."""
+"""The contract of docs/DESIGN.md, "One step over W ranks": W gloo ranks equal the dense single-process reference."""
 
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 The bar is the same weighted kNN (K=200, sigma=0.07, reference = the training subset, test split) on the
 network before its first step, measured in the same run (`knn_untrained_top1`). With the short-budget recipe
 (bank rows from the untrained network, tau 0.2, crops of 35-100% of the image) 15 epochs of the first 2,000
-images gave 62.7% against 55.7% untrained (+7.0 points); the same run with the DESIGN's random bank rows ends
-*below* the untrained network (54.1%), which is what this test guards against.
+images gave 62.7% against 55.7% untrained (+7.0 points); the same run with the paper's random bank rows
+(docs/DESIGN.md, "Departures from the paper") ends *below* the untrained network (54.1%), which is what this test
+guards against.
 """
 
 from __future__ import annotations

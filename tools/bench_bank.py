@@ -8,7 +8,7 @@ and inputs:
 
 * ``sharded``: ``invprop.loss.InvPLoss`` over a ``ShardedBank`` at world size 1 (no process group), i.e. the
   code every rank runs in training;
-* ``dense``: ``invprop.dense_reference.DenseInvP``, a vectorised single-process implementation on the full
+* ``dense``: ``invprop.testing.dense_reference.DenseInvP``, a vectorised single-process implementation on the full
   N x D bank (``torch.topk`` over the whole score matrix).
 
 A step is: forward of the loss for fixed random L2-normalised embeddings (requires_grad), backward to the
@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from invprop.bank import SELECTIONS, ShardedBank  # noqa: E402
-from invprop.dense_reference import DenseInvP  # noqa: E402
 from invprop.graph import NeighbourGraph  # noqa: E402
 from invprop.loss import InvPLoss  # noqa: E402
+from invprop.testing.dense_reference import DenseInvP  # noqa: E402
 
 WORLDS = (1, 2, 4, 8)
 LARGE_N, LARGE_STEPS = 1_000_000, 3

@@ -212,8 +212,9 @@ def fmnist_config(device: torch.device, epochs: int, subset: int, root: str | No
     cfg.train.update(epochs=epochs, batch_size=512, num_workers=min(8, os.cpu_count() or 1), log_every=50,
                      precision=precision if device.type == "cuda" else "fp32", channels_last=True,
                      checkpoint_every_min=0)
-    # DESIGN: tau 0.2 with an MLP head. Bank rows from the untrained network: random rows collapsed the
-    # 10-epoch run (docs/RESULTS.md); --fmnist-bank-init random reproduces that configuration.
+    # tau 0.2 with an MLP head (docs/DESIGN.md, "Departures from the paper"). Bank rows from the untrained
+    # network: random rows collapsed the 10-epoch run (docs/RESULTS.md); --fmnist-bank-init random reproduces
+    # that configuration.
     cfg.method.update(tau=tau, warmup_epochs=max(1, epochs // 5), bank_init=bank_init)
     cfg.model.head = head
     cfg.train.lr = lr

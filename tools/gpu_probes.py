@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 import torch
 
-import invprop.bank as bank_module
 from invprop.bank import ShardedBank
 
 # "bound-fallback": `bound` with its sampled bound made to overshoot for every query, so the exact fallback runs
@@ -61,13 +60,14 @@ def audit_selection(bank: ShardedBank, z: torch.Tensor, m: int, selection: str) 
     ref_vals, ref_ids = exact.topk(m, dim=1)
     kth = ref_vals[:, -1:]
     bank.selection, bank.filter_extra = selection.removesuffix("-fallback"), 0
-    sigmas = bank_module._SAMPLE_SIGMAS
+    bound = bank.selections["bound"]
+    sigmas = bound.sample_sigmas
     if selection == "bound-fallback":
-        bank_module._SAMPLE_SIGMAS = -50.0  # the sample's maximum as the bound: far too high for every query
+        bound.sample_sigmas = -50.0  # the sample's maximum as the bound: far too high for every query
     try:
         top = bank.global_top(z, m)
     finally:
-        bank_module._SAMPLE_SIGMAS = sigmas
+        bound.sample_sigmas = sigmas
     selected = top.in_top & (top.ids >= 0)
     count = selected.sum(dim=1)
     picked = top.ids.masked_fill(~selected, bank.n).sort(dim=1).values  # selected ids ascending, then n

@@ -1,4 +1,4 @@
-"""Linear probe: a frozen backbone, BatchNorm1d + Linear trained on its pooled features (DESIGN section 2).
+"""Linear probe: frozen backbone, BatchNorm1d + Linear on its pooled features (docs/DESIGN.md, "Evaluation protocols").
 
 The backbone never changes, so its pooled features are computed once (test transform, plus optionally a few
 randomly cropped views of every training image) and the head is trained on those tensors with SGD and a

@@ -1,6 +1,6 @@
 """Summaries of finished runs: a comparison table and PNG plots (library part of ``tools/report.py``).
 
-A run directory holds ``config.yaml``, ``metrics.jsonl`` and ``results.json`` (DESIGN section 5); a sweep
+A run directory holds ``config.yaml``, ``metrics.jsonl``, ``results.json`` (docs/DESIGN.md, "Run directories"); a sweep
 directory holds run directories (at any depth). The table shows, per run, the config keys whose values differ
 across the runs (flattened, dotted) and the evaluation figures from ``results.json``. The plots overlay all
 runs: loss terms and lr over steps, kNN accuracy over epochs, and the propagation monitors over epochs.

@@ -1,4 +1,4 @@
-"""Semi-supervised fine-tuning on 1% / 10% of the labels (DESIGN section 2).
+"""Semi-supervised fine-tuning on 1% / 10% of the labels (docs/DESIGN.md, "Evaluation protocols").
 
 The whole network (a copy of the backbone plus a new linear classifier) is trained with SGD on a per-class
 balanced label subset (see :mod:`invprop.eval.subsets`), the classifier with ``classifier_lr_mult`` times the

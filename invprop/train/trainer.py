@@ -175,9 +175,9 @@ class Trainer:
         """`method.bank_init=network`: this rank's bank rows become the untrained network's embeddings of the
         un-augmented images (train-mode BatchNorm, as in a training step; running statistics restored after).
 
-        Random rows (the DESIGN default) make the first epochs fit each image to a random vector, which on a
-        short budget pulls the network below its untrained kNN; rows from the network give the instance
-        term a target it can learn invariance around from the first step.
+        Random rows (the paper's init; docs/DESIGN.md, "Departures from the paper") make the first epochs fit
+        each image to a random vector, which on a short budget pulls the network below its untrained kNN; rows
+        from the network give the instance term a target it can learn invariance around from the first step.
         """
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         self.model.train()

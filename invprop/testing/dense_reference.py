@@ -1,5 +1,5 @@
-"""A dense, single-process, vectorised InvP step (DESIGN section 2) on the full bank: the baseline of
-`tools/bench_bank.py`.
+"""A dense, single-process, vectorised InvP step (docs/DESIGN.md, "The algorithm") on the full bank: the baseline
+of `tools/bench_bank.py`.
 
 This is what a careful implementation without sharding looks like: the whole (B x N) score matrix,
 `torch.topk` over it for the top-M background set, candidates by indexing the neighbour table, hard (or easy)

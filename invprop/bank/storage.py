@@ -1,0 +1,231 @@
+"""The memory bank V (N x D), split into contiguous row shards, one per rank (docs/DESIGN.md, "The sharded bank").
+
+Rank r owns rows [start, stop). The loss never indexes a global tensor: it asks the bank for scores against the
+local shard and for exact global reductions over those scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from invprop import collectives as coll
+from invprop.bank.autotune import AutoSelect
+from invprop.bank.reductions import kth_largest
+from invprop.bank.reductions import nearest as global_nearest
+from invprop.bank.select import SELECTIONS, SelectSettings, build_selections
+from invprop.bank.select.base import Selected, float32_matmul, local_dots
+
+# Rows are initialised in fixed chunks, each from its own seed, so the bank is the same for any world size.
+_INIT_CHUNK = 65536
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous shard of rank `rank`; the last rank takes the remainder."""
+    base = n // world
+    start = rank * base
+    stop = n if rank == world - 1 else start + base
+    return start, stop
+
+
+def init_rows(start: int, stop: int, dim: int, seed: int) -> torch.Tensor:
+    """Uniform(-a, a) with a = 1/sqrt(D/3), not normalised (docs/DESIGN.md, "Departures from the paper")."""
+    bound = 1.0 / math.sqrt(dim / 3.0)
+    out = torch.empty(stop - start, dim)
+    for chunk in range(start // _INIT_CHUNK, (stop - 1) // _INIT_CHUNK + 1 if stop > start else 0):
+        c0 = chunk * _INIT_CHUNK
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
+        block = torch.rand(_INIT_CHUNK, dim, generator=gen) * (2 * bound) - bound
+        lo, hi = max(start, c0), min(stop, c0 + _INIT_CHUNK)
+        out[lo - start : hi - start] = block[lo - c0 : hi - c0]
+    return out
+
+
+@dataclass
+class TopCandidates:
+    """This rank's share of the global top-M, per query (Q x C, padded with score -inf and id -1).
+
+    Holds a superset of the local top-M (with `bound`: every local score at or above a per-query lower bound of
+    the local M-th largest); `in_top` marks those in the exact global top-M (score >= `threshold`, the global
+    M-th largest). Global ids ascend along each row where `ascending`.
+    """
+
+    vals: torch.Tensor  # scores, differentiable in the queries
+    ids: torch.Tensor
+    in_top: torch.Tensor
+    threshold: torch.Tensor  # (Q,)
+    ascending: bool = True
+
+
+class _SelectedScores(torch.autograd.Function):
+    """Scores z_q . V_j already computed (without grad) for a few bank rows j per query (global ids, -1 for
+    padding; `start` is this shard's first id); the backward is sum_j g_qj V_j, a weighted gather of rows,
+    instead of a dense (Q x n_local) matmul."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,  # type: ignore[override]
+                vals: torch.Tensor, start: int) -> torch.Tensor:
+        ctx.save_for_backward(rows, ids)  # saving `rows` makes an in-place bank update before backward fail
+        ctx.z_dtype, ctx.start = z.dtype, start
+        return vals.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        rows, ids = ctx.saved_tensors
+        weights = grad.to(rows.dtype).contiguous()
+        # Zero weights (padding, scores outside every mask) read row 0 instead of a random row.
+        cols = (ids - ctx.start) * (weights != 0)
+        out = torch.nn.functional.embedding_bag(cols, rows, per_sample_weights=weights, mode="sum")
+        return out.to(ctx.z_dtype), None, None, None, None
+
+
+class ShardedBank:
+    """This rank's rows of the bank plus the collectives that make shard-local work globally exact.
+
+    `selection` names how the local top-M is found (`SELECTIONS`); `settings` holds the strategies' settings.
+    `selections` are the strategy objects by name, `auto` the one that picks among them.
+    """
+
+    def __init__(self, n: int, dim: int, *, rank: int = 0, world: int = 1, seed: int = 0,
+                 device: torch.device | str = "cpu", selection: str = "auto",
+                 settings: SelectSettings | None = None) -> None:
+        if selection not in SELECTIONS:
+            raise ValueError(f"bank.selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+        self.n, self.dim, self.rank, self.world = n, dim, rank, world
+        self.start, self.stop = shard_bounds(n, rank, world)
+        self.selection = selection
+        self.settings = settings or SelectSettings()
+        self.selections = build_selections(self.settings)
+        self.auto = AutoSelect(self.selections, tune_on_cpu=self.settings.tune_on_cpu,
+                               retune_after_calls=self.settings.retune_after_calls)
+        self.rows = init_rows(self.start, self.stop, dim, seed).to(device)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """This rank's rows (n_local x D, float32)."""
+        return self._rows
+
+    @rows.setter
+    def rows(self, value: torch.Tensor) -> None:
+        self._rows = value
+        for selection in self.selections.values():  # new rows: what was derived from the old ones is stale
+            selection.forget_rows()
+
+    @property
+    def n_local(self) -> int:
+        return self.stop - self.start
+
+    # what `auto` chose and measured, and the filter's margin (reported by the trainer and the GPU check)
+    @property
+    def tuned(self) -> str | None:
+        return self.auto.tuned
+
+    @tuned.setter
+    def tuned(self, value: str | None) -> None:
+        self.auto.tuned = value  # None: measure again on the next call
+
+    @property
+    def tuning_ms(self) -> dict[str, float]:
+        return self.auto.tuning_ms
+
+    @property
+    def filter_extra(self) -> int:
+        return self.selections["filter"].extra
+
+    @filter_extra.setter
+    def filter_extra(self, value: int) -> None:
+        self.selections["filter"].extra = value
+
+    def local_scores(self, z: torch.Tensor) -> torch.Tensor:
+        """Scores (Q x n_local) of every gathered query against this shard; differentiable in z."""
+        return z @ self.rows.t()
+
+    def owned(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids >= self.start) & (ids < self.stop)
+
+    def pair_scores(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Global scores z_q . V_ids[q, c] (ids < 0 give 0) from the owner shards, without a full score matrix;
+        differentiable in z. Non-owners contribute exact zeros, so every rank receives bit-identical values."""
+        own = self.owned(ids)
+        picked = local_dots(self.rows, z, torch.where(own, ids - self.start, torch.zeros_like(ids))) * own
+        return coll.sum_across_ranks(picked)
+
+    def global_top(self, z: torch.Tensor, m: int, keep: int = 0) -> TopCandidates:
+        """This rank's part of the exact global top-m of every query in `z` (Q x D).
+
+        The candidates always include the local top-max(m, keep) (so `nearest` can use them too); how they are
+        found is `selection`: with `bound` the ids ascend along each row, otherwise they are in no particular
+        order. The full Q x n_local score matrix is never held by `bound`.
+        """
+        m_sel = min(max(m, keep), self.n_local)
+        # Selection in full precision whatever autocast region the caller is in: the result must be exact.
+        with torch.no_grad(), torch.autocast(z.device.type, enabled=False), float32_matmul():
+            zq = z.detach().to(self.rows.dtype)
+            vals, ids, ascending = self.select_local(zq, m_sel, self.strategy(zq, m_sel))
+            threshold = kth_largest(vals, m, self.world)
+            in_top = vals >= threshold.unsqueeze(1)
+        return TopCandidates(_SelectedScores.apply(z, self.rows, ids, vals, self.start), ids, in_top, threshold,
+                             ascending)
+
+    def strategy(self, zq: torch.Tensor, m_sel: int) -> str:
+        """The selection this call uses: the configured one, or what `auto` picks for this device."""
+        if self.selection != "auto":
+            return self.selection
+        return self.auto.choose(zq, lambda name: self.select_local(zq, m_sel, name))
+
+    def autotune(self, zq: torch.Tensor, m_sel: int, repeats: int = 2) -> str:
+        """Time each exact selection on these queries and keep the fastest (what `auto` does on its first call)."""
+        return self.auto.measure(zq, lambda name: self.select_local(zq, m_sel, name), repeats)
+
+    def select_local(self, zq: torch.Tensor, m_sel: int, strategy: str) -> Selected:
+        """(values, global ids, ids ascending) holding this rank's local top-m_sel of every query."""
+        return self.selections[strategy].select(zq, self.rows, self.start, m_sel)
+
+    def nearest(self, vals: torch.Tensor, ids: torch.Tensor, query_ids: torch.Tensor, k: int) -> torch.Tensor:
+        """Global ids of the k largest scores per query, the query's own row excluded.
+
+        `vals`/`ids` (Q x C, ids -1 for padding) must hold at least this rank's top k+1 scores per query, e.g.
+        `global_top(..., keep=k + 1)` or the full local scores with their global ids.
+        """
+        return global_nearest(vals, ids, query_ids, k)
+
+    @torch.no_grad()
+    def update(self, ids: torch.Tensor, z: torch.Tensor, momentum: float) -> None:
+        """Owner-writes EMA: V_i <- normalize(m V_i + (1 - m) v_i) for the rows this rank owns."""
+        # No boolean-mask indexing (its nonzero() is a host sync on a GPU): an entry this rank does not own
+        # repeats the write of an owned entry (the same row, the same value), so duplicate indices are harmless;
+        # with no owned entry at all, row 0 is rewritten with itself.
+        if self.world == 1:  # every row is this rank's
+            rows = ids
+            mixed = momentum * self.rows[rows] + (1.0 - momentum) * z.detach().to(self.rows.dtype)
+            new = torch.nn.functional.normalize(mixed, dim=1)
+        else:
+            own = self.owned(ids)
+            first_owned = own.to(torch.int8).argmax()
+            src = torch.where(own, torch.arange(ids.shape[0], device=ids.device), first_owned)
+            use = own[src].unsqueeze(1)
+            rows = torch.where(own[src], ids[src] - self.start, torch.zeros_like(ids))
+            mixed = momentum * self.rows[rows] + (1.0 - momentum) * z.detach()[src].to(self.rows.dtype)
+            new = torch.where(use, torch.nn.functional.normalize(mixed, dim=1), self.rows[rows])
+        version = self.rows._version
+        self.rows.index_put_((rows,), new)
+        for selection in self.selections.values():  # e.g. the filter's float16 mirror, kept current
+            selection.rows_written(self.rows, version, rows, new)
+
+    # -- checkpoint and evaluation helpers -------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor | int]:
+        return {"rows": self.rows.cpu(), "start": self.start, "stop": self.stop, "n": self.n}
+
+    def gather_full(self) -> torch.Tensor:
+        """The whole bank in row order (for digests and small-scale evaluation)."""
+        if self.world == 1:
+            return self.rows.detach().cpu()
+        base = self.n // self.world
+        pad = self.n - base * (self.world - 1)
+        padded = torch.zeros(pad, self.dim, device=self.rows.device)
+        padded[: self.n_local] = self.rows
+        parts = coll.gather_stack(padded).cpu()
+        sizes = [shard_bounds(self.n, r, self.world) for r in range(self.world)]
+        return torch.cat([parts[r, : stop - start] for r, (start, stop) in enumerate(sizes)])
