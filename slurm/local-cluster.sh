@@ -183,10 +183,16 @@ exe_name() {
     echo "${exe%-wlm}"
 }
 
-# pids_named NAME: live processes running the program NAME (slurmctld also matches slurmctld-wlm)
+# pids_named NAME: live processes running the program NAME (slurmctld also matches slurmctld-wlm), without the
+# helpers such a process forks from itself (slurmctld's slurmscriptd)
 pids_named() {
-    find /proc/[0-9]* -maxdepth 1 -name exe \( -lname "*/$1" -o -lname "*/$1-wlm" \) -printf '%h\n' 2>/dev/null |
-        sed 's|^/proc/||' | sort -n
+    local pid ppid
+    for pid in $(find /proc/[0-9]* -maxdepth 1 -name exe \( -lname "*/$1" -o -lname "*/$1-wlm" \) -printf '%h\n' \
+        2>/dev/null | sed 's|^/proc/||' | sort -n); do
+        ppid="$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $2}')" || continue
+        [[ -n "$ppid" && "$(exe_name "$ppid" 2>/dev/null || true)" != "$1" ]] || continue
+        echo "$pid"
+    done
 }
 
 # cluster_state_of PID: the state folder of the local cluster (of any checkout) that PID belongs to: read from the

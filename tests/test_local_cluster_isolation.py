@@ -206,6 +206,24 @@ def test_install_etc_refused_while_another_slurmctld_runs(slurm_cluster: LocalSl
     assert processes_mentioning(str(second_checkout.root)) == []
 
 
+def test_install_etc_opt_in_links_our_config(slurm_cluster: LocalSlurm) -> None:
+    """The explicit opt-in on a test box: /etc/slurm/slurm.conf becomes a symlink to this checkout's config (the
+    test removes it again, as `down` does)."""
+    if SYSTEM_CONF.exists() or SYSTEM_CONF.is_symlink():
+        pytest.skip(f"{SYSTEM_CONF} exists: the opt-in is refused (see test_up_never_touches_...)")
+    times = (ETC_SLURM.stat().st_atime_ns, ETC_SLURM.stat().st_mtime_ns) if ETC_SLURM.exists() else None
+    env = {**os.environ, "INVPROP_SLURM_INSTALL_ETC": "1"}
+    try:
+        up = subprocess.run(["bash", str(SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stderr
+        assert os.readlink(SYSTEM_CONF) == str(slurm_cluster.slurm_conf)
+    finally:
+        if SYSTEM_CONF.is_symlink() and os.readlink(SYSTEM_CONF) == str(slurm_cluster.slurm_conf):
+            SYSTEM_CONF.unlink()
+        if times is not None:
+            os.utime(ETC_SLURM, ns=times)
+
+
 def test_port_held_by_a_listening_socket_fails_up_in_one_line_changing_nothing(slurm_cluster: LocalSlurm,
                                                                               second_checkout: Checkout) -> None:
     ports = free_ports(2)
