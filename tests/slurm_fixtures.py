@@ -4,10 +4,11 @@ Use it from a conftest with ``from slurm_fixtures import slurm_cluster  # noqa: 
 under pytest's default import mode), or call :func:`ensure_cluster` from a fixture of your own.
 
 The fixture checks ``slurm/local-cluster.sh status``; when the cluster is not (fully) up it runs ``up``. It skips
-the test with the reason when Slurm is not installed, when not running as root, or when ``up`` fails -- unless
-``INVPROP_SLURM_REQUIRED=1`` is set (CI), in which case those become failures. It also exports ``SLURM_CONF`` in
-this process, so that submitit (which calls sbatch/sacct/scancel) talks to the local cluster even when
-/etc/slurm/slurm.conf was not installed.
+the test with the reason when Slurm is not installed, when not running as root, when ``up`` fails, or when
+``make test`` already found that the cluster cannot start (``INVPROP_SLURM_UNAVAILABLE``, set by
+``local-cluster.sh test-env``) -- unless ``INVPROP_SLURM_REQUIRED=1`` is set (CI), in which case those become
+failures. It also exports ``SLURM_CONF`` in this process, so that submitit (which calls sbatch/sacct/scancel) and
+every command the tests start talk to this checkout's cluster, never to the machine's own SLURM.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def ensure_cluster(up_timeout: float = 110) -> LocalSlurm:
     global _CLUSTER
     if _CLUSTER is not None:
         return _CLUSTER
+    if os.environ.get("INVPROP_SLURM_UNAVAILABLE"):
+        _unavailable(os.environ["INVPROP_SLURM_UNAVAILABLE"])
     missing = [
         p
         for p in ("sbatch", "sacct", "slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd")
@@ -137,8 +140,10 @@ def ensure_cluster(up_timeout: float = 110) -> LocalSlurm:
         except subprocess.TimeoutExpired:
             _unavailable(f"'{SCRIPT} up' did not finish within {up_timeout}s")
         if up.returncode != 0:
+            errors = [ln for ln in up.stderr.splitlines() if ln.startswith("[local-cluster] ERROR: ")]
             tail = "\n".join((up.stdout + up.stderr).strip().splitlines()[-40:])
-            _unavailable(f"'{SCRIPT} up' failed (exit {up.returncode}):\n{tail}")
+            first = errors[0].removeprefix("[local-cluster] ERROR: ") if errors else f"exit {up.returncode}"
+            _unavailable(f"'{SCRIPT} up' failed: {first}\n{tail}")
     conf = state_dir() / "etc" / "slurm.conf"
     if not conf.is_file():
         _unavailable(f"{conf} missing after 'up'")

@@ -24,9 +24,9 @@ def _jobs(run_dir: Path) -> dict[str, str]:
     return json.loads((run_dir / "jobs.json").read_text())["jobs"]
 
 
-def _status(cluster, path: Path) -> list[dict]:
-    out = subprocess.run([sys.executable, str(ROOT / "tools/status.py"), str(path), "--json"], env=cluster.env,
-                         capture_output=True, text=True, timeout=60, check=True)
+def _status(cluster, path: Path, env: dict[str, str] | None = None) -> list[dict]:
+    out = subprocess.run([sys.executable, str(ROOT / "tools/status.py"), str(path), "--json"],
+                         env=env or cluster.env, capture_output=True, text=True, timeout=60, check=True)
     return json.loads(out.stdout)
 
 
@@ -65,7 +65,10 @@ def test_failed_pretrain_cancels_its_evaluation(slurm_cluster, tmp_path: Path) -
     assert slurm_cluster.wait_sacct(jobs["pretrain"], timeout=120)["State"] == "FAILED"
     assert slurm_cluster.wait_sacct(jobs["eval_knn"], timeout=60)["State"] == "CANCELLED"
     assert slurm_cluster.squeue(jobs["eval_knn"]) is None  # not left pending forever
-    rows = {r["role"]: r for r in _status(slurm_cluster, run)}
+    # jobs.json names the cluster the jobs went to: status finds them from a shell without SLURM_CONF
+    assert json.loads((run / "jobs.json").read_text())["slurm_conf"] == str(slurm_cluster.slurm_conf)
+    bare_env = {k: v for k, v in slurm_cluster.env.items() if k != "SLURM_CONF"}
+    rows = {r["role"]: r for r in _status(slurm_cluster, run, bare_env)}
     assert rows["pretrain"]["state"] == "FAILED"
     assert rows["eval_knn"]["state"] == "CANCELLED (pretrain FAILED)"
     assert not (run / "results.json").exists()

@@ -67,8 +67,21 @@ def available_partitions() -> list[str] | None:
         return None
     out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30)
     if out.returncode != 0:
-        raise ConfigError(f"cluster=slurm: sinfo failed ({out.stderr.strip()}); is the SLURM controller up?")
+        hint = "is the SLURM controller up?"
+        if not os.environ.get("SLURM_CONF") and not Path("/etc/slurm/slurm.conf").exists():
+            # the local test cluster is reached only through SLURM_CONF; it never installs itself in /etc
+            hint = ("no SLURM configuration here (SLURM_CONF is unset); for this checkout's local test cluster run: "
+                    'eval "$(slurm/local-cluster.sh env)"')
+        raise ConfigError(f"cluster=slurm: sinfo failed ({out.stderr.strip()}); {hint}")
     return sorted(set(out.stdout.split()))
+
+
+def jobs_record(jobs: dict[str, str], logs: Path) -> dict:
+    """What jobs.json holds; SLURM_CONF (when set) names the cluster the jobs went to, for tools/status.py."""
+    record: dict = {"jobs": jobs, "logs": str(logs)}
+    if os.environ.get("SLURM_CONF"):
+        record["slurm_conf"] = str(Path(os.environ["SLURM_CONF"]).resolve())
+    return record
 
 
 def check_cluster(cluster: DictConfig) -> None:
@@ -123,7 +136,7 @@ def run_array_element(cfg: DictConfig, run_dir: Path) -> int:
             with _outside_job_env():
                 evals = submit_evaluations(cfg, run_dir, after=me)
             jobs = {"pretrain": me, **{role: job.job_id for role, job in evals.items()}}
-            write_json_atomic(run_dir / "jobs.json", {"jobs": jobs, "logs": str(run_dir / "submitit")})
+            write_json_atomic(run_dir / "jobs.json", jobs_record(jobs, run_dir / "submitit"))
     pretrain(run_dir, evaluate=False)
     return 0
 
@@ -141,7 +154,7 @@ def submit_run(cfg: DictConfig, run_dir: Path, console: Console) -> int:
                     int(cfg.cluster.timeout_min)).submit(PretrainJob(str(run_dir)))
     evals = submit_evaluations(cfg, run_dir, after=pre.job_id)
     jobs = {"pretrain": pre.job_id, **{role: job.job_id for role, job in evals.items()}}
-    write_json_atomic(run_dir / "jobs.json", {"jobs": jobs, "logs": str(logs)})
+    write_json_atomic(run_dir / "jobs.json", jobs_record(jobs, logs))
     table = Table(title="submitted")
     for col in ("role", "job id", "runs", "log"):
         table.add_column(col)

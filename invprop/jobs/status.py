@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 
-def sacct_records(job_ids: list[str]) -> dict[str, list[dict[str, str]]]:
-    """Every allocation record (requeued runs included, -D) per job id, oldest first."""
+def sacct_records(job_ids: list[str], slurm_conf: str | None = None) -> dict[str, list[dict[str, str]]]:
+    """Every allocation record (requeued runs included, -D) per job id, oldest first.
+
+    ``slurm_conf``: the SLURM_CONF the jobs were submitted with (from jobs.json), so that sacct asks the cluster
+    that ran them whatever this shell's environment says; None: the environment's (or Slurm's default)."""
     if not job_ids:
         return {}
+    env = {**os.environ, "SLURM_CONF": slurm_conf} if slurm_conf and Path(slurm_conf).is_file() else None
     out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", ",".join(job_ids),
                           "--format=JobID,State,Elapsed,Start,End,ExitCode"],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=30, env=env)
     records: dict[str, list[dict[str, str]]] = {j: [] for j in job_ids}
     for line in out.stdout.splitlines():
         job, state, elapsed, start, end, code = line.split("|")
@@ -33,8 +38,9 @@ def find_runs(path: Path) -> list[Path]:
 
 
 def job_rows(run_dir: Path) -> list[dict[str, Any]]:
-    jobs = json.loads((run_dir / "jobs.json").read_text())["jobs"]
-    records = sacct_records(list(jobs.values()))
+    record = json.loads((run_dir / "jobs.json").read_text())
+    jobs = record["jobs"]
+    records = sacct_records(list(jobs.values()), record.get("slurm_conf"))
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     rows = []
