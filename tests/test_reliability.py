@@ -106,6 +106,7 @@ def test_extending_epochs_is_recorded_and_continues(tmp_path: Path) -> None:
     assert _steps(run) == list(range(1, 17))
 
 
+@pytest.mark.slow
 def test_hand_edited_batch_size_is_refused_not_a_hang(tmp_path: Path) -> None:
     """Below the launcher's check (a config.yaml edited by hand): a checkpoint at batch 7 of 8 cannot continue
     with 4 batches per epoch, and the restore says so instead of looping on an empty epoch."""
@@ -120,6 +121,7 @@ def test_hand_edited_batch_size_is_refused_not_a_hang(tmp_path: Path) -> None:
     assert "stopped at batch 7 of an epoch, but this run has 4 batches per epoch" in proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_before_first_checkpoint_then_rerun_has_no_repeated_steps(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = subprocess.Popen(_cmd(run), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -139,7 +141,8 @@ def test_sigkill_before_first_checkpoint_then_rerun_has_no_repeated_steps(tmp_pa
 
 
 # -- 4. local ranks: the launcher forwards stop signals and only FINISHED means finished ---------------------
-@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM], ids=["USR2", "TERM"])
 def test_signal_to_local_launcher_stops_its_ranks_with_a_checkpoint(tmp_path: Path, sig: signal.Signals) -> None:
     run = tmp_path / "run"
     proc = subprocess.Popen(_cmd(run, "gpus=2"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
