@@ -37,6 +37,21 @@ def _cfg(*overrides: str):
         (["method.denominator=other"], "method.denominator"),
         (["method.tau=0"], "method.tau"),
         (["data.subset=-5"], "data.subset"),
+        # issue 19: each of these was a traceback or silently accepted
+        (["seed=abc"], "seed"),
+        (["train.lr=abc"], "train.lr"),
+        (["model.embedding_dim=0"], "model.embedding_dim"),
+        (["train.log_every=0"], "train.log_every"),
+        (["data.image_size=16"], "data.image_size"),
+        (["data.resize_mode=foo"], "data.resize_mode"),
+        (["data.format=foo"], "data.format"),
+        (["data.augment.crop_scale=[2,1]"], "data.augment.crop_scale"),
+        (["data.augment.crop_scale=[0.5]"], "data.augment.crop_scale"),
+        (["train.checkpoint_every_steps=-1"], "train.checkpoint_every_steps"),
+        (["train.keep_checkpoints=0"], "train.keep_checkpoints"),
+        (["data.subset=70000"], "data.subset"),
+        (["data.root=/nonexistent"], "data.root"),
+        (["method.tau=abc"], "method.tau"),
     ],
 )
 def test_bad_values_name_their_field(overrides: list[str], field: str) -> None:
