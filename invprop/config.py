@@ -95,11 +95,15 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.get("hidden_dim") is not None:
         _positive_int(cfg.model.hidden_dim, "model.hidden_dim", " (or null)")
     n = _validate_data(cfg.data)
+    warm = cfg.train.get("lr_warmup_epochs", 0)
+    if not isinstance(warm, int) or isinstance(warm, bool) or not 0 <= warm < cfg.train.epochs:
+        raise ConfigError(f"train.lr_warmup_epochs={warm!r} must be an integer in [0, train.epochs)")
     if batch > n:
         raise ConfigError(f"train.batch_size={batch} is larger than the {n} training images; lower it "
                           "or raise data.subset")
     _validate_method(cfg.method, n)
     _validate_eval(cfg.eval)
+    _validate_logger(cfg.get("logger"))
     _validate_out_dir(str(cfg.out_dir))
     if cfg.cluster.name == "slurm":
         _validate_slurm(cfg.cluster)
@@ -231,6 +235,18 @@ def _validate_eval(ev: DictConfig) -> None:
         if not 0 < fraction <= 1:
             raise ConfigError(f"eval.semisup.fractions has {fraction}; each must be in (0, 1]")
     _choice(ev.semisup.augment, "eval.semisup.augment", ("crop", "none"))
+
+
+def _validate_logger(logger: DictConfig | None) -> None:
+    from invprop.logger import LOGGERS, wandb_missing_message
+
+    name = (logger or {}).get("name", "tensorboard")
+    _choice(name, "logger", LOGGERS)
+    if name == "wandb" and wandb_missing_message():
+        raise ConfigError(wandb_missing_message())
+    views = (logger or {}).get("views", 0)
+    if not isinstance(views, int) or isinstance(views, bool) or views < 0:
+        raise ConfigError(f"logger.views={views!r} must be an integer >= 0 (augmented views in the start grid)")
 
 
 def _validate_slurm(cluster: DictConfig) -> None:

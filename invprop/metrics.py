@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -35,11 +35,20 @@ def update_results(run_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
     return current
 
 
-class MetricsLog:
-    """Appends one JSON object per line; only the main rank writes."""
+class ScalarMirror(Protocol):
+    """A live logger fed the same records (invprop.logger)."""
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path, self.enabled = Path(path), enabled
+    def record(self, record: dict[str, Any]) -> None: ...
+
+    def resume_after(self, step: int) -> None: ...
+
+
+class MetricsLog:
+    """Appends one JSON object per line; only the main rank writes. The single place scalars are written:
+    `mirror` (TensorBoard, wandb) gets every record right after its line, and the resume truncation."""
+
+    def __init__(self, path: Path, enabled: bool = True, mirror: ScalarMirror | None = None) -> None:
+        self.path, self.enabled, self.mirror = Path(path), enabled, mirror
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -49,9 +58,13 @@ class MetricsLog:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
             fh.flush()
+        if self.mirror is not None:
+            self.mirror.record(record)
 
     def truncate_after(self, step: int) -> None:
         """Drop lines past `step` (written after the checkpoint a resumed run restarts from)."""
+        if self.enabled and self.mirror is not None:
+            self.mirror.resume_after(step)
         if not self.enabled or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines() if _step(line) <= step]

@@ -39,6 +39,16 @@ def test_directory_without_marker_is_never_loaded(tmp_path: Path) -> None:
     assert checkpoint.latest(tmp_path).name == "step_10"
 
 
+def test_saving_the_same_step_twice_stays_loadable(tmp_path: Path, capsys) -> None:
+    """A periodic save on the last step, then the final save of that step: the second manifest must not list
+    the first COMMITTED (whose size changes when it is rewritten)."""
+    _save(tmp_path, 10)
+    _save(tmp_path, 20)
+    _save(tmp_path, 20)
+    assert checkpoint.latest(tmp_path).name == "step_20"
+    assert "corrupt" not in capsys.readouterr().err
+
+
 def test_truncated_newest_is_skipped_with_warning(tmp_path: Path, capsys) -> None:
     _save(tmp_path, 10)
     newest = _save(tmp_path, 20)

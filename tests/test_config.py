@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,8 @@ def _cfg(*overrides: str):
         (["data.subset=70000"], "data.subset"),
         (["data.root=/nonexistent"], "data.root"),
         (["method.tau=abc"], "method.tau"),
+        (["logger.name=comet"], "logger"),
+        (["logger.views=-1"], "logger.views"),
     ],
 )
 def test_bad_values_name_their_field(overrides: list[str], field: str) -> None:
@@ -111,3 +114,11 @@ def test_every_documented_sweep_composes_and_validates() -> None:
     assert (cfg["bfs"].propagation, cfg["easy"].positives, cfg["k8"].k) == ("bfs", "easy", 8)
     assert (cfg["invp_random_bank"].bank_init, cfg["invp"].bank_init) == ("random", "network")
     assert cfg["invp"].warmup_epochs == 15 // 4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_wandb_logger_without_the_package_is_one_line() -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(_cfg("logger=wandb"))
+    assert str(err.value).startswith("logger=wandb needs the wandb package") and "\n" not in str(err.value)
+    validate(_cfg("logger=none"))

@@ -100,3 +100,13 @@ def test_resume_with_other_model_is_a_clear_error(tmp_path: Path) -> None:
     proc = _launch(run, "train.epochs=2", "model.embedding_dim=64")
     assert proc.returncode == 2  # refused by the launcher, before config.yaml is rewritten
     assert "cannot continue: model.embedding_dim=64 (run has 128)" in proc.stdout and "out_dir=" in proc.stdout
+
+
+def test_lr_warms_up_linearly_then_follows_the_cosine() -> None:
+    from invprop.train.trainer import warmup_cosine_lr
+
+    lrs = [warmup_cosine_lr(s, 0.4, total_steps=12, warmup_steps=4) for s in range(12)]
+    assert lrs[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert lrs[4] == pytest.approx(0.4) and lrs[4 + 4] == pytest.approx(0.2)  # half way through the cosine
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+    assert [warmup_cosine_lr(s, 0.4, 12) for s in (0, 6)] == pytest.approx([0.4, 0.2])  # no warm-up: as before

@@ -1,8 +1,9 @@
-"""`python tools/report.py <run dirs or sweep dir> [--out DIR] [--json]`: compare runs in a table and plots.
+"""`python tools/report.py <run dirs or sweep dir> [--out DIR] [--json] [--html]`: compare runs in a table and plots.
 
 The table has one row per run: the config keys whose values differ across the runs, then the figures from
 results.json. Plots (losses.png, knn.png, purity.png) go into the run or sweep directory given (the first
-one if several), or into --out.
+one if several), or into --out. --html writes report.html there instead: one self-contained page with the
+table and the plots embedded, to open in a browser.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from invprop.eval.html_report import write_html
 from invprop.eval.report import (
     default_out_dir,
     find_run_dirs,
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the table rows as JSON (no plots)")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown (with the plots)")
     parser.add_argument("--no-plots", action="store_true", help="only the table")
+    parser.add_argument("--html", action="store_true",
+                        help="write report.html (table and plots in one self-contained page) instead of the PNGs")
     parser.add_argument("--layout", choices=("auto", "runs", "keys"), default="auto",
                         help="a row per run, or a column per run (auto: columns for up to 8 runs)")
     args = parser.parse_args(argv)
@@ -49,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         print(render_markdown(columns, rows))
     else:
         console.print(render_table(columns, rows, title=", ".join(map(str, args.paths)), layout=args.layout))
-    if not args.no_plots:
+    if args.html:
+        page = write_html(runs, (args.out or default_out_dir(args.paths)) / "report.html",
+                          title=f"invprop: {', '.join(map(str, args.paths))}", layout=args.layout)
+        console.print(f"wrote {page}", soft_wrap=True)
+    elif not args.no_plots:
         written = write_plots(runs, args.out or default_out_dir(args.paths))
         for path in written:
             console.print(f"wrote {path}")

@@ -151,18 +151,20 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def display_value(column: str, value: Any) -> str:
+    """A table cell for people: accuracies (``*_top1``/``*_top5``) as percentages, wall times in seconds."""
+    if isinstance(value, float) and re.search(r"_top[15]$", column) and not math.isnan(value):
+        return f"{100 * value:.1f}%"
+    if isinstance(value, float) and column.endswith("wall_s"):
+        return f"{value:.0f}"
+    return format_value(value)
+
+
 def render_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
     """A GitHub-markdown table, a row per run; accuracies (``*_top1``/``*_top5``) as percentages."""
-
-    def cell(col: str, value: Any) -> str:
-        if isinstance(value, float) and re.search(r"_top[15]$", col) and not math.isnan(value):
-            return f"{100 * value:.1f}%"
-        if isinstance(value, float) and col.endswith("wall_s"):
-            return f"{value:.0f}"
-        return format_value(value).replace("|", "\\|")
-
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(c, row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(display_value(c, row.get(c)).replace("|", "\\|") for c in columns) + " |"
+              for row in rows]
     return "\n".join(lines)
 
 

@@ -47,6 +47,7 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
     device = distributed.init(env, float(cfg.train.dist_timeout_s))
     boundary = StepBoundary(device, int(cfg.train.get("checkpoint_every_steps", 0) or 0),
                             float(cfg.train.get("checkpoint_every_min", 0) or 0), also=stop_signals)
+    trainer = None
     try:
         trainer = Trainer(cfg, env, device, run_dir)
         latest = checkpoint.latest(trainer.ckpt_root, report=env.is_main)
@@ -84,6 +85,8 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
                                                    "time": time.time()})
         return results
     finally:
+        if trainer is not None:
+            trainer.close()
         boundary.close()
         distributed.shutdown()
 

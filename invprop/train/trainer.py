@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from invprop import checkpoint
@@ -26,6 +26,7 @@ from invprop.data.loader import IndexedImageDataset, batch_generator, build_trai
 from invprop.digest import state_digest
 from invprop.distributed import DistEnv
 from invprop.graph import UNKNOWN, NeighbourGraph
+from invprop.logger import build_logger, config_markdown, views_grid
 from invprop.loss import StepOutput, build_criterion, monitor_floats
 from invprop.metrics import MetricsLog
 from invprop.models import build_model
@@ -52,6 +53,14 @@ def window_means(window: list[dict[str, torch.Tensor | float]]) -> dict[str, flo
         if k not in means:
             means[k] = float(np.mean([float(w[k]) for w in window if k in w]))
     return {k: means[k] for k in keys}
+
+
+def warmup_cosine_lr(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0) -> float:
+    """Linear warm-up to `base_lr` over the first `warmup_steps`, then cosine to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -107,7 +116,8 @@ class Trainer:
                                          weight_decay=float(cfg.train.weight_decay))
         self.total_steps = int(cfg.train.epochs) * self.order.num_batches
         self.state = TrainState()
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=env.is_main)
+        self.logger = build_logger(cfg, self.run_dir, enabled=env.is_main)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=env.is_main, mirror=self.logger)
         self.ckpt_root = self.run_dir / "checkpoints"
         self._selection_reported = False
 
@@ -172,8 +182,8 @@ class Trainer:
 
     # -- schedule ---------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        """Cosine from the scaled base lr to 0 over all steps."""
-        return 0.5 * self.base_lr * (1 + math.cos(math.pi * step / max(1, self.total_steps)))
+        warm = int(self.cfg.train.get("lr_warmup_epochs", 0) or 0) * self.order.num_batches
+        return warmup_cosine_lr(step, self.base_lr, self.total_steps, warm)
 
     def set_lr(self) -> float:
         lr = self.lr_at(self.state.step)
@@ -232,6 +242,8 @@ class Trainer:
                 window, tick = [], time.perf_counter()
                 steps_before = self.state.step
                 for images, labels, indices in loader:
+                    if self.state.step == 0:
+                        self.log_start(images)
                     window.append(self.train_step(images, labels, indices))
                     self.report_bank_selection(progress)
                     self.state.batch += 1
@@ -262,6 +274,21 @@ class Trainer:
                                        f"({self.order.num_batches} batches of {self.order.global_batch} per epoch); "
                                        "the checkpoint's data position does not fit this run: use a new out_dir")
         return True
+
+    def log_start(self, images: torch.Tensor) -> None:
+        """A fresh run's first batch: the resolved config and a grid of its augmented views, for the logger
+        (the views are drawn from the same per-batch generator as the step's, so they are what it trains on)."""
+        if not self.logger.active:
+            return
+        self.logger.text("config", config_markdown(OmegaConf.to_yaml(self.cfg)), 0)
+        if self.logger.views > 0:
+            with torch.no_grad():
+                views = self.augment_batch(images)
+            self.logger.image("augmented_views", views_grid(views, *normalization(self.cfg.data), self.logger.views), 0)
+
+    def close(self) -> None:
+        """Flush and close the logger's files."""
+        self.logger.close()
 
     def report_bank_selection(self, progress: TrainProgress) -> None:
         """Once: what `bank.selection=auto` measured and chose on this accelerator (main rank)."""
