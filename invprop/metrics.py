@@ -67,11 +67,18 @@ class MetricsLog:
             self.mirror.resume_after(step)
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", -1) <= step]
+        keep = [line for line in self.path.read_text().splitlines() if _step(line) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
+
+
+def _step(line: str) -> float:
+    """The step of one metrics line; a line a killed writer left half-written sorts after every step."""
+    try:
+        return json.loads(line).get("step", -1)
+    except ValueError:
+        return float("inf")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -5,7 +5,8 @@ memory bank dropped). For model.arch=resnet50 the keys are torchvision's: the fi
 `torchvision.models.resnet50()` with `strict=False`, reporting only `fc.weight`/`fc.bias` missing. For the
 CIFAR ResNets it loads strictly into `invprop.models.build_backbone(arch)[0]`. `--format torchvision` (the
 default) writes nothing but the state_dict; `--format invprop` wraps it with the arch and the checkpoint name.
-The file is checked by loading it into a fresh backbone, then written to a temporary name and os.replace'd.
+The file is checked by loading it into a fresh backbone, then written to a temporary name and os.replace'd;
+an existing --out is never overwritten, and a failed write leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -28,8 +29,17 @@ def backbone_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch
     return {k[len(PREFIX):]: v.detach().clone().contiguous() for k, v in model_state.items() if k.startswith(PREFIX)}
 
 
+class ExportError(Exception):
+    """Something the user can fix: named in one line."""
+
+
 def export_backbone(run_dir: Path, out: Path, fmt: str = "torchvision") -> dict:
-    run_dir = Path(run_dir)
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() or out.is_symlink():
+        kind = "a folder" if out.is_dir() else "a file"
+        raise ExportError(f"--out {out} is {kind} that already exists; remove it or choose a new file name")
+    if not (run_dir / "config.yaml").is_file():
+        raise ExportError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = OmegaConf.load(run_dir / "config.yaml")
     latest = checkpoint.latest(run_dir / "checkpoints")
     if latest is None:
@@ -40,9 +50,11 @@ def export_backbone(run_dir: Path, out: Path, fmt: str = "torchvision") -> dict:
     fresh.load_state_dict(state, strict=True)  # our backbone; resnet50's has no fc keys (fc is Identity)
     payload = state if fmt == "torchvision" else {"arch": arch, "feature_dim": feature_dim,
                                                   "checkpoint": str(latest), "state_dict": state}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.save_atomic(payload, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.save_atomic(payload, out)  # a failed write removes its temporary file
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     return {"arch": arch, "checkpoint": latest.name, "tensors": len(state),
             "parameters": sum(v.numel() for k, v in state.items() if "running_" not in k and "num_batches" not in k)}
 
@@ -55,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         info = export_backbone(args.run_dir, args.out, args.format)
-    except FileNotFoundError as err:
+    except (ExportError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - the tool's top level: one line, no traceback
+        print(f"error: {' '.join(str(err).split())} ({type(err).__name__})", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}: {info['arch']} backbone from {info['checkpoint']}, {info['tensors']} tensors")
     return 0
 

@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from invprop import checkpoint
 from invprop.config import world_size
 from invprop.jobs.evaluate import evaluate_run
-from invprop.jobs.pretrain import pretrain, pretrain_rank
+from invprop.jobs.pretrain import finished, pretrain, pretrain_rank
 from invprop.jobs.spawn import spawn_ranks
 
 
 def run_local(cfg: DictConfig, run_dir: Path) -> dict:
-    """Pretrain (kNN evaluated in the training processes), then the other eval.protocols in this process."""
+    """Pretrain (kNN evaluated in the training processes), then the other eval.protocols in this process.
+
+    USR2 or SIGTERM stops training at the next step boundary with a committed checkpoint; with W ranks this
+    process forwards them. A run that did not finish returns {"preempted_at_step": n} (-1: no checkpoint yet).
+    """
     world = world_size(cfg)
+    stops = (signal.SIGUSR2, signal.SIGTERM)
     if world == 1:
-        results = pretrain(run_dir)
+        results = pretrain(run_dir, stop_signals=(signal.SIGTERM,))
     else:
-        spawn_ranks(pretrain_rank, world, (str(run_dir),), timeout_s=float(cfg.get("local_timeout_s", 24 * 3600)))
-        path = Path(run_dir) / "results.json"
-        results = json.loads(path.read_text()) if path.exists() else {"preempted_at_step": -1}
+        spawn_ranks(pretrain_rank, world, (str(run_dir),), timeout_s=float(cfg.get("local_timeout_s", 24 * 3600)),
+                    forward=stops)
+        if finished(run_dir):
+            results = json.loads((Path(run_dir) / "results.json").read_text())
+        else:
+            latest = checkpoint.latest(Path(run_dir) / "checkpoints", report=False)
+            results = {"preempted_at_step": -1 if latest is None else checkpoint.step_of(latest)}
     if "preempted_at_step" in results:
         return results
     for protocol in cfg.eval.get("protocols", ["knn"]):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from rich.console import Console
 
 from invprop import checkpoint, distributed
 from invprop.eval.knn_eval import evaluate_knn, evaluate_pixels_knn
-from invprop.metrics import read_jsonl, update_results
+from invprop.metrics import read_jsonl, update_results, write_json_atomic
 from invprop.train.boundary import StepBoundary
 from invprop.train.trainer import Trainer
 
@@ -22,11 +24,21 @@ def load_run_config(run_dir: Path) -> DictConfig:
     return OmegaConf.load(Path(run_dir) / "config.yaml")
 
 
-def pretrain(run_dir: Path, evaluate: bool = True) -> dict:
+FINISHED = "FINISHED"
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether pretraining ran to its last step and wrote its results (not just any results.json: the
+    untrained baseline writes one before the first step)."""
+    return (Path(run_dir) / FINISHED).exists()
+
+
+def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Signals, ...] = ()) -> dict:
     """Train (this rank's part) from the newest committed checkpoint if any, save, then optionally evaluate.
 
-    On USR2 the ranks save a committed checkpoint at the next step boundary and hand over to submitit
-    (rank 0), which requeues the job; the requeued job lands here again and resumes from that step.
+    On USR2 (or one of `stop_signals`) the ranks save a committed checkpoint at the next step boundary and
+    hand over to submitit (rank 0), which requeues the job; the requeued job lands here again and resumes
+    from that step. The FINISHED marker is written last, when everything else is on disk.
     """
     start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -34,17 +46,21 @@ def pretrain(run_dir: Path, evaluate: bool = True) -> dict:
     env = distributed.read_env()
     device = distributed.init(env, float(cfg.train.dist_timeout_s))
     boundary = StepBoundary(device, int(cfg.train.get("checkpoint_every_steps", 0) or 0),
-                            float(cfg.train.get("checkpoint_every_min", 0) or 0))
+                            float(cfg.train.get("checkpoint_every_min", 0) or 0), also=stop_signals)
     trainer = None
     try:
         trainer = Trainer(cfg, env, device, run_dir)
-        latest = checkpoint.latest(trainer.ckpt_root)
+        latest = checkpoint.latest(trainer.ckpt_root, report=env.is_main)
+        if env.is_main:
+            (run_dir / FINISHED).unlink(missing_ok=True)  # until this attempt writes it again
         if latest is not None:
             trainer.restore(latest)
             if env.is_main:
                 console.print(f"resumed from {latest} (epoch {trainer.state.epoch}, batch {trainer.state.batch}, "
                               f"step {trainer.state.step})", soft_wrap=True)
         else:
+            # A fresh start: lines an earlier attempt wrote before its first checkpoint would repeat steps.
+            trainer.metrics.truncate_after(-1)
             if cfg.eval.get("untrained_baseline", False):
                 _untrained_baseline(cfg, trainer, device, env)
             if cfg.method.get("bank_init", "random") == "network":
@@ -64,7 +80,9 @@ def pretrain(run_dir: Path, evaluate: bool = True) -> dict:
             results.update(evaluate_knn(cfg, trainer.model, trainer.bank, trainer.images, trainer.labels, device))
         if env.is_main:
             results["wall_s"] = time.perf_counter() - start
-            return update_results(run_dir, results)
+            results = update_results(run_dir, results)
+            write_json_atomic(run_dir / FINISHED, {"step": trainer.state.step, "epochs": int(cfg.train.epochs),
+                                                   "time": time.time()})
         return results
     finally:
         if trainer is not None:
@@ -96,5 +114,11 @@ def _preempted(trainer: Trainer, boundary: StepBoundary, env: distributed.DistEn
 
 
 def pretrain_rank(rank: int, world: int, run_dir: str) -> None:
-    """Entry for spawned local ranks (environment already set by spawn_ranks)."""
-    pretrain(Path(run_dir))
+    """Entry for spawned local ranks (environment already set by spawn_ranks): a failure is one line."""
+    try:
+        pretrain(Path(run_dir))
+    except Exception as exc:  # noqa: BLE001 - the rank's top level
+        from invprop.jobs.submit import fail
+
+        print(f"rank {rank}:", end=" ", file=sys.stderr)
+        fail(exc)

@@ -84,6 +84,25 @@ def jobs_record(jobs: dict[str, str], logs: Path) -> dict:
     return record
 
 
+def max_gpus_per_node(partition: str | None) -> int | None:
+    """The most GPUs (gres gpu[:type]:n) any node of `partition` (or of the cluster) offers; None if unknown."""
+    if shutil.which("sinfo") is None:
+        return None
+    out = subprocess.run(["sinfo", "-h", "-o", "%R %G"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        return None
+    most = 0
+    for line in out.stdout.splitlines():
+        name, _, gres = line.partition(" ")
+        if partition is not None and name != partition:
+            continue
+        for item in gres.split(","):
+            fields = item.split("(")[0].split(":")
+            if fields[0] == "gpu" and fields[-1].isdigit():
+                most = max(most, int(fields[-1]))
+    return most
+
+
 def check_cluster(cluster: DictConfig) -> None:
     """Checks that need the cluster itself, still before anything is submitted."""
     if shutil.which("sbatch") is None:
@@ -91,6 +110,12 @@ def check_cluster(cluster: DictConfig) -> None:
     partitions = available_partitions()
     if cluster.partition is not None and partitions is not None and cluster.partition not in partitions:
         raise ConfigError(f"cluster.partition={cluster.partition} does not exist; available: {', '.join(partitions)}")
+    wanted = int(cluster.get("gpus_per_node") or 0)
+    offered = max_gpus_per_node(cluster.partition) if wanted else None
+    if offered is not None and wanted > offered:
+        where = f"partition {cluster.partition}" if cluster.partition is not None else "this cluster"
+        raise ConfigError(f"cluster.gpus_per_node={wanted} but no node of {where} has more than {offered} GPU(s); "
+                          f"use cluster.gpus_per_node={offered}" + (" (CPU only)" if offered == 0 else ""))
 
 
 def _executor(cfg: DictConfig, folder: Path, name: str, nodes: int, tasks_per_node: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,12 @@ from typing import Any
 from invprop.distributed import free_port
 
 
-def _enter(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple) -> None:
+def _enter(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, ready: Any) -> None:
+    # From here on a stop signal waits for the rank's next step boundary (the launcher forwards its own).
+    from invprop.train.boundary import defer
+
+    defer(signal.SIGUSR2)
+    ready.set()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # Ranks share the machine's cores; one thread each avoids oversubscription.
@@ -22,21 +28,33 @@ def _enter(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
 
 
 def spawn_ranks(fn: Callable[..., Any], world: int, args: tuple = (), timeout_s: float = 600.0,
-                grace_s: float = 15.0) -> None:
+                grace_s: float = 15.0, forward: tuple[signal.Signals, ...] = ()) -> None:
     """Run fn(rank, world, *args) in `world` fresh processes; raise if any fails or the group outlives timeout_s.
 
     After the first failure the others get `grace_s` to notice and report it themselves, then are
-    terminated, so a dead rank never leaves its peers waiting.
+    terminated, so a dead rank never leaves its peers waiting. Each signal in `forward` that reaches this
+    process is passed on to every rank as SIGUSR2 (their agreed save-and-stop), once the rank is ready for it,
+    and the ranks are waited for as usual.
     """
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_enter, args=(fn, r, world, port, args), daemon=False) for r in range(world)]
+    ready = [ctx.Event() for _ in range(world)]
+    procs = [ctx.Process(target=_enter, args=(fn, r, world, port, args, ready[r]), daemon=False)
+             for r in range(world)]
+    requested: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: requested.append(signum)) for sig in forward}
+    told: set[int] = set()
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + timeout_s
     timed_out = False
     try:
         while any(p.is_alive() for p in procs):
+            if requested:
+                for r, proc in enumerate(procs):
+                    if r not in told and ready[r].is_set() and proc.is_alive():
+                        os.kill(proc.pid, signal.SIGUSR2)
+                        told.add(r)
             if any(p.exitcode not in (None, 0) for p in procs):
                 deadline = min(deadline, time.monotonic() + grace_s)
             if time.monotonic() > deadline:
@@ -44,6 +62,8 @@ def spawn_ranks(fn: Callable[..., Any], world: int, args: tuple = (), timeout_s:
                 break
             time.sleep(0.05)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
 from invprop.config import ConfigError, validate
+from invprop.jobs import rundir
 
 console = Console()
 
@@ -29,13 +31,18 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
 
 
 def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
-    """The run directory and its resolved config.yaml, which every job of the run reads."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved["out_dir"] = str(run_dir)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    tmp.replace(run_dir / "config.yaml")
+    """Refuse settings the run in `run_dir` cannot continue (before writing anything), then write the run
+    directory's config.yaml, identity and history of changes (invprop/jobs/rundir.py)."""
+    rundir.check_resume(cfg, run_dir)
+    try:
+        changes = rundir.prepare(cfg, run_dir)
+    except OSError as exc:
+        raise ConfigError(f"out_dir={run_dir}: cannot write there ({exc.strerror or exc}); choose another "
+                          "out_dir") from None
+    if changes and rundir.has_checkpoint(run_dir):
+        shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        console.print(f"continuing {run_dir} with changed settings ({shown}); recorded in {rundir.HISTORY}",
+                      soft_wrap=True)
 
 
 def summary_table(results: dict, run_dir: Path, cfg: DictConfig) -> Table:
@@ -65,33 +72,46 @@ def main(cfg: DictConfig) -> int:
     """Validate before anything runs or is submitted; then run locally or submit to SLURM."""
     try:
         validate(cfg)
+        run_dir = resolve_run_dir(cfg)
+        prepare_run_dir(cfg, run_dir)
     except ConfigError as exc:
         console.print(f"[bold red]config error:[/] {exc}", soft_wrap=True)
         return 2
-    run_dir = resolve_run_dir(cfg)
     if _sweep_element_on_slurm():
         from invprop.jobs.slurm import run_array_element
 
-        prepare_run_dir(cfg, run_dir)
         return run_array_element(cfg, run_dir)
     if cfg.cluster.name == "slurm":
         from invprop.jobs.slurm import submit_run
 
-        prepare_run_dir(cfg, run_dir)
         return submit_run(cfg, run_dir, console)
     from invprop.jobs.local import run_local
 
-    prepare_run_dir(cfg, run_dir)
     results = run_local(cfg, run_dir)
     if "preempted_at_step" in results:
-        console.print(f"stopped at step {results['preempted_at_step']} with a committed checkpoint in {run_dir}; "
-                      "run the same command again to resume", soft_wrap=True)
+        step = results["preempted_at_step"]
+        where = f"at step {step} with a committed checkpoint" if step >= 0 else "before the first checkpoint"
+        console.print(f"stopped {where} in {run_dir}; run the same command again to resume", soft_wrap=True)
         return 3
     console.print(summary_table(results, run_dir, cfg))
     return 0
 
 
 def run(cfg: DictConfig) -> None:
-    code = main(cfg)
+    """The launcher's body: any failure is one line on stderr (INVPROP_VERBOSE=1 adds the traceback)."""
+    try:
+        code = main(cfg)
+    except Exception as exc:  # noqa: BLE001 - the top level: a user sees one line, not a traceback
+        fail(exc)
     if code:
         sys.exit(code)
+
+
+def fail(exc: BaseException) -> None:
+    """Print `exc` as one line (the traceback only with INVPROP_VERBOSE=1) and exit with status 1."""
+    if os.environ.get("INVPROP_VERBOSE", "") not in ("", "0"):
+        traceback.print_exc()
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"error: {message} ({type(exc).__name__}; INVPROP_VERBOSE=1 shows the traceback)", file=sys.stderr,
+          flush=True)
+    sys.exit(1)

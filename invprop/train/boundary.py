@@ -16,15 +16,32 @@ import torch
 
 from invprop import collectives as coll
 
+# Stop signals that arrived before a StepBoundary existed (see `defer`).
+_pending: set[int] = set()
+
+
+def _remember(signum: int, frame: Any) -> None:
+    _pending.add(signum)
+
+
+def defer(*sigs: signal.Signals) -> None:
+    """Until a StepBoundary takes over, remember `sigs` instead of dying of them: a process that is still
+    starting up (imports, data) then stops at its first step boundary like one that was already training."""
+    for sig in sigs:
+        signal.signal(sig, _remember)
+
 
 class StepBoundary:
     def __init__(self, device: torch.device, every_steps: int = 0, every_min: float = 0.0,
-                 sig: signal.Signals = signal.SIGUSR2) -> None:
+                 sig: signal.Signals = signal.SIGUSR2, also: tuple[signal.Signals, ...] = ()) -> None:
         self.device, self.every_steps, self.every_s = device, every_steps, every_min * 60
         self.sig = sig
-        self.preempted = False
+        self.preempted = bool(_pending & {sig, *also})
+        _pending.difference_update({sig, *also})
         self.last_save = time.monotonic()
         self.previous: Callable[..., Any] | int | None = signal.signal(sig, self._on_signal)
+        # Further signals that stop at the next boundary (SIGTERM for a local run); restored by close().
+        self.also = {s: signal.signal(s, self._on_signal) for s in also}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.preempted = True  # nothing else: we may be inside a collective or an optimiser step
@@ -46,5 +63,6 @@ class StepBoundary:
             self.previous(self.sig, None)
 
     def close(self) -> None:
-        if signal.getsignal(self.sig) == self._on_signal:
-            signal.signal(self.sig, self.previous if self.previous is not None else signal.SIG_DFL)
+        for sig, previous in [(self.sig, self.previous), *self.also.items()]:
+            if signal.getsignal(sig) == self._on_signal:
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)

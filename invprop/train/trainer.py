@@ -257,6 +257,7 @@ class Trainer:
             while self.state.epoch < epochs:
                 loader = self.batches()
                 window, tick = [], time.perf_counter()
+                steps_before = self.state.step
                 for images, labels, indices in loader:
                     if self.state.step == 0:
                         self.log_start(images)
@@ -285,6 +286,10 @@ class Trainer:
                             return False
                     if self.state.batch == 0:
                         break  # the loader of a finished epoch has nothing left
+                if self.state.step == steps_before:  # asking again would spin forever on the same empty epoch
+                    raise RuntimeError(f"epoch {self.state.epoch} from batch {self.state.batch} yielded no batch "
+                                       f"({self.order.num_batches} batches of {self.order.global_batch} per epoch); "
+                                       "the checkpoint's data position does not fit this run: use a new out_dir")
         return True
 
     def log_start(self, images: torch.Tensor) -> None:
@@ -359,6 +364,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.state = TrainState(**state["train_state"])
+        if not 0 <= self.state.batch < self.order.num_batches:
+            raise ValueError(f"checkpoint {directory} stopped at batch {self.state.batch} of an epoch, but this run "
+                             f"has {self.order.num_batches} batches per epoch (train.batch_size changed?); "
+                             "use the original train.batch_size or a new out_dir")
         if self.graph is not None:
             self.graph.table.copy_(state["graph"].to(self.graph.table.device))
         torch.set_rng_state(state["rng_torch"])
@@ -370,7 +379,7 @@ class Trainer:
         state = self.main_state() if self.env.is_main else None
         return checkpoint.save(self.ckpt_root, self.state.step, self.env.rank, self.env.world_size, state,
                                self.bank.rows, self.bank.start, self.n,
-                               keep=int(self.cfg.train.get("keep_checkpoints", 3)))
+                               keep=int(self.cfg.train.get("keep_checkpoints", 3)), device=self.device)
 
     def digest(self) -> str:
         """Collective: sha256 of weights, the whole bank (gathered in row order) and the graph."""

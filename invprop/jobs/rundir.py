@@ -1,0 +1,122 @@
+"""A run directory's contract with the commands that continue it.
+
+`identity.json` records what a resume cannot change (the model, the data and its subset, the method, the
+global batch, the seed): the checkpoint's weights, bank and data position only mean something under those.
+A command that reuses the out_dir of a run with a committed checkpoint is checked against it *before*
+anything in the directory is written. Every other change (more epochs, another lr, more ranks) is
+continuable; it is appended to `config_history.json` so results.json's numbers can be traced to the
+settings each stretch of training ran under, and config.yaml then holds the new settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from invprop import checkpoint
+from invprop.config import ConfigError
+from invprop.metrics import write_json_atomic
+
+IDENTITY = "identity.json"
+HISTORY = "config_history.json"
+# Whole sections, or single keys, that a resumed run must share with the run that wrote its checkpoints.
+FIXED = ("model", "method", "data.name", "data.subset", "data.image_size", "data.resize_mode", "data.n_train",
+         "data.n_test", "data.num_classes", "data.seed", "data.noise", "train.batch_size", "seed")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": value} for every leaf of a nested dict (lists are leaves)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"))
+    return flat
+
+
+def resolved(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    tree["out_dir"] = str(run_dir)
+    return tree
+
+
+def identity(tree: dict[str, Any]) -> dict[str, Any]:
+    flat = flatten(tree)
+    return {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in FIXED)}
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Any committed checkpoint (intact or not): training state exists that a resume would continue."""
+    return any((d / checkpoint.MARKER).exists() for d in checkpoint.step_dirs(Path(run_dir) / "checkpoints"))
+
+
+def _recorded(run_dir: Path) -> dict[str, Any] | None:
+    """The identity the run recorded; for run dirs from before identity.json, the one config.yaml implies."""
+    path = run_dir / IDENTITY
+    if path.exists():
+        return json.loads(path.read_text())
+    if (run_dir / "config.yaml").exists():
+        return identity(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False))
+    return None
+
+
+def _show(value: Any) -> str:
+    return "(unset)" if value is _MISSING else json.dumps(value)
+
+
+_MISSING = object()
+
+
+def check_resume(cfg: DictConfig, run_dir: Path) -> None:
+    """ConfigError (one line) naming every fixed key this command changes for a run that has checkpoints."""
+    run_dir = Path(run_dir)
+    if not has_checkpoint(run_dir):
+        return
+    recorded = _recorded(run_dir)
+    if recorded is None:
+        return
+    mine = identity(resolved(cfg, run_dir))
+    differ = [k for k in sorted(set(recorded) | set(mine)) if recorded.get(k, _MISSING) != mine.get(k, _MISSING)]
+    if differ:
+        changes = ", ".join(f"{k}={_show(mine.get(k, _MISSING))} (run has {_show(recorded.get(k, _MISSING))})"
+                            for k in differ)
+        raise ConfigError(f"out_dir={run_dir} holds a run these settings cannot continue: {changes}; drop the "
+                          "changes to resume it, or pass a new out_dir= to start a new run")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, list[Any]]:
+    """Create the run directory and write config.yaml (every job of the run reads it) and identity.json;
+    returns the changes against the previous config.yaml, which are appended to config_history.json."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tree = resolved(cfg, run_dir)
+    changes: dict[str, list[Any]] = {}
+    if (run_dir / "config.yaml").exists():
+        before = flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False))
+        after = flatten(tree)
+        changes = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after))
+                   if before.get(k, _MISSING) != after.get(k, _MISSING)}
+    if changes:
+        history = json.loads((run_dir / HISTORY).read_text()) if (run_dir / HISTORY).exists() else []
+        history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed": has_checkpoint(run_dir),
+                        "changes": {k: {"from": old, "to": new} for k, (old, new) in changes.items()}})
+        write_json_atomic(run_dir / HISTORY, history)
+    if changes or not (run_dir / IDENTITY).exists():
+        write_json_atomic(run_dir / IDENTITY, identity(tree))
+    _write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(tree)))
+    return changes

@@ -1,0 +1,272 @@
+"""Issue 19's findings on real runs: checkpoints that stay valid, resumes that refuse what they cannot continue,
+metrics without repeated steps, local ranks that stop on a signal, and one line for bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from invprop import checkpoint
+from invprop.config import ConfigError, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(300)
+SMALL = ["data=synthetic", "data.n_train=384", "data.n_test=128", "train.batch_size=48", "train.epochs=2",
+         "deterministic=true", "train.num_workers=0", "train.log_every=1", "method.warmup_epochs=1",
+         "method.n_pos=10", "eval.untrained_baseline=false"]
+
+
+def _cmd(run: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(ROOT / "launchers/submit.py"), *SMALL, *overrides, f"out_dir={run}"]
+
+
+def _launch(run: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(run, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env=env)
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def _no_traceback(proc: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in proc.stderr + proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("fin") / "run"
+    proc = _launch(run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+# -- 1. a finished command run again, and a periodic save on the last step ---------------------------------
+def test_rerun_of_finished_command_keeps_checkpoint_valid(finished_run: Path, tmp_path: Path) -> None:
+    before = {p.name: p.read_bytes() for p in (finished_run / "checkpoints" / "step_16").iterdir()}
+    for _ in range(2):  # the issue's third run retrained from step 0
+        proc = _launch(finished_run)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "resumed from" in proc.stderr and "warning" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in (finished_run / "checkpoints" / "step_16").iterdir()} == before
+    assert checkpoint.latest(finished_run / "checkpoints").name == "step_16"
+    assert _steps(finished_run) == list(range(1, 17))
+    export = subprocess.run([sys.executable, str(ROOT / "tools/export_backbone.py"), str(finished_run), "--out",
+                             str(tmp_path / "b.pth")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert export.returncode == 0 and "from step_16" in export.stdout, export.stderr
+
+
+def test_periodic_save_on_the_last_step(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _launch(run, "train.checkpoint_every_steps=2", "train.keep_checkpoints=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [d.name for d in checkpoint.step_dirs(run / "checkpoints")] == ["step_16", "step_14"]
+    assert checkpoint.latest(run / "checkpoints").name == "step_16"
+
+
+# -- 2/3. what a resume cannot change is refused before anything is written ---------------------------------
+@pytest.mark.parametrize(("override", "named"), [
+    ("model=resnet18_cifar", "model.arch"),
+    ("data.subset=240", "data.subset"),
+    ("train.batch_size=64", "train.batch_size"),  # the issue's hang
+    ("method.tau=0.1", "method.tau"),
+])
+def test_resume_refuses_fixed_changes_and_leaves_the_run_alone(finished_run: Path, override: str,
+                                                                named: str) -> None:
+    files = {p: p.read_bytes() for p in finished_run.iterdir() if p.is_file()}
+    proc = _launch(finished_run, override, "train.epochs=3")
+    assert proc.returncode == 2
+    _no_traceback(proc)
+    line = proc.stdout.strip()
+    assert "\n" not in line and named in line and "out_dir=" in line and "train.epochs" not in line, line
+    assert {p: p.read_bytes() for p in finished_run.iterdir() if p.is_file()} == files  # config.yaml unchanged
+
+
+def test_extending_epochs_is_recorded_and_continues(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert _launch(run, "train.epochs=1").returncode == 0
+    proc = _launch(run, "train.epochs=2", "train.lr=0.05")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((run / "config_history.json").read_text())
+    assert len(history) == 1 and history[0]["resumed"]
+    assert history[0]["changes"] == {"train.epochs": {"from": 1, "to": 2}, "train.lr": {"from": 0.03, "to": 0.05}}
+    assert json.loads((run / "results.json").read_text())["epochs"] == 2
+    assert _steps(run) == list(range(1, 17))
+
+
+@pytest.mark.slow
+def test_hand_edited_batch_size_is_refused_not_a_hang(tmp_path: Path) -> None:
+    """Below the launcher's check (a config.yaml edited by hand): a checkpoint at batch 7 of 8 cannot continue
+    with 4 batches per epoch, and the restore says so instead of looping on an empty epoch."""
+    run = tmp_path / "run"
+    assert _launch(run, "train.epochs=1", "train.checkpoint_every_steps=7").returncode == 0
+    shutil.rmtree(run / "checkpoints" / "step_8")
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("batch_size: 48", "batch_size: 96"))
+    code = ("import sys\nfrom invprop.jobs.pretrain import pretrain\ntry:\n    pretrain(sys.argv[1])\n"
+            "except ValueError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(run)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert "stopped at batch 7 of an epoch, but this run has 4 batches per epoch" in proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_before_first_checkpoint_then_rerun_has_no_repeated_steps(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(run), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 200
+        while not ((run / "metrics.jsonl").exists() and max(_steps(run), default=0) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never logged step 3"
+            time.sleep(0.02)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert not checkpoint.step_dirs(run / "checkpoints")
+    done = _launch(run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" not in done.stderr
+    assert _steps(run) == list(range(1, 17))
+
+
+# -- 4. local ranks: the launcher forwards stop signals and only FINISHED means finished ---------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM], ids=["USR2", "TERM"])
+def test_signal_to_local_launcher_stops_its_ranks_with_a_checkpoint(tmp_path: Path, sig: signal.Signals) -> None:
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(run, "gpus=2"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 200
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and max(_steps(run), default=0) >= 3:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=200)
+    assert proc.returncode == 3, (out + err)[-3000:]
+    _no_traceback(subprocess.CompletedProcess([], 3, out, err))
+    stopped = checkpoint.step_of(checkpoint.latest(run / "checkpoints"))
+    assert 3 <= stopped < 16
+    assert f"stopped at step {stopped}" in out and "run the same command again to resume" in out
+    assert not (run / "FINISHED").exists()
+    if sig == signal.SIGUSR2:
+        again = _launch(run, "gpus=2")
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert (run / "FINISHED").exists() and _steps(run) == list(range(1, 17))
+
+
+# -- 3. one line for bad input ------------------------------------------------------------------------------
+def _cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file (gzipped when the name ends in .gz) of a uint8 array."""
+    data = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data += array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+@pytest.fixture
+def idx_root(tmp_path: Path) -> Path:
+    """A Fashion-MNIST-shaped folder with 100 training and 20 test images."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 100), ("t10k", 20)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return tmp_path
+
+
+def _error(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        validate(_cfg(*overrides))
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "label_count", "label_200", "missing"])
+def test_damaged_idx_files_are_named_up_front(idx_root: Path, damage: str) -> None:
+    images, labels = idx_root / "train-images-idx3-ubyte.gz", idx_root / "train-labels-idx1-ubyte.gz"
+    if damage == "truncated":
+        images.write_bytes(images.read_bytes()[:-100])
+    elif damage == "garbage":
+        images.write_bytes(os.urandom(images.stat().st_size))
+    elif damage == "label_count":
+        write_idx(labels, np.zeros(99))
+    elif damage == "label_200":
+        write_idx(labels, np.r_[np.zeros(50), 200, np.zeros(49)])
+    else:
+        labels.unlink()
+    message = _error("data.format=torchvision", "data.subset=0", "train.batch_size=50", "method.k=4",
+                     f"data.root={idx_root}", f"out_dir={idx_root / 'run'}")
+    assert message.startswith("data.root")
+    named = labels.name if damage in ("label_count", "label_200") else images.name
+    assert (named if damage != "missing" else "no train-labels-idx1-ubyte[.gz]") in message
+    if damage == "label_200":
+        assert "label 200 at index 50" in message
+
+
+def test_small_idx_folder_validates_and_bounds_the_subset(idx_root: Path) -> None:
+    good = ["data.format=torchvision", f"data.root={idx_root}", f"out_dir={idx_root / 'run'}", "train.batch_size=50"]
+    validate(_cfg(*good, "data.subset=0"))
+    assert _error(*good, "data.subset=101").startswith("data.subset=101 is larger than the 100 training images")
+    assert _error(*good, "data.subset=0", "train.batch_size=120").startswith("train.batch_size=120")
+
+
+def test_out_dir_below_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    assert _error("data=synthetic", f"out_dir={tmp_path / 'f' / 'run'}").startswith(
+        f"out_dir={tmp_path / 'f' / 'run'} is below the file")
+
+
+def test_unwritable_out_dir_is_one_line(tmp_path: Path) -> None:
+    """/proc accepts no new folders, even from root (os.access cannot tell)."""
+    proc = _launch(Path("/proc/invprop-run"))
+    assert proc.returncode == 2
+    _no_traceback(proc)
+    assert proc.stdout.strip().startswith("config error: out_dir=/proc/invprop-run") and "\n" not in proc.stdout.strip()
+
+
+def test_failure_during_the_run_is_one_line(tmp_path: Path) -> None:
+    """An error no check foresees (here: checkpoints/ is a file) ends with one line; the traceback on demand."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    proc = _launch(run, "train.epochs=1")
+    assert proc.returncode == 1
+    _no_traceback(proc)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "checkpoints" in last and "INVPROP_VERBOSE=1" in last
+    verbose = _launch(run, "train.epochs=1", env={**os.environ, "INVPROP_VERBOSE": "1"})
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+
+
+def test_export_refuses_existing_destination_and_leaves_no_tmp(finished_run: Path, tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import export_backbone
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    folder = tmp_path / "exists"
+    folder.mkdir()
+    assert export_backbone.main([str(finished_run), "--out", str(folder)]) == 2
+    assert list(folder.iterdir()) == []
+    below_file = tmp_path / "file"
+    below_file.write_text("x")
+    assert export_backbone.main([str(finished_run), "--out", str(below_file / "b.pth")]) == 2
+    assert export_backbone.main([str(finished_run), "--out", "/proc/b.pth"]) == 2
+    assert not list(Path("/proc").glob(".b.pth*")) and sorted(p.name for p in tmp_path.iterdir()) == ["exists",
+                                                                                                       "file"]
