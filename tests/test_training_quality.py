@@ -1,11 +1,12 @@
-"""Training must learn: a short InvP run on real Fashion-MNIST beats the untrained network's kNN by a margin.
+"""Training must learn: the default config's shortest run beats its untrained network on both kNN measures.
 
-The bar is the same weighted kNN (K=200, sigma=0.07, reference = the training subset, test split) on the
-network before its first step, measured in the same run (`knn_untrained_top1`). With the short-budget recipe
-(bank rows from the untrained network, tau 0.2, crops of 35-100% of the image) 15 epochs of the first 2,000
-images gave 62.7% against 55.7% untrained (+7.0 points); the same run with the paper's random bank rows
-(docs/DESIGN.md, "Departures from the paper") ends *below* the untrained network (54.1%), which is what this test
-guards against.
+The command is the one a new user tries first (`launchers/submit.py data=fashion_mnist data.subset=2000
+model=resnet_tiny train.epochs=2`: 30 steps). The bar is the same weighted kNN (K=200, sigma=0.07, reference =
+the training subset, all test images) on the network before its first step, measured in the same run, on the
+head's embeddings (`knn_untrained_top1`) and on the backbone's pooled features (`knn_backbone_untrained_top1`).
+With the paper's settings (random bank rows, tau 0.07, crops from 20%) this run ended 11 points *below* the
+untrained network; with today's defaults (rows from the network, tau 0.1, crops of 35-100%) it ends +5.4 / +5.9
+(seed 0) and +6.8 / +7.5 (seed 1) above it (docs/RESULTS.md, "Learning quality").
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-MARGIN = 0.04  # measured +7.0 points; a run that learns nothing (or forgets its random features) is far below
+MARGIN = 0.03  # the issue's goal; measured +5.4 points at the least
 
 
-def test_short_invp_run_beats_the_untrained_network(tmp_path: Path) -> None:
+def test_default_config_beats_its_untrained_network_on_both_measures(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "launchers/submit.py"), "+experiment=fmnist_quick", f"out_dir={run}"]
+    cmd = [sys.executable, str(ROOT / "launchers/submit.py"), "data=fashion_mnist", "data.subset=2000",
+           "model=resnet_tiny", "train.epochs=2", "logger=none", f"out_dir={run}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
-    assert results["images"] == 2000 and results["epochs"] == 15
-    gain = results["knn_top1"] - results["knn_untrained_top1"]
-    assert gain >= MARGIN, (f"kNN {results['knn_top1']:.4f} vs untrained {results['knn_untrained_top1']:.4f}: "
-                            f"gain {gain:+.4f} < {MARGIN}")
+    assert results["images"] == 2000 and results["epochs"] == 2
+    for trained, untrained in (("knn_top1", "knn_untrained_top1"),
+                               ("knn_backbone_top1", "knn_backbone_untrained_top1")):
+        gain = results[trained] - results[untrained]
+        assert gain >= MARGIN, (f"{trained} {results[trained]:.4f} vs untrained {results[untrained]:.4f}: "
+                                f"gain {gain:+.4f} < {MARGIN}")

@@ -36,8 +36,9 @@ RECIPES: dict[str, list[str]] = {
     "invp": [],
     "npid": ["method=npid", "method.bank_init=network"],
     "invp_lambda0": ["method.lambda_inv=0"],
-    "invp_linear_head": ["model.head=linear", "model.hidden_dim=null"],
-    "invp_b128": ["train.batch_size=128"],
+    "invp_old_mlp_recipe": ["model.head=mlp", "model.hidden_dim=512", "method.tau=0.2", "train.lr=0.03",
+                            "train.lr_warmup_epochs=0"],
+    "invp_b128": ["train.batch_size=128", "train.lr=0.03"],
     "invp_m16384": ["method.n_background=16384"],
 }
 # The dry run checks the script end to end (waves, deadline, JSON) on tiny synthetic data in seconds.
