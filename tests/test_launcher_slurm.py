@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -56,10 +57,24 @@ def test_two_node_pretrain_then_chained_eval(slurm_cluster, tmp_path: Path) -> N
     assert rows["eval_linear"]["result"].startswith("linear ")
 
 
+def _fmnist_corrupt_inside(root: Path) -> Path:
+    """Fashion-MNIST whose training images are damaged mid-stream: headers and sizes pass the launcher's
+    up-front checks, so the job is submitted, and the pretraining job fails when it decompresses them."""
+    root.mkdir()
+    for src in sorted(Path("/usr/share/datasets/fashion-mnist").glob("*.gz")):
+        shutil.copy(src, root / src.name)
+    images = root / "train-images-idx3-ubyte.gz"
+    data = bytearray(images.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)
+    images.write_bytes(bytes(data))
+    return root
+
+
 def test_failed_pretrain_cancels_its_evaluation(slurm_cluster, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = _launch(slurm_cluster, "cluster=slurm", "data=fashion_mnist", "data.root=/nonexistent/fmnist",
-                   "train.epochs=1", f"out_dir={run}")
+    root = _fmnist_corrupt_inside(tmp_path / "fmnist")
+    proc = _launch(slurm_cluster, "cluster=slurm", "data=fashion_mnist", f"data.root={root}",
+                   "data.format=torchvision", "train.epochs=1", f"out_dir={run}")
     assert proc.returncode == 0, proc.stderr
     jobs = _jobs(run)
     assert slurm_cluster.wait_sacct(jobs["pretrain"], timeout=120)["State"] == "FAILED"

@@ -81,7 +81,7 @@ def test_periodic_save_on_the_last_step(tmp_path: Path) -> None:
     ("model=resnet18_cifar", "model.arch"),
     ("data.subset=240", "data.subset"),
     ("train.batch_size=64", "train.batch_size"),  # the hang
-    ("method.tau=0.1", "method.tau"),
+    ("method.tau=0.3", "method.tau"),
 ])
 def test_resume_refuses_fixed_changes_and_leaves_the_run_alone(finished_run: Path, override: str,
                                                                 named: str) -> None:
