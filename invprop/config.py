@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from invprop.data import dataset_size, eval_split, num_classes
 
 # `bank.selection`: how each rank finds its exact local top-M (invprop/bank/select/ has one module per strategy).
-BANK_SELECTIONS = ("auto", "topk", "bound", "filter")
+BANK_SELECTIONS = ("auto", "topk", "bound", "filter", "triton")
 
 
 class ConfigError(ValueError):

@@ -12,11 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("tool_bench_collectives", ROOT / "tools" / "bench_collectives.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    # imported by name from tools/ (not from a file spec): the spawned ranks unpickle its worker by module name,
+    # and spawn hands them this sys.path
+    sys.path.insert(0, str(ROOT / "tools"))
+    return importlib.import_module("bench_collectives")
 
 
 def test_step_bytes_follow_the_gathered_batch() -> None:
