@@ -32,7 +32,7 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path: Path) -> None:
     assert set(summary["step_resnet50_224"]["profile"]) == {"supervised", "invp"}
     exact = summary["selection_exact"]
     assert exact["all_exact"] is True and {s["same_set"] for s in exact["random"].values()} == {1.0}
-    assert set(exact["random"]) == {"topk", "bound", "bound-fallback", "filter"}
+    assert set(exact["random"]) == {"topk", "bound", "bound-fallback", "filter", "triton"}
     # the fused top-M kernel: both routes (Triton in its interpreter) exact, the forced redo paths taken
     kernel = summary["kernel_exact"]
     assert kernel["all_exact"] is True

@@ -180,9 +180,11 @@ def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch
 
 
 def bank_steps(n: int, batch: int, device: torch.device, warmup: int, iters: int) -> dict:
-    """The bank step (scores, exact top-M, candidates, positives, backward, updates) with each top-M selection,
-    and with `auto` (what training uses: the fastest of the three, timed on the first call). `ms`: median of
-    calls each waited for (launch overhead included); `ms_pipelined`: back-to-back calls, as in training."""
+    """The bank step (scores, exact top-M, candidates, positives, backward, updates) with each top-M selection
+    (the fused Triton kernel on a GPU only: the interpreter's timings would mean nothing), and with `auto` (what
+    training uses: the fastest, on steady-state timings of real steps, which it finishes before it is timed
+    here). `ms`: median of calls each waited for (launch overhead included); `ms_pipelined`: back-to-back
+    calls, as in training."""
     crit = make_criterion(n, device)
     z0 = torch.nn.functional.normalize(torch.randn(batch, 128, device=device), dim=1)
     ids = id_batches(n, batch, 8, device)
@@ -194,8 +196,14 @@ def bank_steps(n: int, batch: int, device: torch.device, warmup: int, iters: int
         crit.commit(out)
 
     found: dict = {"rows": n, "batch": batch, "ms": {}}
-    for selection in ("topk", "bound", "filter", "auto"):
+    fused = ("triton",) if device.type == "cuda" and "triton" in kernel_backends(device) else ()
+    for selection in ("topk", "bound", "filter", *fused, "auto"):
         crit.bank.selection, crit.bank.tuned = selection, None
+        if selection == "auto" and device.type == "cuda":
+            for _ in range(64):  # let `auto` finish measuring (its timed calls wait for the device)
+                step()
+                if crit.bank.tuned is not None:
+                    break
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         found["ms"][selection] = timed(step, device, warmup, iters) * 1000
@@ -204,7 +212,8 @@ def bank_steps(n: int, batch: int, device: torch.device, warmup: int, iters: int
         if device.type == "cuda":
             found.setdefault("peak_gib", {})[selection] = torch.cuda.max_memory_allocated() / 2**30
     found.update(auto_chose=crit.bank.tuned, auto_timings_ms=crit.bank.tuning_ms,
-                 filter_extra=crit.bank.filter_extra, host_syncs=host_syncs(step, device),
+                 filter_extra=crit.bank.filter_extra, triton_redone=crit.bank.selections["triton"].redone,
+                 host_syncs=host_syncs(step, device),
                  profile=profile_steps({"auto": step}, device)["auto"])
     return found
 

@@ -10,8 +10,9 @@ import torch
 
 from invprop.bank import ShardedBank
 
-# "bound-fallback": `bound` with its sampled bound made to overshoot for every query, so the exact fallback runs
-SELECTIONS_CHECKED = ("topk", "bound", "bound-fallback", "filter")
+# "bound-fallback": `bound` with its sampled bound made to overshoot for every query, so the exact fallback runs;
+# "triton": the fused kernel (in Triton's interpreter on a machine without a GPU, its torch route without Triton)
+SELECTIONS_CHECKED = ("topk", "bound", "bound-fallback", "filter", "triton")
 
 
 def crowded_rows(n: int, dim: int, device: torch.device, seed: int, clusters: int = 16,
