@@ -41,26 +41,35 @@ class AutoSelect:
         self.calls = 0
         self.tuned_at = 0  # `calls` when the last measurement ended
         self.measurements = 0  # measurements finished
+        self.last: str | None = None  # the strategy of the latest call
         self._started = 0  # `calls` when the measurement under way began
         self._samples: dict[str, list[float]] = {}
 
     def select(self, zq: torch.Tensor, run: Callable[[str], Selected]) -> Selected:
         """This call's selection on queries `zq` (`run(name)` runs strategy `name` on them), timed while measuring."""
+        self.last = self._pick(zq)
+        return self._run(zq, self.last, run)
+
+    def _pick(self, zq: torch.Tensor) -> str:
+        """The strategy of this call (advancing the measurement when one is under way)."""
         if zq.device.type == "cpu" and not self.tune_on_cpu:
-            return run("bound")
+            return "bound"
         self.calls += 1
         asked = any(s.retune_requested for s in self.selections.values())
         if self.tuned is not None and asked and self.calls - self.tuned_at >= self.retune_after_calls:
             self.tuned = None  # the scores have changed since the last measurement: measure again
             self._samples = {}
         if self.tuned is not None:
-            return run(self.tuned)
+            return self.tuned
         names = candidates(zq.device)
         if not self._samples:
             self._started, self._samples = self.calls, {name: [] for name in names}
+        return names[(self.calls - self._started) % len(names)]
+
+    def _run(self, zq: torch.Tensor, name: str, run: Callable[[str], Selected]) -> Selected:
+        """run(name), timed when this call is one of the measurement's timed calls."""
         turn = self.calls - self._started
-        name = names[turn % len(names)]
-        if turn < self.warmup_calls * len(names):
+        if not self._samples or turn < self.warmup_calls * len(self._samples):
             return run(name)
         self._wait(zq)
         start = time.perf_counter()

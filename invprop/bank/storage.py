@@ -129,6 +129,11 @@ class ShardedBank:
         self.auto.tuned = value  # None: measure again on the next call
 
     @property
+    def selection_in_use(self) -> str:
+        """The strategy the latest call ran (`auto` resolved; before any call, the configured name)."""
+        return (self.auto.last or self.selection) if self.selection == "auto" else self.selection
+
+    @property
     def tuning_ms(self) -> dict[str, float]:
         return self.auto.tuning_ms
 

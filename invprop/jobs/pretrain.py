@@ -61,7 +61,7 @@ def pretrain(run_dir: Path, evaluate: bool = True) -> dict:
                        "world_size": env.world_size, "train_wall_s": time.perf_counter() - start,
                        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                        # what the bank's top-M ran: `auto`'s choice and its steady-state timings (ms per call)
-                       "bank_selection": trainer.bank.tuned or trainer.bank.selection,
+                       "bank_selection": trainer.bank.selection_in_use,
                        "bank_selection_ms": dict(trainer.bank.tuning_ms)}
         if evaluate:
             results.update(evaluate_knn(cfg, trainer.model, trainer.bank, trainer.images, trainer.labels, device))
