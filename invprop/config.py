@@ -15,7 +15,7 @@ from invprop.data import dataset_size, eval_split, fashion_mnist, num_classes
 from invprop.models.resnet import BACKBONES
 
 # `bank.selection`: how each rank finds its exact local top-M (invprop/bank/select/ has one module per strategy).
-BANK_SELECTIONS = ("auto", "topk", "bound", "filter")
+BANK_SELECTIONS = ("auto", "topk", "bound", "filter", "triton")
 
 
 class ConfigError(ValueError):

@@ -1,6 +1,14 @@
-import pytest
+import os
+
 import torch
-from slurm_fixtures import slurm_cluster  # noqa: F401  (the local SLURM cluster fixture)
+
+# Without CUDA the Triton kernels (invprop/kernels) run in Triton's interpreter, which Triton only offers when
+# this is set before its first import (torch's own imports load it later, in the test modules).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from slurm_fixtures import slurm_cluster  # noqa: F401, E402  (the local SLURM cluster fixture)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,6 @@ import torch
 
 from invprop import distributed
 from invprop.bank import SelectSettings, ShardedBank, masked_logsumexp, shard_bounds
-from invprop.bank.autotune import AutoSelect
 from invprop.bank.select import SampledBound, TopK
 from invprop.bank.select import filter as filter_mod
 from invprop.graph import NeighbourGraph
@@ -107,10 +107,11 @@ def test_dense_reference_equals_sharded_at_w1(name: str) -> None:
     _assert_same(_sharded(sc), _dense(sc))
 
 
-@pytest.mark.parametrize("selection", ["topk", "filter"])
+@pytest.mark.parametrize("selection", ["topk", "filter", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("name", ["sampled", "blocked", "small"])
 def test_every_selection_equals_dense_reference(name: str, selection: str) -> None:
-    """The accelerator selections, run on the CPU: float32 top-k per chunk, and the float16 filter."""
+    """The accelerator selections, run on the CPU: float32 top-k per chunk, the float16 filter, and the fused
+    Triton kernel (in Triton's interpreter; its torch route where Triton is missing)."""
     sc = SCENARIOS[name]
     _assert_same(_sharded(sc, selection), _dense(sc))
 
@@ -279,7 +280,8 @@ def _worker(rank: int, world: int, out_dir: str, name: str, selection: str = "au
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize(("world", "selection"), [(2, "auto"), (3, "auto"), (2, "filter"), (3, "topk")])
+@pytest.mark.parametrize(("world", "selection"), [(2, "auto"), (3, "auto"), (2, "filter"), (3, "topk"),
+                                                   pytest.param(2, "triton", marks=pytest.mark.triton)])
 def test_sampled_path_exact_over_ranks(world: int, selection: str, tmp_path) -> None:
     """auto on the CPU: n_local = 1500 / 1000, M = 64, so every rank takes the sampled bound; and the accelerator
     selections, whose unordered candidate sets differ in width from rank to rank."""
@@ -372,18 +374,46 @@ def test_filter_margin_is_capped_and_relaxes_again() -> None:
 
 
 def test_auto_measures_again_when_the_filter_asks(monkeypatch) -> None:
-    settings = SelectSettings(tune_on_cpu=True, retune_after_calls=3)
+    """Each measurement runs the candidates in turn over real calls (one untimed, then one timed call each
+    here); a strategy asking for it starts another, `retune_after_calls` calls after the last one ended."""
+    settings = SelectSettings(tune_on_cpu=True, retune_after_calls=3, tune_warmup_calls=1, tune_timed_calls=1)
     bank = ShardedBank(3000, D, seed=3, selection="auto", settings=settings)
     z = torch.nn.functional.normalize(torch.randn(Q, D, generator=torch.Generator().manual_seed(0)), dim=1)
-    tunes = []
-    measure = AutoSelect.measure
-    monkeypatch.setattr(AutoSelect, "measure", lambda self, *a, **k: tunes.append(1) or measure(self, *a, **k))
-    for call in range(1, 7):
-        if call == 2:
+    ran = []
+    select_local = ShardedBank.select_local
+    monkeypatch.setattr(ShardedBank, "select_local", lambda self, zq, m, name: ran.append(name)
+                        or select_local(self, zq, m, name))
+    cycle = ["topk", "bound", "filter"] * 2
+    for call in range(1, 15):
+        if call == 7:
             bank.selections["filter"].retune_requested = True
         bank.global_top(z, 64)
-    assert len(tunes) == 2 and not bank.selections["filter"].retune_requested  # first call, then 3 calls on
-    assert bank.auto.tuned_at == 4
+    chosen = ran[6]
+    assert ran[:6] == cycle and ran[6:8] == [chosen, chosen] and ran[8:] == cycle  # measured on calls 1-6, 9-14
+    assert bank.auto.measurements == 2 and bank.auto.tuned_at == 14
+    assert not bank.selections["filter"].retune_requested
+
+
+def test_auto_decides_on_steady_state_not_first_calls(monkeypatch) -> None:
+    """A strategy fast on its first calls and slow after (as the float16 filter was on a young bank) loses to a
+    steadily faster one: its first call is untimed, and the median of its timed calls is the slow one."""
+    settings = SelectSettings(tune_on_cpu=True, tune_warmup_calls=1, tune_timed_calls=3)
+    bank = ShardedBank(3000, D, seed=3, selection="auto", settings=settings)
+    z = torch.nn.functional.normalize(torch.randn(Q, D, generator=torch.Generator().manual_seed(0)), dim=1)
+    seen = {"topk": 0, "bound": 0, "filter": 0}
+    select_local = ShardedBank.select_local
+
+    def paced(self, zq, m, name):
+        seen[name] += 1
+        slow = {"topk": 0.03, "bound": 0.06, "filter": 0.0 if seen[name] <= 2 else 0.12}[name]
+        time.sleep(slow)
+        return select_local(self, zq, m, name)
+
+    monkeypatch.setattr(ShardedBank, "select_local", paced)
+    for _ in range(12):
+        bank.global_top(z, 64)
+    assert bank.tuned == "topk" and set(bank.tuning_ms) == {"topk", "bound", "filter"}
+    assert bank.tuning_ms["filter"] > 100 and bank.tuning_ms["topk"] < bank.tuning_ms["bound"]
 
 
 def test_new_rows_drop_the_float16_copy() -> None:

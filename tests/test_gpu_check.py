@@ -19,8 +19,8 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
     assert summary["env"]["dry_run"] is True and summary["env"]["device"] == "cpu"
-    for key in ("selection_exact", "step_resnet50_224", "step_resnet18_32", "bank_step_2000", "bank_step_5000",
-                "trainer_step", "fmnist_invp"):
+    for key in ("selection_exact", "kernel_exact", "kernel_step_2000", "step_resnet50_224", "step_resnet18_32",
+                "bank_step_2000", "bank_step_5000", "trainer_step", "fmnist_invp"):
         assert "error" not in summary[key], summary[key]
     assert summary["step_resnet50_224"]["invp_img_s"] > 0 and summary["step_resnet50_224"]["ratio"] > 0
     bank = summary["bank_step_5000"]
@@ -32,14 +32,20 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path: Path) -> None:
     assert set(summary["step_resnet50_224"]["profile"]) == {"supervised", "invp"}
     exact = summary["selection_exact"]
     assert exact["all_exact"] is True and {s["same_set"] for s in exact["random"].values()} == {1.0}
-    assert set(exact["random"]) == {"topk", "bound", "bound-fallback", "filter"}
+    assert set(exact["random"]) == {"topk", "bound", "bound-fallback", "filter", "triton"}
+    # the fused top-M kernel: both routes (Triton in its interpreter) exact, the forced redo paths taken
+    kernel = summary["kernel_exact"]
+    assert kernel["all_exact"] is True
+    assert set(kernel["random"]) == {f"{b}{s}" for b in ("triton", "torch") for s in ("", "-redo", "-overflow")}
+    assert kernel["random"]["triton-overflow"]["overflowed"] == 16 and kernel["random"]["torch-redo"]["redone"] == 16
+    assert set(summary["kernel_step_2000"]["ms"]) == {"triton", "torch", "float32_topk"}
     assert summary["trainer_step"] == {"host_syncs": None, "bank_selection": "auto"}
     # the goal table: bank step (both timings), the exactness guard and the ResNet-50 ratio (both); the speed
     # goals are never "met" on tiny CPU sizes
     assert [g["measured"] for g in summary["goals"]] == [
-        round(bank["ms"]["auto"], 3), round(bank["ms_pipelined"]["auto"], 3), True,
+        round(bank["ms"]["auto"], 3), round(bank["ms_pipelined"]["auto"], 3), True, True,
         round(summary["step_resnet50_224"]["ratio"], 3), round(summary["step_resnet50_224"]["ratio_pipelined"], 3)]
-    assert [g["met"] for g in summary["goals"]] == [False, False, True, False, False]
+    assert [g["met"] for g in summary["goals"]] == [False, False, True, True, False, False]
     assert "GPU check against the goals" in proc.stdout
     assert 0 <= summary["fmnist_invp"]["knn_top1"] <= 1
 

@@ -52,6 +52,8 @@ def test_same_seed_same_digest_other_seed_differs(reference_run: Path, tmp_path:
     assert _results(again)["state_digest"] == digest
     assert _results(other)["state_digest"] != digest
     assert _steps(reference_run) == list(range(1, 17))  # 384 / 48 = 8 steps per epoch, 2 epochs
+    # what the bank's top-M ran: `auto` on the CPU is `bound`, and it measured nothing
+    assert (_results(reference_run)["bank_selection"], _results(reference_run)["bank_selection_ms"]) == ("bound", {})
 
 
 def test_usr2_mid_epoch_then_rerun_equals_uninterrupted(reference_run: Path, tmp_path: Path) -> None:

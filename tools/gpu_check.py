@@ -23,8 +23,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
+# A dry run has no GPU: the Triton top-M kernel runs in Triton's interpreter, which Triton offers only when this
+# is set before its first import (torch's imports below load it).
+if "--dry-run" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,7 +41,13 @@ from invprop.loss import InvPLoss  # noqa: E402
 from invprop.models import build_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
-from gpu_probes import SELECTIONS_CHECKED, profile_steps, selection_exact  # noqa: E402
+from gpu_probes import (  # noqa: E402
+    SELECTIONS_CHECKED,
+    kernel_backends,
+    kernel_exact,
+    profile_steps,
+    selection_exact,
+)
 
 
 def sync(device: torch.device) -> None:
@@ -169,9 +180,11 @@ def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch
 
 
 def bank_steps(n: int, batch: int, device: torch.device, warmup: int, iters: int) -> dict:
-    """The bank step (scores, exact top-M, candidates, positives, backward, updates) with each top-M selection,
-    and with `auto` (what training uses: the fastest of the three, timed on the first call). `ms`: median of
-    calls each waited for (launch overhead included); `ms_pipelined`: back-to-back calls, as in training."""
+    """The bank step (scores, exact top-M, candidates, positives, backward, updates) with each top-M selection
+    (the fused Triton kernel on a GPU only: the interpreter's timings would mean nothing), and with `auto` (what
+    training uses: the fastest, on steady-state timings of real steps, which it finishes before it is timed
+    here). `ms`: median of calls each waited for (launch overhead included); `ms_pipelined`: back-to-back
+    calls, as in training."""
     crit = make_criterion(n, device)
     z0 = torch.nn.functional.normalize(torch.randn(batch, 128, device=device), dim=1)
     ids = id_batches(n, batch, 8, device)
@@ -183,8 +196,14 @@ def bank_steps(n: int, batch: int, device: torch.device, warmup: int, iters: int
         crit.commit(out)
 
     found: dict = {"rows": n, "batch": batch, "ms": {}}
-    for selection in ("topk", "bound", "filter", "auto"):
+    fused = ("triton",) if device.type == "cuda" and "triton" in kernel_backends(device) else ()
+    for selection in ("topk", "bound", "filter", *fused, "auto"):
         crit.bank.selection, crit.bank.tuned = selection, None
+        if selection == "auto" and device.type == "cuda":
+            for _ in range(64):  # let `auto` finish measuring (its timed calls wait for the device)
+                step()
+                if crit.bank.tuned is not None:
+                    break
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         found["ms"][selection] = timed(step, device, warmup, iters) * 1000
@@ -193,8 +212,37 @@ def bank_steps(n: int, batch: int, device: torch.device, warmup: int, iters: int
         if device.type == "cuda":
             found.setdefault("peak_gib", {})[selection] = torch.cuda.max_memory_allocated() / 2**30
     found.update(auto_chose=crit.bank.tuned, auto_timings_ms=crit.bank.tuning_ms,
-                 filter_extra=crit.bank.filter_extra, host_syncs=host_syncs(step, device),
+                 filter_extra=crit.bank.filter_extra, triton_redone=crit.bank.selections["triton"].redone,
+                 host_syncs=host_syncs(step, device),
                  profile=profile_steps({"auto": step}, device)["auto"])
+    return found
+
+
+def kernel_steps(n: int, batch: int, m: int, device: torch.device, warmup: int, iters: int,
+                 **kernel_args: int) -> dict:
+    """The local top-M alone (no loss, no backward) on one shard of n rows: the fused kernel (invprop/kernels/
+    topm.py) and its torch route, with the float16 copy and the row norm kept as a bank keeps them, against the
+    float32 chunked top-k the bank's `topk` runs. Median ms per call, and the queries each route redid."""
+    from invprop.kernels.topm import exact_topk, topm
+
+    rows = ShardedBank(n, 128, seed=0, device=device, selection="topk").rows
+    gen = torch.Generator().manual_seed(3)
+    pick = torch.randperm(n, generator=gen)[:batch].to(device)
+    z = torch.nn.functional.normalize(rows[pick] + 0.1 / 128**0.5 * torch.randn(batch, 128, generator=gen)
+                                      .to(device), dim=1)
+    low, max_norm = rows.to(torch.float16), rows.norm(dim=1).max()
+    found: dict = {"rows": n, "batch": batch, "m": m, "ms": {}, "redone": {}}
+    for backend in kernel_backends(device):
+        args = kernel_args if backend == "triton" else {}
+
+        def call(backend: str = backend, args: dict = args) -> None:
+            found["redone"][backend] = topm(z, rows, m, low=low, max_norm=max_norm, backend=backend, **args).redone
+
+        found["ms"][backend] = timed(call, device, warmup, iters) * 1000
+    found["ms"]["float32_topk"] = timed(lambda: exact_topk(z, rows, m), device, warmup, iters) * 1000
+    found["profile"] = profile_steps({b: (lambda b=b: topm(z, rows, m, low=low, max_norm=max_norm, backend=b,
+                                                           **(kernel_args if b == "triton" else {})))
+                                      for b in kernel_backends(device)}, device)
     return found
 
 
@@ -261,7 +309,7 @@ def main() -> int:
     parser.add_argument("--fmnist-lr", type=float, default=0.03, help="per 128 images (scaled to the batch)")
     parser.add_argument("--fmnist-bank-init", default="network", choices=("network", "random"))
     parser.add_argument("--fmnist-head", default="mlp", choices=("mlp", "linear"))
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: exact,steps,bank,fmnist")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: exact,kernel,steps,bank,fmnist")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if device.type == "cpu":  # a CUDA build of PyTorch without a GPU logs "gpuGetDeviceCount failed" per profile
@@ -293,6 +341,14 @@ def main() -> int:
         # dry: a shard of over 8 M rows, so `bound` samples and scans as on the GPU rather than taking top-k
         record("selection_exact", lambda: selection_exact(4000 if dry else 1_281_167, 16 if dry else 256,
                                                           256 if dry else 4096, device))
+    # the fused top-M kernel (issue 17): exact on this device, then its speed at the issue's sizes
+    kernel_args = {"block_q": 16, "block_n": 64} if dry else {}
+    if "kernel" not in skip:
+        record("kernel_exact", lambda: kernel_exact(2000 if dry else 1_281_167, 16 if dry else 256,
+                                                    64 if dry else 4096, device, **kernel_args))
+        for n in ((2000,) if dry else (1_281_167, 10_000_000)):
+            record(f"kernel_step_{n}", lambda n=n: kernel_steps(n, 16 if dry else 256, 64 if dry else 4096, device,
+                                                                 1 if dry else 3, 2 if dry else 10, **kernel_args))
     if "bank" not in skip:
         for n in ((2000, 5000) if dry else (1_281_167, 10_000_000)):
             record(f"bank_step_{n}", lambda n=n: bank_steps(n, 16 if dry else 256, device, 1 if dry else 3,
@@ -342,6 +398,11 @@ def goals(summary: dict) -> list[dict]:
         found.append({"goal": f"top-M exact vs float64 ({', '.join(SELECTIONS_CHECKED)}; random and crowded rows)",
                       "measured": exact.get("all_exact", exact.get("error")), "target": "True",
                       "met": exact.get("all_exact") is True})
+    kernel = summary.get("kernel_exact")
+    if kernel is not None:
+        found.append({"goal": "fused top-M kernel exact vs float64 (random and crowded rows, forced redo paths)",
+                      "measured": kernel.get("all_exact", kernel.get("error")), "target": "True",
+                      "met": kernel.get("all_exact") is True})
     step = summary.get("step_resnet50_224", {})
     for ratio in ("ratio", "ratio_pipelined"):
         if ratio in step:

@@ -10,8 +10,9 @@ import torch
 
 from invprop.bank import ShardedBank
 
-# "bound-fallback": `bound` with its sampled bound made to overshoot for every query, so the exact fallback runs
-SELECTIONS_CHECKED = ("topk", "bound", "bound-fallback", "filter")
+# "bound-fallback": `bound` with its sampled bound made to overshoot for every query, so the exact fallback runs;
+# "triton": the fused kernel (in Triton's interpreter on a machine without a GPU, its torch route without Triton)
+SELECTIONS_CHECKED = ("topk", "bound", "bound-fallback", "filter", "triton")
 
 
 def crowded_rows(n: int, dim: int, device: torch.device, seed: int, clusters: int = 16,
@@ -130,3 +131,70 @@ def _profile(fn: Callable[[], None], device: torch.device, calls: int, top: int)
                  "calls_per_call": e.count / calls,
                  "share": _self_time_us(e, on_device) / total_us if total_us else 0.0}
                 for e in events[:top]]}
+
+
+def audit_topm(z: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor, m: int) -> dict:
+    """A top-m (Q x m values and row ids) judged by float64 scores, as `audit_selection` judges a bank's: how far
+    the lowest selected row lies below the float64 m-th largest (`max_deficit`), the highest row left out above
+    it (`max_excess`), how far a reported value lies from its row's score (`max_value_error`)."""
+    tolerance = float32_tolerance(rows.shape[1])
+    exact = z.double() @ rows.double().t()
+    ref_vals, ref_ids = exact.topk(m, dim=1)
+    kth = ref_vals[:, -1:]
+    valid = ids >= 0
+    picked = exact.gather(1, ids.clamp(min=0))
+    deficit = float((kth - picked.masked_fill(~valid, float("inf"))).clamp(min=0).max())
+    ordered = ids.sort(dim=1).values
+    slot = torch.searchsorted(ordered, ref_ids).clamp(max=ordered.shape[1] - 1)
+    chosen = ordered.gather(1, slot) == ref_ids  # each float64 top-m row: selected?
+    excess = float(((ref_vals - kth) * ~chosen).clamp(min=0).max())
+    value_error = float((vals.double() - picked).abs().masked_fill(~valid, 0).max())
+    distinct = bool((ordered[:, 1:] != ordered[:, :-1]).all())
+    return {"max_deficit": deficit, "max_excess": excess, "max_value_error": value_error,
+            "same_set": float(chosen.all(dim=1).float().mean()),
+            "exact": bool(deficit <= tolerance and excess <= tolerance and value_error <= tolerance and distinct
+                          and bool(valid.all()))}
+
+
+def kernel_backends(device: torch.device) -> tuple[str, ...]:
+    """The fused top-M routes this machine can run: the torch one always; the Triton one where Triton is
+    installed and either a GPU or Triton's interpreter (TRITON_INTERPRET=1, set by gpu_check's dry run) is."""
+    from invprop.kernels import topm
+
+    if not topm.available():
+        return ("torch",)
+    import triton
+
+    return ("triton", "torch") if device.type == "cuda" or triton.knobs.runtime.interpret else ("torch",)
+
+
+def kernel_exact(n: int, batch: int, m: int, device: torch.device, dim: int = 128, **kernel_args: int) -> dict:
+    """The fused top-M (invprop/kernels/topm.py), each route, against float64 on spread and crowded rows, plus
+    the two forced redo paths: a threshold above every query's M-th score, and a buffer too small to hold the
+    rows reaching a threshold below every score."""
+    from invprop.kernels.topm import topm
+
+    found: dict = {"rows": n, "batch": batch, "m": m, "tolerance": float32_tolerance(dim)}
+    for regime in ("random", "crowded"):
+        bank = ShardedBank(n, dim, seed=0, device=device, selection="topk")
+        rows = crowded_rows(n, dim, device, seed=1) if regime == "crowded" else bank.rows
+        gen = torch.Generator().manual_seed(2)
+        pick = torch.randperm(n, generator=gen)[:batch].to(device)
+        z = torch.nn.functional.normalize(rows[pick] + 0.1 / dim**0.5 * torch.randn(batch, dim, generator=gen)
+                                          .to(device), dim=1)
+        found[regime] = {}
+        for backend in kernel_backends(device):
+            out = topm(z, rows, m, backend=backend, **(kernel_args if backend == "triton" else {}))
+            found[regime][backend] = {**audit_topm(z, rows, out.vals, out.ids, m), "redone": out.redone,
+                                      "overflowed": out.overflowed, "capacity": out.capacity}
+            if regime == "random":
+                high = topm(z, rows, m, threshold=torch.full((batch,), 2.0, device=device), backend=backend,
+                            **(kernel_args if backend == "triton" else {}))
+                full = topm(z, rows, m, threshold=torch.full((batch,), -2.0, device=device), capacity=m + 1,
+                            backend=backend, **(kernel_args if backend == "triton" else {}))
+                found[regime][backend + "-redo"] = {**audit_topm(z, rows, high.vals, high.ids, m),
+                                                    "redone": high.redone}
+                found[regime][backend + "-overflow"] = {**audit_topm(z, rows, full.vals, full.ids, m),
+                                                        "redone": full.redone, "overflowed": full.overflowed}
+    found["all_exact"] = all(s["exact"] for regime in ("random", "crowded") for s in found[regime].values())
+    return found

@@ -99,7 +99,9 @@ class ShardedBank:
         self.settings = settings or SelectSettings()
         self.selections = build_selections(self.settings)
         self.auto = AutoSelect(self.selections, tune_on_cpu=self.settings.tune_on_cpu,
-                               retune_after_calls=self.settings.retune_after_calls)
+                               retune_after_calls=self.settings.retune_after_calls,
+                               warmup_calls=self.settings.tune_warmup_calls,
+                               timed_calls=self.settings.tune_timed_calls)
         self.rows = init_rows(self.start, self.stop, dim, seed).to(device)
 
     @property
@@ -125,6 +127,11 @@ class ShardedBank:
     @tuned.setter
     def tuned(self, value: str | None) -> None:
         self.auto.tuned = value  # None: measure again on the next call
+
+    @property
+    def selection_in_use(self) -> str:
+        """The strategy the latest call ran (`auto` resolved; before any call, the configured name)."""
+        return (self.auto.last or self.selection) if self.selection == "auto" else self.selection
 
     @property
     def tuning_ms(self) -> dict[str, float]:
@@ -163,7 +170,10 @@ class ShardedBank:
         # Selection in full precision whatever autocast region the caller is in: the result must be exact.
         with torch.no_grad(), torch.autocast(z.device.type, enabled=False), float32_matmul():
             zq = z.detach().to(self.rows.dtype)
-            vals, ids, ascending = self.select_local(zq, m_sel, self.strategy(zq, m_sel))
+            if self.selection == "auto":  # timed while `auto` measures, over real calls
+                vals, ids, ascending = self.auto.select(zq, lambda name: self.select_local(zq, m_sel, name))
+            else:
+                vals, ids, ascending = self.select_local(zq, m_sel, self.selection)
             threshold = kth_largest(vals, m, self.world)
             in_top = vals >= threshold.unsqueeze(1)
         return TopCandidates(_SelectedScores.apply(z, self.rows, ids, vals, self.start), ids, in_top, threshold,

@@ -75,7 +75,10 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
             results = {"state_digest": digest, "final_train_loss": losses[-1] if losses else float("nan"),
                        "epochs": int(cfg.train.epochs), "images": trainer.n, "steps": trainer.state.step,
                        "world_size": env.world_size, "train_wall_s": time.perf_counter() - start,
-                       "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+                       "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                       # what the bank's top-M ran: `auto`'s choice and its steady-state timings (ms per call)
+                       "bank_selection": trainer.bank.selection_in_use,
+                       "bank_selection_ms": dict(trainer.bank.tuning_ms)}
         if evaluate:
             results.update(evaluate_knn(cfg, trainer.model, trainer.bank, trainer.images, trainer.labels, device))
         if env.is_main:

@@ -1,0 +1,1 @@
+"""Fused device kernels (Triton) with pure-torch equivalents of the same contract."""

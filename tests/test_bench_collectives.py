@@ -1,0 +1,52 @@
+"""tools/bench_collectives.py: the step's byte model (docs/SCALING.md) and a real gloo measurement at W = 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool():
+    # imported by name from tools/ (not from a file spec): the spawned ranks unpickle its worker by module name,
+    # and spawn hands them this sys.path
+    sys.path.insert(0, str(ROOT / "tools"))
+    return importlib.import_module("bench_collectives")
+
+
+def test_step_bytes_follow_the_gathered_batch() -> None:
+    tool = _tool()
+    rows = {c["what"]: c for c in tool.step_collectives(8, batch=256, dim=128, k=4, cands=84, params=1000)}
+    q = 8 * 256
+    assert rows["embeddings z (batch x D float32)"]["bytes"] == 256 * 128 * 4  # per rank, independent of W
+    hist = rows["exact M-th score: radix histograms (Q x 256 int64), 4 rounds"]
+    assert (hist["bytes"], hist["calls"]) == (q * 2048, 4)  # grows with the gathered batch
+    assert rows["DDP: backbone gradients (float32)"]["bytes"] == 4000
+    # ring: an all_gather sends (W-1) payloads per rank, an all_reduce 2 (W-1)/W of its tensor, none at W = 1
+    assert tool.ring_bytes("all_gather", 100, 8) == 700 and tool.ring_bytes("all_reduce", 800, 8) == 1400
+    assert tool.ring_bytes("all_reduce", 800, 1) == 0
+    assert tool.model_ms(1, 0.1, 10.0) == {"bank_ms": 0.0, "ddp_ms": 0.0}
+
+
+def test_memory_per_rank_shards_the_bank_but_not_the_table() -> None:
+    tool = _tool()
+    small, large = tool.memory_per_rank(8), tool.memory_per_rank(256)
+    assert small["bank_shard_float32"] == 160_146 * 128 * 4 and large["bank_shard_float32"] == 5005 * 128 * 4
+    assert small["neighbour_table_int32"] == large["neighbour_table_int32"] == 1_281_167 * 16
+    assert large["local_top_m"] == 256 * 256 * 4096 * 12  # every gathered query's local top-M: grows with W
+
+
+@pytest.mark.timeout(300)
+def test_gloo_measurement_fits_a_positive_bandwidth(tmp_path: Path) -> None:
+    tool = _tool()
+    found = tool.measure([2], reps=3, tmp=tmp_path)
+    for op in ("all_gather", "all_reduce"):
+        times = found["2"][op]["ms"]
+        assert set(times) == {str(s) for s in tool.SIZES} and min(times.values()) > 0
+        assert found["2"][op]["gb_s"] is None or found["2"][op]["gb_s"] > 0
+    # the largest payload costs more than the smallest: the fit has something to fit
+    assert times[str(tool.SIZES[-1])] > times[str(tool.SIZES[0])]
