@@ -20,7 +20,7 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path: Path) -> None:
     summary = json.loads(out.read_text())
     assert summary["env"]["dry_run"] is True and summary["env"]["device"] == "cpu"
     for key in ("selection_exact", "kernel_exact", "kernel_step_2000", "step_resnet50_224", "step_resnet18_32",
-                "bank_step_2000", "bank_step_5000", "trainer_step", "fmnist_invp"):
+                "bank_step_2000", "bank_step_5000", "folder_pipeline", "trainer_step", "fmnist_invp"):
         assert "error" not in summary[key], summary[key]
     assert summary["step_resnet50_224"]["invp_img_s"] > 0 and summary["step_resnet50_224"]["ratio"] > 0
     bank = summary["bank_step_5000"]
@@ -48,6 +48,18 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path: Path) -> None:
     assert [g["met"] for g in summary["goals"]] == [False, False, True, True, False, False]
     assert "GPU check against the goals" in proc.stdout
     assert 0 <= summary["fmnist_invp"]["knn_top1"] <= 1
+    # the folder part: the trainer's own loader over the generated JPEGs (FFCV is installed here), whole
+    # epochs of whole batches, next to the in-memory ResNet-50 step of the same run
+    folder = summary["folder_pipeline"]
+    assert (folder["loader"], folder["arch"], folder["size"], folder["images_in_folder"]) == ("ffcv", "resnet50",
+                                                                                             64, 64)
+    assert folder["steps"] == folder["epochs"] * (64 // folder["batch"])
+    assert folder["images"] == folder["steps"] * folder["batch"]
+    assert folder["img_s"] == pytest.approx(folder["images"] / folder["seconds"])
+    assert folder["loader_only_img_s"] > 0 and folder["fixed_batch_img_s"] > 0
+    in_memory = summary["step_resnet50_224"]["invp_img_s_pipelined"]
+    assert folder["in_memory_invp_img_s"] == in_memory
+    assert folder["ratio_to_in_memory"] == pytest.approx(folder["img_s"] / in_memory)
 
 
 def test_goals_judge_the_issue_targets() -> None:
@@ -168,3 +180,18 @@ def test_audit_of_bound_fallback_takes_the_exact_route(exact_topk_calls) -> None
     found = audit_selection(bank, z, 256, "bound-fallback")
     assert found["exact"] and exact_topk_calls == [(8, 256)]  # every query through the exact fallback
     assert bank.selections["bound"].sample_sigmas == sigmas and bank.selection == "bound"  # the setting restored
+
+
+def test_folder_part_names_the_torchvision_fallback_and_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where FFCV does not import (a GPU machine that could not build it) the part says it measures the
+    trainer's torchvision path, with the import error as the reason."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gpu_folder import loader_choice
+
+    assert loader_choice()[0] == "ffcv"
+    monkeypatch.setitem(sys.modules, "ffcv", None)  # `import ffcv` now raises ImportError
+    loader, why = loader_choice()
+    assert loader == "torchvision"
+    assert why.startswith("FFCV is not importable (import of ffcv halted") and "torchvision fallback" in why

@@ -39,9 +39,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def write_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
-    """``root/{train,val}/<class>/<i>.jpg``: n smooth pictures (gradient, a shape, light noise) of 250-500 px
-    a side, roughly ImageNet's sizes and JPEG entropy; val gets a tenth as many."""
+def write_folder(root: Path, n: int, classes: int = 10, seed: int = 0, side: tuple[int, int] = (250, 500)) -> Path:
+    """``root/{train,val}/<class>/<i>.jpg``: n smooth pictures (gradient, a shape, light noise) of `side`
+    (default 250-500) px a side, roughly ImageNet's sizes and JPEG entropy; val gets a tenth as many."""
     import numpy as np
     from PIL import Image
 
@@ -49,7 +49,7 @@ def write_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
     for split, count in (("train", n), ("val", max(classes, n // 10))):
         for i in range(count):
             c = i % classes
-            h, w = (int(v) for v in rng.integers(250, 501, 2))
+            h, w = (int(v) for v in rng.integers(side[0], side[1] + 1, 2))
             yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
             img = np.stack([xx / w * 200 + c * 5, yy / h * 200, (xx + yy) / (h + w) * 255 - c * 9], axis=-1)
             cy, cx, r = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w, rng.uniform(0.1, 0.3) * min(h, w)

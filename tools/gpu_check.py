@@ -8,6 +8,9 @@ pipeline (ResNet-50 at 224 px, CIFAR ResNet-18 at 32 px), the bank step (scores,
 positives, backward, updates) at N = 1.28M and 10M rows, peak GPU memory, and a short Fashion-MNIST InvP run.
 Also checks that every top-M selection is exact on this device (against float64), and records the host's
 launch time per step and a profiler table of where the device time goes (`host_ms`, `profile`).
+`folder_pipeline`: the same ResNet-50 InvP step at 224 px fed end to end by the training loader of a
+`data=imagenet`-style folder (a few thousand JPEGs of varied sizes generated on the machine; FFCV where it imports,
+else the trainer's torchvision fallback, named with the reason), its img/s next to the in-memory step's.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from invprop.loss import InvPLoss  # noqa: E402
 from invprop.models import build_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
+from gpu_folder import compose_config, default_workers, folder_pipeline  # noqa: E402
 from gpu_probes import (  # noqa: E402
     SELECTIONS_CHECKED,
     kernel_backends,
@@ -250,11 +254,7 @@ def fmnist_config(device: torch.device, epochs: int, subset: int, root: str | No
                   precision: str = "bf16", tau: float = 0.2, lr: float = 0.03, bank_init: str = "network",
                   head: str = "mlp"):
     """The run config of the Fashion-MNIST part (no Hydra on a bare GPU machine: the yaml files, composed)."""
-    cfg = OmegaConf.load(ROOT / "configs" / "config.yaml")
-    for group, name in (("data", "fashion_mnist"), ("model", arch), ("method", "invp"), ("cluster", "local")):
-        cfg[group] = OmegaConf.load(ROOT / "configs" / group / f"{name}.yaml")
-    cfg.pop("defaults", None)
-    cfg.pop("hydra", None)
+    cfg = compose_config({"data": "fashion_mnist", "model": arch, "method": "invp", "cluster": "local"})
     cfg.data.root, cfg.data.subset = root, subset
     cfg.data.format = "torchvision"  # FFCV is not installable on a machine without a registry
     cfg.train.update(epochs=epochs, batch_size=512, num_workers=min(8, os.cpu_count() or 1), log_every=50,
@@ -309,8 +309,14 @@ def main() -> int:
     parser.add_argument("--fmnist-lr", type=float, default=0.03, help="per 128 images (scaled to the batch)")
     parser.add_argument("--fmnist-bank-init", default="network", choices=("network", "random"))
     parser.add_argument("--fmnist-head", default="mlp", choices=("mlp", "linear"))
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: exact,kernel,steps,bank,fmnist")
+    parser.add_argument("--folder-images", type=int, default=3000, help="JPEGs generated for the folder part")
+    parser.add_argument("--folder-epochs", type=int, default=3, help="timed epochs of the folder part")
+    parser.add_argument("--skip", default="",
+                        help="comma list of parts to skip: exact,kernel,steps,bank,folder,fmnist")
     args = parser.parse_args()
+    if args.folder_images < 256 or args.folder_epochs < 1:  # the part's epochs need whole batches of 256
+        parser.error(f"--folder-images {args.folder_images} / --folder-epochs {args.folder_epochs}: need at least "
+                     "256 images (one batch) and 1 epoch; the default is 3000 images, 3 epochs")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if device.type == "cpu":  # a CUDA build of PyTorch without a GPU logs "gpuGetDeviceCount failed" per profile
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")
@@ -360,6 +366,12 @@ def main() -> int:
         record("step_resnet18_32", lambda: step_throughput(
             "resnet_tiny" if dry else "resnet18_cifar", 32, 8 if dry else 512, 1000 if dry else 50_000, device,
             bf16, 1 if dry else 3, 2 if dry else 10))
+    if "folder" not in skip:
+        # the ImageNet-style input pipeline end to end (issue 16), next to step_resnet50_224's in-memory number
+        record("folder_pipeline", lambda: folder_pipeline(
+            device, 64 if dry else args.folder_images, 64 if dry else 224, 8 if dry else 256, "resnet50",
+            default_workers(dry), 1 if dry else args.folder_epochs,
+            (48, 96) if dry else (250, 500), summary.get("step_resnet50_224")))
     if "fmnist" not in skip:
         cfg, run = fmnist_config(device, 1 if dry else args.fmnist_epochs, 512 if dry else 0, args.fmnist_root,
                                  "resnet_tiny" if dry else "resnet18_cifar", args.fmnist_precision, args.fmnist_tau,
