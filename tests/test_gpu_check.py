@@ -195,3 +195,22 @@ def test_folder_part_names_the_torchvision_fallback_and_why(monkeypatch: pytest.
     loader, why = loader_choice()
     assert loader == "torchvision"
     assert why.startswith("FFCV is not importable (import of ffcv halted") and "torchvision fallback" in why
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_folder_part_runs_through_torchvision_without_ffcv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU machine without FFCV: the part still trains end to end, through the trainer's torchvision loader."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gpu_folder import folder_pipeline
+
+    monkeypatch.setitem(sys.modules, "ffcv", None)
+    found = folder_pipeline(torch.device("cpu"), 48, 32, 8, "resnet_tiny", 2, 1, (40, 80),
+                            {"invp_img_s_pipelined": 10.0})
+    assert found["loader"] == "torchvision" and "not importable" in found["loader_why"]
+    assert (found["steps"], found["images"], found["images_in_folder"]) == (6, 48, 48)
+    assert found["ratio_to_in_memory"] == pytest.approx(found["img_s"] / 10.0)
