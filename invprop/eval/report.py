@@ -278,8 +278,9 @@ def write_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     written = []
     if _figure(LOSS_KEYS, steps, "step", "step", "loss terms and learning rate", out_dir / "losses.png"):
         written.append(out_dir / "losses.png")
-    if _figure(KNN_KEYS, knn, "epoch", "epoch", "kNN top-1 (solid: recomputed features, dashed: bank)",
-               out_dir / "knn.png", styles={"epoch_knn_bank_top1": "--"}, one_panel=True,
+    if _figure(KNN_KEYS, knn, "epoch", "epoch", "kNN top-1 (solid: head embeddings, dotted: backbone, dashed: bank)",
+               out_dir / "knn.png", styles={"epoch_knn_bank_top1": "--", "epoch_knn_backbone_top1": ":"},
+               one_panel=True,
                hlines=baselines(run_dirs)):
         written.append(out_dir / "knn.png")
     if _figure(PURITY_KEYS, steps, "epoch", "epoch", "propagation monitors", out_dir / "purity.png"):
