@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from invprop.bank.select.base import Selected, Selection, local_dots, replace_rows
+from invprop.bank.select.mirror import DTYPE, HalfMirror
 from invprop.bank.select.topk import TopK
 
-DTYPE = torch.float16
 UNIT = 2.0**-11  # float16 unit roundoff
 
 
@@ -43,7 +43,7 @@ class full_precision_half_gemm:
             setattr(torch.backends.cuda.matmul, flag, value)
 
 
-class HalfFilter(Selection):
+class HalfFilter(HalfMirror, Selection):
     """The float16 filter. Its margin `extra` (candidates beyond m; 0 until first used, then max(256, m / 4))
     doubles after a call that had to redo queries, up to `max_extra` times its start, and halves again after
     `clean_calls` calls without a redo: scores crowd near the m-th largest when the bank is young (rows from the
@@ -58,25 +58,6 @@ class HalfFilter(Selection):
         self.retune_requested = False
         self._clean_calls = 0
         self.forget_rows()
-
-    @property
-    def mirror(self) -> torch.Tensor | None:
-        """The float16 copy of the rows, or None while there is none."""
-        return self._half
-
-    def forget_rows(self) -> None:
-        # _half_key: the rows' version the mirror matches
-        self._half: torch.Tensor | None = None
-        self._half_key: int | None = None
-        self._half_max_norm = torch.zeros(())
-
-    def rows_written(self, rows: torch.Tensor, version_before: int, index: torch.Tensor, new: torch.Tensor) -> None:
-        """Keep a current mirror current instead of rebuilding it."""
-        if self._half is None or self._half_key != version_before:
-            return
-        self._half.index_put_((index,), new.to(DTYPE))
-        self._half_max_norm = torch.maximum(self._half_max_norm, new.norm(dim=1).max())
-        self._half_key = rows._version
 
     def select(self, zq: torch.Tensor, rows: torch.Tensor, start: int, m: int) -> Selected:
         return (*self.filtered(zq, rows, start, m), False)
@@ -128,14 +109,3 @@ class HalfFilter(Selection):
             block = slice(q0, q0 + queries_per_block)
             out[block] = local_dots(rows, zq[block], ids[block] - start)
         return out
-
-    def half_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The float16 mirror of the rows and the largest row norm (a 0-d tensor); rebuilt when the rows were
-        replaced (the bank calls `forget_rows`) or written in place anywhere but the bank's update, which keeps
-        both current (the rows' version counter tells)."""
-        if self._half is None or self._half_key != rows._version:
-            self._half = rows.to(DTYPE)
-            norms = rows.norm(dim=1)
-            self._half_max_norm = norms.max() if norms.numel() else norms.new_zeros(())
-            self._half_key = rows._version
-        return self._half, self._half_max_norm

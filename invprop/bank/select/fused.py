@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 
 from invprop.bank.select.base import Selected, Selection
+from invprop.bank.select.mirror import HalfMirror
 from invprop.kernels import topm as fused
-
-DTYPE = torch.float16
 
 
 def backend_for(device: torch.device) -> str:
@@ -25,7 +24,7 @@ def backend_for(device: torch.device) -> str:
     return "triton" if triton.knobs.runtime.interpret else "torch"
 
 
-class FusedTopM(Selection):
+class FusedTopM(HalfMirror, Selection):
     """The fused selection. Keeps a float16 copy of the rows and their largest norm current through the bank's
     update hook (as the filter does); `redone` counts the queries that took the exact fallback, over all calls.
     More than a quarter of a call's queries redone sets `retune_requested`."""
@@ -37,26 +36,6 @@ class FusedTopM(Selection):
         self.retune_requested = False
         self.redone = self.calls = 0
         self.forget_rows()
-
-    def forget_rows(self) -> None:
-        self._half: torch.Tensor | None = None
-        self._half_key: int | None = None
-        self._half_max_norm = torch.zeros(())
-
-    def rows_written(self, rows: torch.Tensor, version_before: int, index: torch.Tensor, new: torch.Tensor) -> None:
-        if self._half is None or self._half_key != version_before:
-            return
-        self._half.index_put_((index,), new.to(DTYPE))
-        self._half_max_norm = torch.maximum(self._half_max_norm, new.norm(dim=1).max())
-        self._half_key = rows._version
-
-    def half_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._half is None or self._half_key != rows._version:
-            self._half = rows.to(DTYPE)
-            norms = rows.norm(dim=1)
-            self._half_max_norm = norms.max() if norms.numel() else norms.new_zeros(())
-            self._half_key = rows._version
-        return self._half, self._half_max_norm
 
     def select(self, zq: torch.Tensor, rows: torch.Tensor, start: int, m: int) -> Selected:
         backend = backend_for(zq.device)
