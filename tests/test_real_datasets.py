@@ -268,7 +268,7 @@ def test_folder_torchvision_with_linear_and_semisup_from_a_list_file(files, tmp_
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("fmt", ["ffcv", "torchvision"])
+@pytest.mark.parametrize("fmt", ["ffcv", pytest.param("torchvision", marks=pytest.mark.extended)])
 def test_folder_resume_after_usr2_equals_uninterrupted(files, tmp_path, fmt):
     if fmt == "ffcv":
         pytest.importorskip("ffcv")

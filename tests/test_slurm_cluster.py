@@ -197,6 +197,8 @@ class _SleepUntilRequeued:
         return submitit.helpers.DelayedSubmission(self)
 
 
+@pytest.mark.slow
+@pytest.mark.extended  # submitit's own requeue; test_preemption_slurm proves ours end to end in CI
 def test_usr2_requeues_checkpointable_job(cluster: LocalSlurm, tmp_path: Path) -> None:
     submitit = _submitit()
     markers = tmp_path / "markers"
