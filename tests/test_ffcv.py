@@ -340,3 +340,15 @@ def test_crops_follow_seed_epoch_index(data, reference_epoch):
         assert diff.max() <= 1, (i, diff.max())
     # Another epoch gives other crops of the same samples.
     assert sample_crop(SEED, EPOCH, int(idx[0]), SIZE, SIZE) != sample_crop(SEED, EPOCH + 1, int(idx[0]), SIZE, SIZE)
+
+
+def test_more_workers_than_cores_gives_the_same_epoch(data, reference_epoch):
+    """A recipe's num_workers (e.g. 8) on a smaller machine: FFCV itself refuses more threads than cores; the
+    loader uses what there is and yields exactly the same batches."""
+    import os
+
+    path, _ = data[N_EVEN]
+    wide = build_ffcv_train_loader(path, EpochOrder(N_EVEN, GLOBAL_BATCH, SEED), 0, 1,
+                                   4 * len(os.sched_getaffinity(0)), 24, SEED)
+    for (img, lab, idx), (ref_img, ref_lab, ref_idx) in zip(_epoch(wide, EPOCH), reference_epoch, strict=True):
+        assert torch.equal(idx, ref_idx) and torch.equal(lab, ref_lab) and torch.equal(img, ref_img)

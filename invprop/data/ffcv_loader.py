@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import queue
 import time
 from collections.abc import Iterator
@@ -83,6 +84,15 @@ __all__ = [
 ]
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, as SLURM's cgroups set it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
 
 # ----------------------------------------------------------------------------------------------------
 # Traversal orders
@@ -388,6 +398,8 @@ class _LoaderBase:
 
     def _build(self, **kwargs: Any) -> Loader:
         threads = torch.get_num_threads()
+        # FFCV refuses more worker threads than the cores this process may use (a recipe's 8 on a 2-core box)
+        kwargs["num_workers"] = max(1, min(int(kwargs["num_workers"]), usable_cores()))
         try:
             return Loader(**kwargs)
         finally:
