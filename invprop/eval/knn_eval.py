@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from invprop.bank import ShardedBank
 from invprop.data import eval_split, is_lazy, load_split, num_classes
-from invprop.eval.features import embed
+from invprop.eval.features import embed_and_pool
 from invprop.eval.knn import knn_top1
 
 
@@ -27,12 +27,10 @@ def evaluate_knn(cfg: DictConfig, model: torch.nn.Module, bank: ShardedBank, tra
         test_images, test_labels = test_images[:max_test], test_labels[:max_test]
     classes = num_classes(cfg.data)
     k, sigma, bs = int(cfg.eval.knn_k), float(cfg.eval.knn_sigma), int(cfg.eval.batch_size)
-    queries = embed(model, test_images, cfg.data, device, bs)
+    queries, pooled_queries = embed_and_pool(model, test_images, cfg.data, device, bs)
     shard_labels = train_labels[bank.start : bank.stop].to(device)
-    shard_feats = embed(model, train_images[bank.start : bank.stop], cfg.data, device, bs)
-    pooled_queries = F.normalize(embed(model, test_images, cfg.data, device, bs, pooled=True), dim=1)
-    pooled_shard = F.normalize(embed(model, train_images[bank.start : bank.stop], cfg.data, device, bs,
-                                     pooled=True), dim=1)
+    shard_feats, pooled_shard = embed_and_pool(model, train_images[bank.start : bank.stop], cfg.data, device, bs)
+    pooled_queries, pooled_shard = F.normalize(pooled_queries, dim=1), F.normalize(pooled_shard, dim=1)
     return {
         "knn_top1": knn_top1(queries, test_labels, shard_feats, shard_labels, classes, k, sigma),
         "knn_backbone_top1": knn_top1(pooled_queries, test_labels, pooled_shard, shard_labels, classes, k, sigma),
