@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-LOGGERS = ("tensorboard", "wandb", "none")
 # Record keys that are not curves: the x-axis and the wall clock (passed as the event time instead).
 NOT_SCALARS = ("step", "time")
 
@@ -161,25 +160,21 @@ class WandbLogger(NullLogger):
 
 
 def build_logger(cfg: Any, run_dir: Path, enabled: bool = True) -> NullLogger:
-    """The logger named by the run config's `logger` group (absent: tensorboard); a NullLogger off the main
-    rank. `logger.views` sets how many augmented views the start grid shows."""
-    section = dict(cfg.get("logger") or {})
-    name = str(section.get("name", "tensorboard"))
-    if name not in LOGGERS:
-        raise ValueError(f"logger.name={name!r} is not one of {', '.join(LOGGERS)}")
-    if not enabled or name == "none":
+    """The logger the run config's `logger` group names; a NullLogger off the main rank. `logger.views` sets
+    how many augmented views the start grid shows."""
+    section = cfg.logger
+    if not enabled or section.name == "none":
         return NullLogger()
-    if name == "tensorboard":
-        logger: NullLogger = TensorBoardLogger(Path(run_dir) / str(section.get("dir", "tb")))
+    if section.name == "tensorboard":
+        logger: NullLogger = TensorBoardLogger(Path(run_dir) / str(section.dir))
     else:
         missing = wandb_missing_message()
         if missing:
             raise RuntimeError(missing)
         from omegaconf import OmegaConf
 
-        logger = WandbLogger(Path(run_dir), str(section.get("project", "invprop")),
-                             OmegaConf.to_container(cfg, resolve=True))
-    logger.views = int(section.get("views", 32) or 0)
+        logger = WandbLogger(Path(run_dir), str(section.project), OmegaConf.to_container(cfg, resolve=True))
+    logger.views = int(section.views)
     return logger
 
 

@@ -18,18 +18,22 @@ def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
-def check_sweep(argv: list[str]) -> None:
-    """A sweep's launcher submits from inside Hydra; check every element here first, so none is submitted."""
-    if not {"-m", "--multirun"} & set(argv):
-        return
-    from invprop.jobs.sweep import validate_sweep
+def check_command_line(argv: list[str]) -> None:
+    """Composition errors become one line here, before Hydra runs anything; a sweep's launcher submits from
+    inside Hydra, so every element is also validated here first and none is submitted if one is bad."""
+    from invprop.jobs.sweep import check_command_line as problems_of
 
-    problems = validate_sweep([a for a in argv if not a.startswith("-")], CONFIGS)
+    sweep = bool({"-m", "--multirun"} & set(argv))
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return  # Hydra's own flags (--help, --cfg, -cn, ...): Hydra handles the command line
+    problems = problems_of(argv if not sweep else [a for a in argv if not a.startswith("-")], CONFIGS,
+                           check_values=sweep)
     if problems:
-        print("config error (nothing submitted):\n  " + "\n  ".join(problems), file=sys.stderr)
+        head = "config error (nothing submitted):" if sweep else "config error:"
+        print(head + ("\n  " + "\n  ".join(problems) if sweep else " " + problems[0]), file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    check_sweep(sys.argv[1:])
+    check_command_line(sys.argv[1:])
     main()

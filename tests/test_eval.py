@@ -9,6 +9,7 @@ import tempfile
 
 import pytest
 import torch
+from composed import compose_config
 from omegaconf import OmegaConf
 
 from invprop.bank import ShardedBank
@@ -43,13 +44,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**eval_sections):
-    return OmegaConf.create({
-        "seed": 0,
-        "data": {"name": "synthetic", "n_train": 200, "n_test": 100, "num_classes": 4, "image_size": 16,
-                 "augment": {"crop_scale": [0.2, 1.0], "flip": False}},
-        "model": {"arch": "resnet_tiny", "head": "linear", "embedding_dim": 16},
-        "eval": {"knn_k": 20, "knn_sigma": 0.07, "batch_size": 256, **eval_sections},
-    })
+    cfg = compose_config("data=synthetic", "data.n_train=200", "data.n_test=100", "data.num_classes=4",
+                         "data.image_size=16", "data.augment.crop_scale=[0.2,1.0]", "data.augment.flip=false",
+                         "model=resnet_tiny", "model.embedding_dim=16", "eval.knn_k=20", "eval.knn_sigma=0.07",
+                         "eval.batch_size=256")
+    return OmegaConf.merge(cfg, {"eval": eval_sections})
 
 
 def _model(cfg, seed=0):

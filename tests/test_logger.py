@@ -164,7 +164,7 @@ def test_wandb_offline_rows_are_the_jsonl_lines(tmp_path: Path, monkeypatch) -> 
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     path = tmp_path / "metrics.jsonl"
-    cfg = OmegaConf.create({"logger": {"name": "wandb", "project": "test"}, "seed": 0})
+    cfg = OmegaConf.create({"logger": {"name": "wandb", "project": "test", "views": 32}, "seed": 0})
     logger = build_logger(cfg, tmp_path)
     log = MetricsLog(path, mirror=logger)
     logger.image("augmented_views", torch.rand(3, 10, 20), 0)

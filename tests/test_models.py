@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from omegaconf import OmegaConf
 
+from invprop.config import group_section
 from invprop.models import EmbeddingModel, LinearHead, MLPHead, build_head, build_model
+
+
+def _section(keys: dict):
+    """The model option named by `arch` (configs/model/), with `keys` on top."""
+    return group_section("model", "resnet_tiny" if keys["arch"] == "vit_b" else keys["arch"], **keys)
 
 
 def _x(b=4, s=32, seed=0):
@@ -24,7 +29,7 @@ def _nparams(m):
 )
 def test_backbone_sizes_and_unit_embeddings(arch, feat, backbone_params):
     torch.manual_seed(0)
-    m = build_model(OmegaConf.create({"arch": arch, "head": "linear", "embedding_dim": 128, "hidden_dim": None}))
+    m = build_model(_section({"arch": arch, "head": "linear", "embedding_dim": 128, "hidden_dim": None}))
     assert isinstance(m, EmbeddingModel) and m.feature_dim == feat and m.embedding_dim == 128
     assert _nparams(m.backbone) == backbone_params
     m.eval()
@@ -39,7 +44,7 @@ def test_backbone_sizes_and_unit_embeddings(arch, feat, backbone_params):
 
 def test_cifar_stem_keeps_resolution():
     # 3x3 stride-1 stem and no max-pool: a 32px input reaches layer4 at 4x4 (ImageNet stem would give 1x1).
-    m = build_model({"arch": "resnet18_cifar"})
+    m = build_model(_section({"arch": "resnet18_cifar"}))
     assert m.backbone.conv1.kernel_size == (3, 3) and m.backbone.conv1.stride == (1, 1)
     assert not any(isinstance(mod, torch.nn.MaxPool2d) for mod in m.modules())
     shapes = {}
@@ -59,7 +64,7 @@ def test_cifar_stem_keeps_resolution():
 
 
 def test_resnet18_cifar_keys_follow_torchvision():
-    ours = build_model({"arch": "resnet18_cifar"}).backbone.state_dict()
+    ours = build_model(_section({"arch": "resnet18_cifar"})).backbone.state_dict()
     tv = {k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items() if not k.startswith("fc.")}
     assert list(ours) == list(tv)
     diff = [k for k in tv if ours[k].shape != tv[k].shape]
@@ -67,7 +72,7 @@ def test_resnet18_cifar_keys_follow_torchvision():
 
 
 def test_resnet50_backbone_keys_match_torchvision_minus_fc():
-    m = build_model({"arch": "resnet50", "head": "mlp"})
+    m = build_model(_section({"arch": "resnet50", "head": "mlp"}))
     ours = m.backbone.state_dict()
     tv_model = torchvision.models.resnet50(weights=None)
     tv = {k: v for k, v in tv_model.state_dict().items() if not k.startswith("fc.")}
@@ -80,24 +85,24 @@ def test_resnet50_backbone_keys_match_torchvision_minus_fc():
 
 def test_heads():
     assert isinstance(build_head("linear", 64, 16), LinearHead)
-    mlp = build_model({"arch": "resnet_tiny", "head": "mlp", "embedding_dim": 32, "hidden_dim": 256}).head
+    mlp = build_model(_section({"arch": "resnet_tiny", "head": "mlp", "embedding_dim": 32, "hidden_dim": 256})).head
     assert isinstance(mlp, MLPHead)
     assert (mlp.fc1.in_features, mlp.fc1.out_features, mlp.fc2.out_features) == (128, 256, 32)
-    default_hidden = build_model({"arch": "resnet_tiny", "head": "mlp"}).head
+    default_hidden = build_model(_section({"arch": "resnet_tiny", "head": "mlp"})).head
     assert (default_hidden.fc1.out_features, default_hidden.fc2.out_features) == (128, 128)
     z = mlp(torch.randn(5, 128))
     torch.testing.assert_close(z.norm(dim=1), torch.ones(5), atol=1e-5, rtol=0)
     with pytest.raises(ValueError):
         build_head("transformer", 8, 8)
     with pytest.raises(ValueError):
-        build_model({"arch": "vit_b"})
+        build_model(_section({"arch": "vit_b"}))
 
 
 def test_gradients_reach_the_stem_and_train_mode_is_deterministic():
     torch.manual_seed(0)
-    a = build_model({"arch": "resnet_tiny"})
+    a = build_model(_section({"arch": "resnet_tiny"}))
     torch.manual_seed(0)
-    b = build_model({"arch": "resnet_tiny"})
+    b = build_model(_section({"arch": "resnet_tiny"}))
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)  # construction uses only torch's seeded RNG
     x = _x(8)

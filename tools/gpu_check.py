@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from invprop.bank import ShardedBank  # noqa: E402
+from invprop.config import group_section  # noqa: E402
 from invprop.data.augment import BatchColorAugment  # noqa: E402
 from invprop.graph import NeighbourGraph  # noqa: E402
 from invprop.loss import InvPLoss  # noqa: E402
@@ -134,8 +135,8 @@ def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch
                     warmup: int, iters: int) -> dict:
     """InvP step vs supervised step: same backbone, same batched augmentation of the same uint8 batch."""
     head = "mlp" if arch != "resnet_tiny" else "linear"
-    model = build_model(OmegaConf.create({"arch": arch, "head": head, "embedding_dim": 128,
-                                          "hidden_dim": None})).to(device).to(memory_format=torch.channels_last)
+    model = build_model(group_section("model", arch, head=head, hidden_dim=None)).to(device).to(
+        memory_format=torch.channels_last)
     classifier = torch.nn.Linear(model.feature_dim, 1000).to(device)
     params = list(model.parameters()) + list(classifier.parameters())
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)

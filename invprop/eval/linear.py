@@ -10,38 +10,21 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from invprop.data import eval_split, geometric_augment, is_lazy, load_split, num_classes
 from invprop.data.seeding import derive_seed
 from invprop.eval.features import embed
 
-# Defaults of the `eval.linear` config node (every key optional).
-LINEAR_DEFAULTS: dict[str, Any] = {
-    "epochs": 100,
-    "lr": 0.1,              # for `batch_size` images; BatchNorm in front of the classifier keeps this scale-free
-    "batch_size": 256,
-    "weight_decay": 0.0,
-    "momentum": 0.9,
-    "aug_views": 0,         # extra randomly cropped views of each training image (features precomputed too)
-    "seed": 0,
-}
 
-
-def cfg_get(node: Mapping[str, Any] | Any, key: str, default: Any) -> Any:
-    value = node.get(key, default) if node is not None else default
-    return default if value is None else value
-
-
-def eval_section(cfg: Any, name: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """``cfg.eval.<name>`` merged over ``defaults`` (a missing section or key takes the default)."""
-    eval_cfg = cfg_get(cfg, "eval", None)
-    node = cfg_get(eval_cfg, name, None)
-    return {key: cfg_get(node, key, value) for key, value in defaults.items()}
+def eval_section(cfg: Any, name: str) -> dict[str, Any]:
+    """``cfg.eval.<name>`` as a plain dict (the values are stated in configs/config.yaml)."""
+    return dict(OmegaConf.to_container(cfg.eval[name], resolve=True))
 
 
 @contextlib.contextmanager
@@ -182,21 +165,20 @@ def linear_probe(cfg: Any, model: nn.Module, device: torch.device, *, epochs: in
                  test_split: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
     """The linear-probe evaluation of ``model`` (an EmbeddingModel; only ``.features`` is used, frozen).
 
-    Settings come from ``cfg.eval.linear`` (see :data:`LINEAR_DEFAULTS`); keyword arguments override them.
+    Settings come from ``cfg.eval.linear``; keyword arguments override them.
     ``train_split`` / ``test_split`` (uint8 images, labels) default to ``load_split(cfg.data, ...)``.
     Returns ``linear_top1``, ``linear_top5`` (fractions) and ``linear_eval_s``.
     """
     start = time.perf_counter()
-    opts = eval_section(cfg, "linear", LINEAR_DEFAULTS)
+    opts = eval_section(cfg, "linear")
     given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
              "aug_views": aug_views, "seed": seed}
     opts.update({k: v for k, v in given.items() if v is not None})
     train_images, train_labels = train_split if train_split is not None else load_split(cfg.data, "train")
     test_images, test_labels = test_split if test_split is not None else load_split(cfg.data, eval_split(cfg.data))
-    embed_bs = int(cfg_get(cfg_get(cfg, "eval", None), "batch_size", 512))
-    aug_cfg = cfg_get(cfg.data, "augment", None)
-    crop_scale = tuple(float(v) for v in cfg_get(aug_cfg, "crop_scale", (0.2, 1.0)))
-    flip = bool(cfg_get(aug_cfg, "flip", False))
+    embed_bs = int(cfg.eval.batch_size)
+    crop_scale = tuple(float(v) for v in cfg.data.augment.crop_scale)
+    flip = bool(cfg.data.augment.flip)
 
     feats = [pooled_features(model, train_images, cfg.data, device, embed_bs)]
     for view in range(int(opts["aug_views"])):

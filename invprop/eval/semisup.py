@@ -18,28 +18,8 @@ from torch import nn
 
 from invprop.data import eval_batches, eval_split, load_split, materialize, normalization, num_classes
 from invprop.data.seeding import derive_seed
-from invprop.eval.linear import cfg_get, crop_batch, eval_section, topk_accuracy
+from invprop.eval.linear import crop_batch, eval_section, topk_accuracy
 from invprop.eval.subsets import fraction_tag, load_or_create_subset
-
-# Defaults of the `eval.semisup` config node (every key optional).
-SEMISUP_DEFAULTS: dict[str, Any] = {
-    "fractions": [0.01, 0.1],
-    "epochs": 30,
-    "milestones": [15, 20, 25],
-    "milestones_epochs": 30,   # the schedule length `milestones` are written for; they scale to `epochs` (0: as is)
-    "gamma": 0.1,
-    "lr": 0.01,                # backbone; for `batch_size` images
-    "classifier_lr_mult": 50,
-    "batch_size": 64,
-    "weight_decay": 5.0e-4,
-    "momentum": 0.9,
-    "augment": "crop",         # crop | none
-    "crop_scale": [0.5, 1.0],
-    "seed": 0,                 # picks the label subset (and the classifier init and data order)
-    # {fraction tag: list file} or null: the standard per-image subset lists (one file name per line, e.g.
-    # ImageNet's 1percent.txt / 10percent.txt), matched to the training files by name; else balanced draws.
-    "subset_files": None,
-}
 
 
 def scaled_milestones(milestones: list[float], written_for: float | None, epochs: int) -> list[float]:
@@ -94,12 +74,12 @@ def finetune_subset(cfg: Any, model: nn.Module, device: torch.device, run_dir: P
     """Fine-tune a copy of ``model.backbone`` + a new classifier on the ``fraction`` label subset of the run
     (list file reused if present) and return ``semisup_<pct>_top1`` / ``_top5`` (0..1) on the test split.
 
-    Settings come from ``cfg.eval.semisup`` (:data:`SEMISUP_DEFAULTS`); ``overrides`` (same names) win,
+    Settings come from ``cfg.eval.semisup``; ``overrides`` (same names) win,
     ``None`` included (``milestones_epochs=None``: milestones as written).
     ``model`` itself is not modified.
     """
     start = time.perf_counter()
-    opts = eval_section(cfg, "semisup", SEMISUP_DEFAULTS)
+    opts = eval_section(cfg, "semisup")
     unknown = set(overrides) - set(opts)
     if unknown:
         raise TypeError(f"unknown semisup settings {sorted(unknown)}; expected some of {sorted(opts)}")
@@ -112,11 +92,11 @@ def finetune_subset(cfg: Any, model: nn.Module, device: torch.device, run_dir: P
     milestones = scaled_milestones(list(opts["milestones"]), opts["milestones_epochs"], epochs)
     gamma = float(opts["gamma"])
     crop_scale = tuple(float(v) for v in opts["crop_scale"])
-    flip = bool(cfg_get(cfg_get(cfg.data, "augment", None), "flip", False))
+    flip = bool(cfg.data.augment.flip)
 
     train_images, train_labels = train_split if train_split is not None else load_split(cfg.data, "train")
     test_images, test_labels = test_split if test_split is not None else load_split(cfg.data, eval_split(cfg.data))
-    subset = load_or_create_subset(run_dir, train_labels, fraction, seed, opts.get("subset_files"), tag,
+    subset = load_or_create_subset(run_dir, train_labels, fraction, seed, opts["subset_files"], tag,
                                    train_images)
     images, labels = train_images[subset], train_labels[subset].to(device)
     n = len(images)
@@ -150,7 +130,7 @@ def finetune_subset(cfg: Any, model: nn.Module, device: torch.device, run_dir: P
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    eval_bs = int(cfg_get(cfg_get(cfg, "eval", None), "batch_size", 512))
+    eval_bs = int(cfg.eval.batch_size)
     top1, top5 = topk_accuracy(_logits(net, test_images, mean_t, std_t, device, eval_bs), test_labels)
     return {f"semisup_{tag}_top1": top1, f"semisup_{tag}_top5": top5, f"semisup_{tag}_labels": int(n),
             f"semisup_{tag}_s": time.perf_counter() - start}
@@ -164,7 +144,7 @@ def semisup_eval(cfg: Any, model: nn.Module, device: torch.device, run_dir: Path
     """:func:`finetune_subset` for every fraction (default ``cfg.eval.semisup.fractions``: 1% and 10%)."""
     start = time.perf_counter()
     if fractions is None:
-        fractions = list(eval_section(cfg, "semisup", SEMISUP_DEFAULTS)["fractions"])
+        fractions = list(cfg.eval.semisup.fractions)
     train_split = train_split if train_split is not None else load_split(cfg.data, "train")
     test_split = test_split if test_split is not None else load_split(cfg.data, eval_split(cfg.data))
     results: dict[str, float] = {}

@@ -26,7 +26,7 @@ def run_local(cfg: DictConfig, run_dir: Path) -> dict:
     if world == 1:
         results = pretrain(run_dir, stop_signals=(signal.SIGTERM,))
     else:
-        spawn_ranks(pretrain_rank, world, (str(run_dir),), timeout_s=float(cfg.get("local_timeout_s", 24 * 3600)),
+        spawn_ranks(pretrain_rank, world, (str(run_dir),), timeout_s=60.0 * float(cfg.cluster.timeout_min),
                     forward=stops)
         if finished(run_dir):
             results = json.loads((Path(run_dir) / "results.json").read_text())
@@ -35,7 +35,7 @@ def run_local(cfg: DictConfig, run_dir: Path) -> dict:
             results = {"preempted_at_step": -1 if latest is None else checkpoint.step_of(latest)}
     if "preempted_at_step" in results:
         return results
-    for protocol in cfg.eval.get("protocols", ["knn"]):
+    for protocol in cfg.eval.protocols:
         if protocol != "knn":
             results = evaluate_run(run_dir, protocol)
     return results

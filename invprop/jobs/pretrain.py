@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from invprop import checkpoint, distributed
+from invprop.config import slurm_section
 from invprop.eval.knn_eval import evaluate_knn, evaluate_pixels_knn
 from invprop.metrics import read_jsonl, update_results, write_json_atomic
 from invprop.train.boundary import StepBoundary
@@ -45,8 +46,8 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
     cfg = load_run_config(run_dir)
     env = distributed.read_env()
     device = distributed.init(env, float(cfg.train.dist_timeout_s))
-    boundary = StepBoundary(device, int(cfg.train.get("checkpoint_every_steps", 0) or 0),
-                            float(cfg.train.get("checkpoint_every_min", 0) or 0), also=stop_signals)
+    boundary = StepBoundary(device, int(cfg.train.checkpoint_every_steps), float(cfg.train.checkpoint_every_min),
+                            also=stop_signals)
     trainer = None
     try:
         trainer = Trainer(cfg, env, device, run_dir)
@@ -61,9 +62,9 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
         else:
             # A fresh start: lines an earlier attempt wrote before its first checkpoint would repeat steps.
             trainer.metrics.truncate_after(-1)
-            if cfg.eval.get("untrained_baseline", False):
+            if cfg.eval.untrained_baseline:
                 _untrained_baseline(cfg, trainer, device, env)
-            if cfg.method.get("bank_init", "random") == "network":
+            if cfg.method.bank_init == "network":
                 trainer.fill_bank_from_network()
         if not trainer.fit(boundary):
             return _preempted(trainer, boundary, env)
@@ -112,7 +113,7 @@ def _preempted(trainer: Trainer, boundary: StepBoundary, env: distributed.DistEn
         boundary.hand_over()  # submitit's handler: checkpoint() + scontrol requeue + exit
         console.print("no scheduler to requeue this run: start the same command again to resume")
     elif env.source == "slurm":
-        time.sleep(float(trainer.cfg.train.get("requeue_wait_s", 120)))  # rank 0's requeue ends this task
+        time.sleep(float(slurm_section(trainer.cfg).requeue_wait_s))  # rank 0's requeue ends this task
     return {"preempted_at_step": trainer.state.step}
 
 

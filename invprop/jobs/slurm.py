@@ -15,16 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from invprop.config import ConfigError
+from invprop.config import ConfigError, slurm_section
 from invprop.distributed import read_env
 from invprop.jobs.evaluate import evaluate_run
 from invprop.jobs.pretrain import pretrain
 from invprop.metrics import write_json_atomic
-
-# What configs/cluster/slurm.yaml holds, for sweeps composed with cluster=local.
-CLUSTER_DEFAULTS = {"partition": None, "account": None, "qos": None, "constraint": None, "timeout_min": 60,
-                    "signal_delay_s": 120, "max_num_timeout": 20, "cpus_per_task": 2, "mem_gb": 4,
-                    "gpus_per_node": 0, "additional_parameters": {}, "eval_timeout_min": 30}
 
 
 class PretrainJob:
@@ -51,11 +46,12 @@ class EvalJob:
 
 def submit_evaluations(cfg: DictConfig, run_dir: Path, after: str) -> dict[str, submitit.Job]:
     """One job per protocol in eval.protocols, each afterok on pretraining (cancelled if it fails)."""
-    gpus_per_node = int(cfg.cluster.get("gpus_per_node") or 0)
+    cluster = slurm_section(cfg)
+    gpus_per_node = int(cluster.gpus_per_node)
     jobs = {}
-    for protocol in cfg.eval.get("protocols", ["knn"]):
+    for protocol in cfg.eval.protocols:
         ev = _executor(cfg, run_dir / "submitit", f"invprop-{protocol}-{run_dir.name}", 1, 1,
-                       min(gpus_per_node, 1), int(cfg.cluster.get("eval_timeout_min", 30)),
+                       min(gpus_per_node, 1), int(cluster.eval_timeout_min),
                        dependency=f"afterok:{after}")
         jobs[f"eval_{protocol}"] = ev.submit(EvalJob(str(run_dir), protocol))
     return jobs
@@ -110,7 +106,7 @@ def check_cluster(cluster: DictConfig) -> None:
     partitions = available_partitions()
     if cluster.partition is not None and partitions is not None and cluster.partition not in partitions:
         raise ConfigError(f"cluster.partition={cluster.partition} does not exist; available: {', '.join(partitions)}")
-    wanted = int(cluster.get("gpus_per_node") or 0)
+    wanted = int(cluster.gpus_per_node)
     offered = max_gpus_per_node(cluster.partition) if wanted else None
     if offered is not None and wanted > offered:
         where = f"partition {cluster.partition}" if cluster.partition is not None else "this cluster"
@@ -120,7 +116,7 @@ def check_cluster(cluster: DictConfig) -> None:
 
 def _executor(cfg: DictConfig, folder: Path, name: str, nodes: int, tasks_per_node: int,
               gpus_per_node: int, timeout_min: int, dependency: str | None = None) -> submitit.AutoExecutor:
-    cl = OmegaConf.merge(OmegaConf.create(CLUSTER_DEFAULTS), cfg.cluster)  # cluster=local sweeps lack these keys
+    cl = slurm_section(cfg)
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=int(cl.max_num_timeout))
     extra = dict(OmegaConf.to_container(cl.additional_parameters, resolve=True) or {})
     params = dict(name=name, nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=int(cl.cpus_per_task),
@@ -128,7 +124,7 @@ def _executor(cfg: DictConfig, folder: Path, name: str, nodes: int, tasks_per_no
     if gpus_per_node:
         params["gpus_per_node"] = gpus_per_node
     for key in ("partition", "account", "qos", "constraint"):
-        if cl.get(key) is not None:
+        if cl[key] is not None:
             params[f"slurm_{key}"] = str(cl[key])
     if dependency:
         extra.update(dependency=dependency, kill_on_invalid_dep="yes")

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -34,18 +33,13 @@ class EmbeddingModel(nn.Module):
         return self.head(self.backbone(x))
 
 
-def build_model(model_cfg: Mapping[str, Any] | Any) -> EmbeddingModel:
-    """Build an :class:`EmbeddingModel` from the ``model`` config node (unknown keys ignored)."""
-
-    def get(key: str, default: Any) -> Any:
-        v = model_cfg.get(key, default) if model_cfg is not None else default
-        return default if v is None else v
-
-    backbone, feature_dim = build_backbone(str(get("arch", "resnet18_cifar")))
-    embedding_dim = int(get("embedding_dim", 128))
-    hidden = model_cfg.get("hidden_dim", None) if model_cfg is not None else None
-    head = build_head(str(get("head", "linear")), feature_dim, embedding_dim, int(hidden) if hidden else None)
-    return EmbeddingModel(backbone, head, feature_dim, embedding_dim)
+def build_model(model_cfg: Any) -> EmbeddingModel:
+    """Build an :class:`EmbeddingModel` from the ``model`` config section."""
+    backbone, feature_dim = build_backbone(str(model_cfg.arch))
+    hidden = model_cfg.hidden_dim
+    head = build_head(str(model_cfg.head), feature_dim, int(model_cfg.embedding_dim),
+                      int(hidden) if hidden else None)
+    return EmbeddingModel(backbone, head, feature_dim, int(model_cfg.embedding_dim))
 
 
 __all__ = [

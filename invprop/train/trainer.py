@@ -38,7 +38,7 @@ from invprop.train.progress import TrainProgress
 def bank_selection(cfg: DictConfig, device: torch.device) -> str:
     """`bank.selection`, except that a deterministic run on an accelerator does not pick by timing: the
     strategies agree exactly on the selected set but not in the last bit of every score."""
-    selection = str((cfg.get("bank") or {}).get("selection", "auto"))
+    selection = str(cfg.bank.selection)
     if selection == "auto" and bool(cfg.deterministic) and device.type != "cpu":
         return "topk"
     return selection
@@ -109,21 +109,21 @@ class Trainer:
         self.n = int(self.labels.shape[0])
         self.label_table = self.labels.to(device)
         self.model = build_model(cfg.model).to(device)
-        self.channels_last = bool(cfg.train.get("channels_last", False))
+        self.channels_last = bool(cfg.train.channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.bf16 = cfg.train.get("precision", "fp32") == "bf16"
-        self.net = self._wrap(self.model, bool(cfg.train.get("compile", False)))
+        self.bf16 = cfg.train.precision == "bf16"
+        self.net = self._wrap(self.model, bool(cfg.train.compile))
         self.bank = ShardedBank(self.n, int(cfg.model.embedding_dim), rank=env.rank, world=env.world_size,
                                 seed=int(cfg.seed), device=device, selection=bank_selection(cfg, device))
         self.graph = NeighbourGraph(self.n, int(cfg.method.k), device) if cfg.method.name == "invp" else None
         self.criterion = build_criterion(cfg.method, self.bank, self.graph, n_background(cfg, self.n))
         self.order = EpochOrder(self.n, int(cfg.train.batch_size), int(cfg.seed))
-        aug_cfg = cfg.data.get("augment")
+        aug_cfg = cfg.data.augment
         self.dataset = IndexedImageDataset.from_config(self.images, self.labels, aug_cfg, train=True,
                                                        seed=int(cfg.seed))
         self.augment = BatchColorAugment.from_config(aug_cfg, *normalization(cfg.data)).to(device)
-        self.ffcv = self._build_ffcv() if cfg.data.get("format", "torchvision") == "ffcv" and ffcv_available(
+        self.ffcv = self._build_ffcv() if cfg.data.format == "ffcv" and ffcv_available(
             env.is_main) else None
         self.base_lr = float(cfg.train.lr) * int(cfg.train.batch_size) / 128
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.base_lr,
@@ -141,13 +141,13 @@ class Trainer:
         from invprop.data.beton import ensure_beton
         from invprop.data.ffcv_loader import build_ffcv_train_loader
 
-        beton = ensure_beton(self.cfg.data, "train", Path(str(self.cfg.data.get("beton_dir", ".cache/betons"))),
+        beton = ensure_beton(self.cfg.data, "train", Path(str(self.cfg.data.beton_dir)),
                              progress=self.env.is_main)
-        aug = self.cfg.data.get("augment") or {}
+        aug = self.cfg.data.augment
         return build_ffcv_train_loader(beton, self.order, self.env.rank, self.env.world_size,
                                        int(self.cfg.train.num_workers), int(self.cfg.data.image_size),
-                                       int(self.cfg.seed), scale=tuple(aug.get("crop_scale", (0.2, 1.0))),
-                                       flip=bool(aug.get("flip", False)))
+                                       int(self.cfg.seed), scale=tuple(aug.crop_scale),
+                                       flip=bool(aug.flip))
 
     def batches(self) -> Any:
         """This rank's batches of the current epoch from the saved position: FFCV or the torchvision path."""
@@ -199,7 +199,7 @@ class Trainer:
 
     # -- schedule ---------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        warm = int(self.cfg.train.get("lr_warmup_epochs", 0) or 0) * self.order.num_batches
+        warm = int(self.cfg.train.lr_warmup_epochs) * self.order.num_batches
         return warmup_cosine_lr(step, self.base_lr, self.total_steps, warm)
 
     def set_lr(self) -> float:
@@ -325,12 +325,12 @@ class Trainer:
 
     def evaluate_epoch(self) -> None:
         """kNN accuracy over training (eval.every_epochs > 0) into metrics.jsonl, for the curves in reports."""
-        every = int(self.cfg.eval.get("every_epochs", 0) or 0)
+        every = int(self.cfg.eval.every_epochs)
         if every <= 0 or self.state.epoch % every:
             return
         from invprop.eval.knn_eval import evaluate_knn  # the evaluation layer sits beside the loop
 
-        test = self.cfg.eval.get("every_epochs_test_images", 2000)
+        test = self.cfg.eval.every_epochs_test_images
         found = evaluate_knn(self.cfg, self.model, self.bank, self.images, self.labels, self.device,
                              max_test=int(test) if test else None)
         self.metrics.write({"step": self.state.step, "epoch": self.state.epoch, "time": time.time(),
@@ -340,7 +340,8 @@ class Trainer:
     def describe(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this run."""
         return {"n": self.n, "dim": int(self.cfg.model.embedding_dim), "arch": str(self.cfg.model.arch),
-                "method": str(self.cfg.method.name), "k": int(self.cfg.method.get("k", 0) or 0)}
+                "method": str(self.cfg.method.name),
+                "k": int(self.cfg.method.k) if self.cfg.method.name == "invp" else 0}
 
     def main_state(self) -> dict[str, Any]:
         return {
@@ -379,7 +380,7 @@ class Trainer:
         state = self.main_state() if self.env.is_main else None
         return checkpoint.save(self.ckpt_root, self.state.step, self.env.rank, self.env.world_size, state,
                                self.bank.rows, self.bank.start, self.n,
-                               keep=int(self.cfg.train.get("keep_checkpoints", 3)), device=self.device)
+                               keep=int(self.cfg.train.keep_checkpoints), device=self.device)
 
     def digest(self) -> str:
         """Collective: sha256 of weights, the whole bank (gathered in row order) and the graph."""

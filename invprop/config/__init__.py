@@ -1,0 +1,165 @@
+"""Checks on the composed config, run before any work starts or any job is submitted.
+
+Types and each section's own ranges are in the schema (invprop/config/schema.py); here are the checks that
+need several sections or the data on disk. Every error is one line that names the field and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from invprop.config.checks import ConfigError
+from invprop.config.schema import BANK_SELECTIONS, GROUP_SCHEMAS, Config
+
+__all__ = ["BANK_SELECTIONS", "ConfigError", "candidate_count", "group_section", "n_background", "slurm_section",
+           "typed", "validate", "world_size"]
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def candidate_count(k: int, layers: int) -> int:
+    """k + k^2 + ... + k^l: the candidates one anchor's propagation yields (concat, duplicates kept)."""
+    return sum(k**i for i in range(1, layers + 1))
+
+
+def world_size(cfg: DictConfig) -> int:
+    return int(cfg.nodes) * int(cfg.gpus)
+
+
+def n_background(cfg: DictConfig, n_train: int) -> int:
+    """M: the configured value, or min(4096, N) when left null."""
+    m = cfg.method.n_background
+    return min(4096, n_train) if m is None else int(m)
+
+
+def group_section(group: str, option: str, **overrides: Any) -> DictConfig:
+    """One group option's section as configs/<group>/<option>.yaml states it, typed by its schema, with
+    `overrides` on top: for code and tests that need one section without composing a whole run."""
+    stated = OmegaConf.load(CONFIGS / group / f"{option}.yaml")
+    stated.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(GROUP_SCHEMAS[group][option]), stated, overrides)
+
+
+def slurm_section(cfg: DictConfig) -> DictConfig:
+    """The run's cluster section when it is cluster=slurm; a sweep element that a Hydra launcher put on SLURM
+    with cluster=local gets configs/cluster/slurm.yaml's values (the one place they are stated)."""
+    return cfg.cluster if cfg.cluster.name == "slurm" else group_section("cluster", "slurm")
+
+
+def typed(cfg: DictConfig) -> Config:
+    """The composed config as schema objects (interpolations resolved)."""
+    conf = OmegaConf.to_object(cfg)
+    if not isinstance(conf, Config):
+        raise TypeError("validate() needs a config composed with its schema (configs/config.yaml)")
+    return conf
+
+
+def added_keys(node: Any, where: str = "") -> list[str]:
+    """Keys a `+key=value` override added beyond the schema (Hydra lets `+` append to any section)."""
+    import dataclasses
+
+    found = []
+    schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node.keys() if isinstance(node, DictConfig) else ():
+        name = f"{where}{key}"
+        if known is not None and key not in known:
+            found.append(name)
+        elif isinstance(node._get_node(key), DictConfig):
+            found += added_keys(node[key], name + ".")
+    return found
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first value that cannot work."""
+    extra = added_keys(cfg)
+    if extra:
+        raise ConfigError(f"{extra[0]} is not a setting of invprop; remove it or check its spelling against configs/")
+    conf = typed(cfg)
+    conf.validate()
+    world = conf.nodes * conf.gpus
+    batch = conf.train.batch_size
+    if batch % world:
+        raise ConfigError(f"train.batch_size={batch} must be divisible by nodes*gpus={world}; "
+                          f"use a multiple of {world}")
+    n = _training_images(cfg.data)
+    if batch > n:
+        raise ConfigError(f"train.batch_size={batch} is larger than the {n} training images; lower it "
+                          "or raise data.subset")
+    if conf.method.name == "invp":
+        _check_method_against_data(conf.method, n)
+    if conf.logger.name == "wandb":
+        from invprop.logger import wandb_missing_message
+
+        if wandb_missing_message():
+            raise ConfigError(wandb_missing_message())
+    _validate_out_dir(str(cfg.out_dir))
+
+
+def _training_images(data: DictConfig) -> int:
+    """The training set's size after data.subset; for Fashion-MNIST the files are found and checked first."""
+    from invprop.data import dataset_size, eval_split, fashion_mnist, num_classes  # torch: only when checking
+
+    subset = int(data.subset)
+    if data.name == "fashion_mnist":
+        if data.resize_mode == "pad" and data.image_size < 28:
+            raise ConfigError(f"data.image_size={data.image_size} is smaller than Fashion-MNIST's 28 pixels, "
+                              "which data.resize_mode=pad cannot shrink; use >= 28 or data.resize_mode=resize")
+        root = data.root
+        if root is not None and not os.path.isdir(str(root)):
+            raise ConfigError(f"data.root={root} is not a folder; point it at the folder with the IDX files "
+                              "(or null for Debian's dataset-fashion-mnist)")
+        try:
+            stored = {split: fashion_mnist.check_split(split, root) for split in ("train", "test")}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"data.root: {exc}") from None
+        if subset > stored["train"]:
+            raise ConfigError(f"data.subset={subset} is larger than the {stored['train']} training images; "
+                              f"use at most {stored['train']} (0 = all)")
+    try:
+        n = dataset_size(data, "train")
+        classes = num_classes(data)
+        dataset_size(data, eval_split(data))  # the evaluation split must exist too
+    except (ValueError, OSError) as exc:
+        # names the field itself (data.root=..., data.name...) when it is about one; else say where it is
+        text = str(exc)
+        raise ConfigError(text if text.startswith("data.") else f"data.name={data.name}: {text}") from None
+    if classes < 2:
+        raise ConfigError(f"data: {classes} class(es); classification needs at least 2")
+    if data.name == "fashion_mnist":
+        return min(n, stored["train"])
+    return n
+
+
+def _check_method_against_data(method: Any, n: int) -> None:
+    if method.k >= n:
+        raise ConfigError(f"method.k={method.k} must be smaller than the {n} training images")
+    count = candidate_count(method.k, method.l)
+    if method.n_pos > count:
+        raise ConfigError(f"method.n_pos={method.n_pos} is larger than the {count} candidates that k={method.k}, "
+                          f"l={method.l} yield; lower method.n_pos or raise method.k / method.l")
+    m = method.n_background
+    if m is not None:
+        if m > n:
+            raise ConfigError(f"method.n_background={m} is larger than the {n} training images (M <= N); "
+                              "lower it or leave it null for min(4096, N)")
+        if m < 2:
+            raise ConfigError("method.n_background must be >= 2 so the denominator without i is never empty")
+
+
+def _validate_out_dir(out: str) -> None:
+    """out_dir must be a folder or creatable as one: not a file, not below a file, and writable."""
+    path = os.path.abspath(out)
+    if os.path.isfile(path):
+        raise ConfigError(f"out_dir={out} is a file; give a directory path")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"out_dir={out} is below the file {parent}; give a directory path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir={out}: {parent} is not writable; choose an out_dir you can write to")

@@ -1,0 +1,413 @@
+"""The config's schema: one dataclass per section, registered in Hydra's ConfigStore.
+
+Values are stated once, in configs/ (each group's YAML lists `<option>_schema` first in its defaults); these
+classes state each key's type and nothing else, so composing refuses a key the schema lacks and a value of the
+wrong type, and code reads every key without a fallback of its own. `validate()` on each section checks what
+a type cannot say (ranges, choices); checks that span sections are in invprop/config/__init__.py.
+tests/test_config_schema.py keeps the YAML and these classes to the same keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from omegaconf import MISSING
+
+from invprop.config.checks import (
+    ConfigError,
+    check_choice,
+    check_int,
+    check_number,
+    check_positive_int,
+)
+
+# `bank.selection`: how each rank finds its exact local top-M (invprop/bank/select/ has one module per strategy).
+BANK_SELECTIONS = ("auto", "topk", "bound", "filter", "triton")
+LOGGERS = ("tensorboard", "wandb", "none")
+EVAL_PROTOCOLS = ("knn", "linear", "semisup")
+
+
+# Optional[...] rather than `X | None`: OmegaConf reads the annotations at run time, on Python 3.11 too.
+@dataclass
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    lr_warmup_epochs: int
+    momentum: float
+    weight_decay: float
+    num_workers: int
+    log_every: int
+    dist_timeout_s: float
+    checkpoint_every_steps: int
+    checkpoint_every_min: float
+    keep_checkpoints: int
+    precision: str
+    channels_last: bool
+    compile: bool
+
+    def validate(self) -> None:
+        check_positive_int(self.epochs, "train.epochs")
+        check_positive_int(self.batch_size, "train.batch_size", " (the global batch)")
+        check_choice(self.precision, "train.precision", ("fp32", "bf16"))
+        check_number(self.lr, "train.lr", 0, low_open=True)
+        check_number(self.momentum, "train.momentum", 0, 1, high_open=True)
+        check_number(self.weight_decay, "train.weight_decay", 0)
+        check_int(self.num_workers, "train.num_workers", 0, " (loader processes per rank)")
+        check_positive_int(self.log_every, "train.log_every", " (steps between metrics lines)")
+        check_number(self.dist_timeout_s, "train.dist_timeout_s", 0, low_open=True)
+        check_int(self.checkpoint_every_steps, "train.checkpoint_every_steps", 0, " (0 = off)")
+        check_number(self.checkpoint_every_min, "train.checkpoint_every_min", 0)
+        check_positive_int(self.keep_checkpoints, "train.keep_checkpoints",
+                           " (the checkpoint just written is always kept)")
+        if not 0 <= self.lr_warmup_epochs < self.epochs:
+            raise ConfigError(f"train.lr_warmup_epochs={self.lr_warmup_epochs!r} must be an integer in "
+                              "[0, train.epochs)")
+
+
+@dataclass
+class BankConfig:
+    selection: str
+
+    def validate(self) -> None:
+        check_choice(self.selection, "bank.selection", BANK_SELECTIONS)
+
+
+@dataclass
+class LinearProbeConfig:
+    epochs: int
+    lr: float
+    batch_size: int
+    weight_decay: float
+    momentum: float
+    aug_views: int
+    seed: int
+
+    def validate(self) -> None:
+        check_positive_int(self.epochs, "eval.linear.epochs")
+        check_positive_int(self.batch_size, "eval.linear.batch_size")
+        check_number(self.lr, "eval.linear.lr", 0, low_open=True)
+        check_int(self.aug_views, "eval.linear.aug_views", 0)
+
+
+@dataclass
+class SemisupConfig:
+    fractions: list[float]
+    epochs: int
+    milestones: list[int]
+    milestones_epochs: int
+    gamma: float
+    lr: float
+    classifier_lr_mult: float
+    batch_size: int
+    weight_decay: float
+    momentum: float
+    augment: str
+    crop_scale: list[float]
+    seed: int
+    subset_files: dict[str, str] | None
+
+    def validate(self) -> None:
+        check_positive_int(self.epochs, "eval.semisup.epochs")
+        check_positive_int(self.batch_size, "eval.semisup.batch_size")
+        for fraction in self.fractions:
+            if not 0 < fraction <= 1:
+                raise ConfigError(f"eval.semisup.fractions has {fraction}; each must be in (0, 1]")
+        check_choice(self.augment, "eval.semisup.augment", ("crop", "none"))
+
+
+@dataclass
+class EvalConfig:
+    protocols: list[str]
+    untrained_baseline: bool
+    knn_k: int
+    knn_sigma: float
+    batch_size: int
+    every_epochs: int
+    every_epochs_test_images: int
+    linear: LinearProbeConfig
+    semisup: SemisupConfig
+
+    def validate(self) -> None:
+        for protocol in self.protocols:
+            check_choice(protocol, "eval.protocols", EVAL_PROTOCOLS)
+        check_positive_int(self.knn_k, "eval.knn_k")
+        check_number(self.knn_sigma, "eval.knn_sigma", 0, low_open=True)
+        check_positive_int(self.batch_size, "eval.batch_size")
+        check_int(self.every_epochs, "eval.every_epochs", 0, " (0 = off)")
+        check_positive_int(self.every_epochs_test_images, "eval.every_epochs_test_images")
+        self.linear.validate()
+        self.semisup.validate()
+
+
+# --- groups -------------------------------------------------------------------------------------------------
+
+@dataclass
+class AugmentConfig:
+    crop_scale: list[float]
+    flip: bool
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    jitter_p: float
+    grayscale_p: float
+    blur_p: float
+
+    def validate(self) -> None:
+        scale = list(self.crop_scale)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ConfigError(f"data.augment.crop_scale={scale} must be [low, high] with 0 < low <= high <= 1 "
+                              "(shares of the image area)")
+        for key in ("brightness", "contrast", "saturation"):
+            check_number(getattr(self, key), f"data.augment.{key}", 0)
+        check_number(self.hue, "data.augment.hue", 0, 0.5)
+        for key in ("jitter_p", "grayscale_p", "blur_p"):
+            check_number(getattr(self, key), f"data.augment.{key}", 0, 1)
+
+
+@dataclass
+class DataConfig:
+    """What every data set has; each `data=` option adds its own keys."""
+
+    name: str
+    root: str | None
+    subset: int
+    image_size: int
+    format: str
+    beton_dir: str
+    eval_split: str
+    mean: list[float] | None   # per-channel statistics in [0, 1] units; null = the data set's own
+    std: list[float] | None
+    augment: AugmentConfig
+
+    def validate(self) -> None:
+        check_int(self.subset, "data.subset", 0, " (0 = the whole training set)")
+        check_choice(self.format, "data.format", ("ffcv", "torchvision"))
+        check_int(self.image_size, "data.image_size", 8, " (pixels per side)")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
+                raise ConfigError(f"data.{key}={list(value)} must be three per-channel values (RGB)"
+                                  f"{', each > 0' if key == 'std' else ''}, or null for the data set's own")
+        self.augment.validate()
+
+
+@dataclass
+class SmallImagesConfig(DataConfig):
+    """Images smaller than the network's input: Fashion-MNIST's 28 px, the synthetic set."""
+
+    resize_mode: str
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice(self.resize_mode, "data.resize_mode", ("pad", "resize"))
+
+
+@dataclass
+class SyntheticConfig(SmallImagesConfig):
+    n_train: int
+    n_test: int
+    num_classes: int
+    seed: int
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int(self.n_train, "data.n_train")
+        check_positive_int(self.n_test, "data.n_test")
+        check_int(self.num_classes, "data.num_classes", 2)
+
+
+@dataclass
+class ImageFolderConfig(DataConfig):
+    """JPEG trees (ImageNet, any ImageFolder-style folder)."""
+
+    beton_max_resolution: int
+    beton_jpeg_quality: int
+    eval_crop_ratio: float
+    eval_workers: int
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int(self.beton_max_resolution, "data.beton_max_resolution")
+        check_int(self.beton_jpeg_quality, "data.beton_jpeg_quality", 1)
+        check_number(self.eval_crop_ratio, "data.eval_crop_ratio", 0, 1, low_open=True)
+        check_int(self.eval_workers, "data.eval_workers", 0)
+
+
+@dataclass
+class ModelConfig:
+    arch: str
+    head: str
+    embedding_dim: int
+    hidden_dim: int | None
+
+    def validate(self) -> None:
+        from invprop.models.resnet import BACKBONES
+
+        check_positive_int(self.embedding_dim, "model.embedding_dim", " (the embedding's size)")
+        check_choice(self.arch, "model.arch", tuple(sorted(BACKBONES)))
+        check_choice(self.head, "model.head", ("linear", "mlp"))
+        if self.hidden_dim is not None:
+            check_positive_int(self.hidden_dim, "model.hidden_dim", " (or null)")
+
+
+@dataclass
+class MethodConfig:
+    """NPID: instance discrimination against the memory bank."""
+
+    name: str
+    tau: float
+    bank_momentum: float
+    bank_init: str
+    # InvP's epochs before L_inv switches on; NPID has no L_inv and ignores it. Shared so that an experiment
+    # tuning InvP's warm-up still sweeps over `+variant=npid`.
+    warmup_epochs: int
+
+    def validate(self) -> None:
+        check_choice(self.name, "method.name", ("invp", "npid"))
+        check_int(self.warmup_epochs, "method.warmup_epochs", 0)
+        check_number(self.tau, "method.tau", 0, low_open=True)
+        check_number(self.bank_momentum, "method.bank_momentum", 0, 1, high_open=True)
+        check_choice(self.bank_init, "method.bank_init", ("random", "network"))
+
+
+@dataclass
+class InvpConfig(MethodConfig):
+    k: int
+    l: int  # noqa: E741 - the paper's name for the propagation depth
+    n_pos: int
+    n_background: int | None
+    lambda_inv: float
+    propagation: str
+    positives: str
+    denominator: str
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int(self.k, "method.k", " (neighbours per graph row)")
+        check_positive_int(self.l, "method.l", " (propagation layers)")
+        check_positive_int(self.n_pos, "method.n_pos", " (hard positives P)")
+        if self.n_background is not None:
+            check_positive_int(self.n_background, "method.n_background", " (background neighbours M)")
+        check_number(self.lambda_inv, "method.lambda_inv", 0)
+        check_choice(self.propagation, "method.propagation", ("concat", "bfs"))
+        check_choice(self.positives, "method.positives", ("hard", "easy"))
+        check_choice(self.denominator, "method.denominator", ("code", "paper"))
+
+
+@dataclass
+class LocalClusterConfig:
+    name: str
+    timeout_min: int   # the job's wall-clock limit on this machine
+
+    def validate(self) -> None:
+        check_positive_int(self.timeout_min, "cluster.timeout_min", " (minutes)")
+
+
+@dataclass
+class SlurmClusterConfig(LocalClusterConfig):
+    partition: str | None
+    account: str | None
+    qos: str | None
+    constraint: str | None
+    signal_delay_s: float
+    max_num_timeout: int
+    cpus_per_task: int
+    mem_gb: float
+    gpus_per_node: int
+    additional_parameters: dict[str, Any]
+    eval_timeout_min: int
+    requeue_wait_s: float
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int(self.cpus_per_task, "cluster.cpus_per_task")
+        check_number(self.signal_delay_s, "cluster.signal_delay_s", 0)
+        check_int(self.gpus_per_node, "cluster.gpus_per_node", 0)
+        check_positive_int(self.eval_timeout_min, "cluster.eval_timeout_min", " (minutes)")
+        check_number(self.requeue_wait_s, "cluster.requeue_wait_s", 0)
+
+
+@dataclass
+class LoggerConfig:
+    name: str
+
+    def validate(self) -> None:
+        check_choice(self.name, "logger", LOGGERS)
+
+
+@dataclass
+class ImageLoggerConfig(LoggerConfig):
+    views: int   # augmented views in the grid logged at the first step (0 = none)
+
+    def validate(self) -> None:
+        super().validate()
+        check_int(self.views, "logger.views", 0, " (augmented views in the start grid)")
+
+
+@dataclass
+class TensorBoardConfig(ImageLoggerConfig):
+    dir: str
+
+
+@dataclass
+class WandbConfig(ImageLoggerConfig):
+    project: str
+
+
+@dataclass
+class Config:
+    """The whole config; the groups' nodes get their own schema from the option chosen."""
+
+    seed: int
+    deterministic: bool
+    out_dir: str
+    nodes: int
+    gpus: int
+    train: TrainConfig
+    bank: BankConfig
+    eval: EvalConfig
+    data: Any = MISSING
+    model: Any = MISSING
+    method: Any = MISSING
+    cluster: Any = MISSING
+    logger: Any = MISSING
+
+    def validate(self) -> None:
+        check_positive_int(self.nodes, "nodes", " (machines to run on)")
+        check_positive_int(self.gpus, "gpus", " (ranks per machine)")
+        check_int(self.seed, "seed", 0)
+        for section in (self.train, self.bank, self.model, self.data, self.method, self.eval, self.logger,
+                        self.cluster):
+            section.validate()
+
+
+# (group, option) -> schema; the option's YAML names `<option>_schema` first in its defaults list.
+GROUP_SCHEMAS: dict[str, dict[str, type]] = {
+    "data": {"fashion_mnist": SmallImagesConfig, "synthetic": SyntheticConfig, "cifar10": DataConfig,
+             "cifar100": DataConfig, "imagenet": ImageFolderConfig, "folder": ImageFolderConfig},
+    "model": {"resnet_tiny": ModelConfig, "resnet18_cifar": ModelConfig, "resnet50": ModelConfig},
+    "method": {"invp": InvpConfig, "npid": MethodConfig},
+    "cluster": {"local": LocalClusterConfig, "slurm": SlurmClusterConfig},
+    "logger": {"tensorboard": TensorBoardConfig, "wandb": WandbConfig, "none": LoggerConfig},
+}
+
+
+def field_names(schema: type) -> set[str]:
+    return {f.name for f in fields(schema)}
+
+
+def register() -> None:
+    """Store the schemas in Hydra's ConfigStore (idempotent): `config_schema` for the primary config and
+    `<option>_schema` in each group."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    for group, options in GROUP_SCHEMAS.items():
+        for option, schema in options.items():
+            store.store(group=group, name=f"{option}_schema", node=schema)
+
+
