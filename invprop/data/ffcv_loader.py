@@ -68,7 +68,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from numba import njit
 
 from invprop.data.crop import CROP_STREAM, crop_box, crop_epoch_key, flip_bit, sample_crop, sample_key
-from invprop.data.order import EpochOrder
+from invprop.data.order import EpochOrder, shard_bounds
 
 __all__ = [
     "CROP_STREAM",
@@ -532,10 +532,8 @@ class FFCVEvalLoader(_LoaderBase):
         self.channels_last = bool(channels_last)
         if not 0 <= int(rank) < int(world):
             raise ValueError(f"rank {rank} out of range for world size {world}")
-        # Same split as the bank (invprop.bank.shard_bounds): contiguous, the last rank takes the remainder.
-        base = n // int(world)
-        self.start = int(rank) * base
-        self.stop = n if int(rank) == int(world) - 1 else self.start + base
+        # The bank's split (contiguous, the last rank takes the remainder): the same function, not a copy.
+        self.start, self.stop = shard_bounds(n, int(rank), int(world))
         self.traversal = ShardOrder(self.start, self.stop)
         s = int(image_size)
         constant = heights.min() == heights.max() == s and widths.min() == widths.max() == s
