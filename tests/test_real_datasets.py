@@ -21,9 +21,9 @@ from PIL import Image
 
 from invprop.config import ConfigError, validate
 from invprop.data import eval_batches, eval_split, load_split, normalization, num_classes
-from invprop.data.augment import resize_uint8
 from invprop.data.crop import sample_crop, stored_size
 from invprop.data.folder import FolderDataError, scan_split
+from invprop.data.geometric import resize_uint8
 from invprop.data.loader import IndexedImageDataset
 from invprop.data.order import EpochOrder
 
