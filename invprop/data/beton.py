@@ -127,7 +127,7 @@ class _Limited:
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
         if not 0 <= i < self.n:
             raise IndexError(i)
         return self.source[i]
@@ -149,7 +149,7 @@ def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if val is None else val
 
 
-def build_source(data_cfg: Any, split: str):
+def build_source(data_cfg: Any, split: str) -> ArraySource | FolderSource | _Limited:
     """The indexable source for a dataset config (``name``, ``root``, ...) and split."""
     name = str(cfg_get(data_cfg, "name", "")).lower()
     root = cfg_get(data_cfg, "root")
