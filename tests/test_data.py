@@ -31,8 +31,9 @@ from invprop.data import (
     random_resized_crop,
     read_idx,
 )
-from invprop.data import augment as A
+from invprop.data import color as C
 from invprop.data import fashion_mnist as fm
+from invprop.data import geometric as G
 from invprop.data.crop import sample_crop
 from invprop.data.datasets import normalization_from_data
 
@@ -243,7 +244,7 @@ def test_random_resized_crop_deterministic_and_shaped():
 def test_crop_params_within_bounds():
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
-        top, left, h, w = A.random_resized_crop_params(20, 30, (0.2, 1.0), (3 / 4, 4 / 3), g)
+        top, left, h, w = G.random_resized_crop_params(20, 30, (0.2, 1.0), (3 / 4, 4 / 3), g)
         assert 0 <= top and top + h <= 20 and 0 <= left and left + w <= 30 and h > 0 and w > 0
         assert 0.2 * 600 * 0.8 <= h * w <= 600
 
@@ -259,7 +260,7 @@ def test_dataset_crop_is_function_of_seed_epoch_index():
     ds[2]  # access order must not matter
     assert torch.equal(ds2[7][0], img)
     top, left, h, w, _ = sample_crop(11, 3, 7, 32, 32)  # the box the FFCV decoder draws too
-    assert torch.equal(img, A.resize_uint8(images[7][:, top : top + h, left : left + w], 32))
+    assert torch.equal(img, G.resize_uint8(images[7][:, top : top + h, left : left + w], 32))
     ds2.set_epoch(4)
     assert not torch.equal(ds2[7][0], img)
     ev = IndexedImageDataset(images, labels, train=False)
@@ -293,17 +294,17 @@ def test_single_ops_match_torchvision():
     f = torch.linspace(0.6, 1.4, 6)
     h = torch.linspace(-0.45, 0.45, 6)
     for mine, ref, p in (
-        (A.adjust_brightness, TF.adjust_brightness, f),
-        (A.adjust_contrast, TF.adjust_contrast, f),
-        (A.adjust_saturation, TF.adjust_saturation, f),
-        (A.adjust_hue, TF.adjust_hue, h),
+        (C.adjust_brightness, TF.adjust_brightness, f),
+        (C.adjust_contrast, TF.adjust_contrast, f),
+        (C.adjust_saturation, TF.adjust_saturation, f),
+        (C.adjust_hue, TF.adjust_hue, h),
     ):
         want = torch.stack([ref(x[i], float(p[i])) for i in range(6)])
         torch.testing.assert_close(mine(x.clone(), p), want, atol=2e-4, rtol=0)
-    torch.testing.assert_close(A.hsv_to_rgb(A.rgb_to_hsv(x)), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(C.hsv_to_rgb(C.rgb_to_hsv(x)), x, atol=1e-5, rtol=0)
     sig = torch.linspace(0.1, 2.0, 6)
     want = torch.stack([TF.gaussian_blur(x[i], [5, 5], [float(sig[i])] * 2) for i in range(6)])
-    torch.testing.assert_close(A.gaussian_blur(x, sig, 5), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(C.gaussian_blur(x, sig, 5), want, atol=1e-5, rtol=0)
 
 
 def test_color_augment_deterministic_and_world_size_invariant():
@@ -322,21 +323,21 @@ def test_color_augment_deterministic_and_world_size_invariant():
 def _per_sample_reference(aug: BatchColorAugment, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Each sample on its own, its ops in its own order: what the batched, sync-free forward must equal."""
     params = aug.sample_params(x.shape[0], gen)
-    fns = [(A.adjust_brightness, "brightness", aug.brightness), (A.adjust_contrast, "contrast", aug.contrast),
-           (A.adjust_saturation, "saturation", aug.saturation), (A.adjust_hue, "hue", aug.hue)]
+    fns = [(C.adjust_brightness, "brightness", aug.brightness), (C.adjust_contrast, "contrast", aug.contrast),
+           (C.adjust_saturation, "saturation", aug.saturation), (C.adjust_hue, "hue", aug.hue)]
     out = []
     for i in range(x.shape[0]):
-        xi = A.to_float01(x[i : i + 1])
+        xi = C.to_float01(x[i : i + 1])
         for op in params["order"][i].tolist():
             fn, key, strength = fns[op]
             if params["jitter"][i] and strength > 0:
                 xi = fn(xi, params[key][i : i + 1])
         if params["gray"][i] and aug.grayscale_p > 0:
-            xi = A.rgb_to_gray(xi).expand(-1, 3, -1, -1)
+            xi = C.rgb_to_gray(xi).expand(-1, 3, -1, -1)
         if params["blur"][i] and aug.blur_p > 0:
             k = max(3, int(round(aug.blur_kernel_frac * x.shape[-1])) // 2 * 2 + 1)
-            xi = A.gaussian_blur(xi, params["sigma"][i : i + 1], k)
-        out.append(A.normalize(xi, aug.mean, aug.std))
+            xi = C.gaussian_blur(xi, params["sigma"][i : i + 1], k)
+        out.append(C.normalize(xi, aug.mean, aug.std))
     return torch.cat(out)
 
 
@@ -359,7 +360,7 @@ def test_color_augment_from_config_and_grayscale():
     assert aug.grayscale_p == 1.0 and aug.blur_p == 0.0
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     out = aug(x, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out, A.rgb_to_gray(x).expand(-1, 3, -1, -1))
+    torch.testing.assert_close(out, C.rgb_to_gray(x).expand(-1, 3, -1, -1))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""FFCV path: beton writing (invprop.data.beton) and the resumable FFCV loaders (invprop.data.ffcv_loader).
+"""FFCV path: beton writing (invprop.data.beton, .beton_cache) and the resumable FFCV loaders (invprop.data.ffcv).
 
 Every FFCV ``Loader`` costs a numba compilation, so loaders are built once in module-scoped fixtures and
 shared between tests.
@@ -21,23 +21,13 @@ cv2 = pytest.importorskip("cv2")
 # numba prints a harmless KeyError from a dispatcher finaliser when an FFCV Loader is collected.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-from invprop.data.beton import (  # noqa: E402
-    ArraySource,
-    FolderSource,
-    beton_cache_name,
-    build_source,
-    ensure_beton,
-    load_cifar,
-    load_svhn,
-    read_beton_arrays,
-    write_beton,
-)
-from invprop.data.ffcv_loader import (  # noqa: E402
-    build_ffcv_eval_loader,
-    build_ffcv_train_loader,
-    sample_crop,
-)
+from invprop.data.beton import ArraySource, FolderSource, build_source, read_beton_arrays, write_beton  # noqa: E402
+from invprop.data.beton_cache import beton_cache_name, ensure_beton  # noqa: E402
+from invprop.data.cifar import load_cifar  # noqa: E402
+from invprop.data.crop import sample_crop  # noqa: E402
+from invprop.data.ffcv.loader import build_ffcv_eval_loader, build_ffcv_train_loader  # noqa: E402
 from invprop.data.order import EpochOrder  # noqa: E402
+from invprop.data.svhn import load_svhn  # noqa: E402
 
 GLOBAL_BATCH = 240  # divisible by 1, 2 and 3
 N_EVEN = 1200  # 5 whole global batches: drop_last drops nothing

@@ -21,9 +21,9 @@ from PIL import Image
 
 from invprop.config import ConfigError, validate
 from invprop.data import eval_batches, eval_split, load_split, normalization, num_classes
-from invprop.data.augment import resize_uint8
 from invprop.data.crop import sample_crop, stored_size
 from invprop.data.folder import FolderDataError, scan_split
+from invprop.data.geometric import resize_uint8
 from invprop.data.loader import IndexedImageDataset
 from invprop.data.order import EpochOrder
 
@@ -138,8 +138,8 @@ def test_ffcv_and_torchvision_crop_the_same_box(files, tmp_path):
     pixels are exactly that box resized (torch), FFCV's are that box resized by its own kernel (cv2 area)."""
     pytest.importorskip("ffcv")
     cv2 = pytest.importorskip("cv2")
-    from invprop.data.beton import ensure_beton
-    from invprop.data.ffcv_loader import build_ffcv_train_loader
+    from invprop.data.beton_cache import ensure_beton
+    from invprop.data.ffcv.loader import build_ffcv_train_loader
 
     size, seed, epoch = 40, 5, 2
     # raw beton, no shrinking: FFCV stores exactly the pixels that PIL decodes for the torchvision path

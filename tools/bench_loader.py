@@ -91,7 +91,7 @@ def _drain(it, limit: int | None = None) -> tuple[int, int]:
 
 
 def bench_ffcv(beton: Path, order, args: argparse.Namespace) -> dict:
-    from invprop.data.ffcv_loader import build_ffcv_train_loader
+    from invprop.data.ffcv.loader import build_ffcv_train_loader
 
     t0 = time.perf_counter()
     loader = build_ffcv_train_loader(
@@ -155,7 +155,7 @@ def profile_ffcv(beton: Path, order, args: argparse.Namespace) -> str:
 
     import torch
 
-    from invprop.data.ffcv_loader import build_ffcv_train_loader
+    from invprop.data.ffcv.loader import build_ffcv_train_loader
 
     loader = build_ffcv_train_loader(beton, order, 0, 1, args.workers, args.image_size, args.seed)
     _drain(loader.epoch(0))  # compile
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if folder and not args.root and not args.generate:
         p.error("--dataset folder needs --root (root/train/<class>/<image>) or --generate N")
 
-    from invprop.data.beton import ensure_beton
+    from invprop.data.beton_cache import ensure_beton
     from invprop.data.order import EpochOrder
 
     tmp = None

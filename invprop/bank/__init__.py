@@ -3,7 +3,8 @@ strategies (`select/`), `auto` (`autotune`) and the cross-rank reductions (`redu
 
 from invprop.bank.reductions import logsumexp_across_ranks, masked_logsumexp
 from invprop.bank.select import SELECTIONS, SelectSettings
-from invprop.bank.storage import ShardedBank, TopCandidates, init_rows, shard_bounds
+from invprop.bank.storage import ShardedBank, TopCandidates, init_rows
+from invprop.data.order import shard_bounds
 
 __all__ = ["SELECTIONS", "SelectSettings", "ShardedBank", "TopCandidates", "init_rows", "logsumexp_across_ranks",
            "masked_logsumexp", "shard_bounds"]

@@ -17,17 +17,10 @@ from invprop.bank.reductions import kth_largest
 from invprop.bank.reductions import nearest as global_nearest
 from invprop.bank.select import SELECTIONS, SelectSettings, build_selections
 from invprop.bank.select.base import Selected, float32_matmul, local_dots
+from invprop.data.order import shard_bounds  # the one row split, shared with the data loaders
 
 # Rows are initialised in fixed chunks, each from its own seed, so the bank is the same for any world size.
 _INIT_CHUNK = 65536
-
-
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous shard of rank `rank`; the last rank takes the remainder."""
-    base = n // world
-    start = rank * base
-    stop = n if rank == world - 1 else start + base
-    return start, stop
 
 
 def init_rows(start: int, stop: int, dim: int, seed: int) -> torch.Tensor:

@@ -1,13 +1,6 @@
 """Datasets, data order and the plain DataLoader (non-FFCV) path. A leaf: imports only invprop.data."""
 
-from invprop.data.augment import (
-    BatchColorAugment,
-    Normalize,
-    eval_transform,
-    geometric_augment,
-    random_hflip,
-    random_resized_crop,
-)
+from invprop.data.augment import BatchColorAugment, Normalize, eval_transform
 from invprop.data.batches import eval_batches, is_lazy, materialize
 from invprop.data.datasets import (
     DATASETS,
@@ -18,6 +11,7 @@ from invprop.data.datasets import (
     num_classes,
 )
 from invprop.data.fashion_mnist import load_fashion_mnist, read_idx
+from invprop.data.geometric import geometric_augment, random_hflip, random_resized_crop
 from invprop.data.loader import (
     EpochBatchSampler,
     IndexedImageDataset,

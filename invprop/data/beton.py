@@ -14,23 +14,16 @@ read with scipy) and ImageNet-style image folders (``root/<split>/<class>/<image
 ``root/<class>/<image>``).
 
 Files are written to a temporary name in the destination folder and moved into place with ``os.replace``,
-so a reader never sees a partial file, and an existing file is only replaced when asked to.
+so a reader never sees a partial file, and an existing file is only replaced when asked to. The trainer's
+cache of such files is :mod:`invprop.data.beton_cache`; the datasets themselves are read by their own modules
+(``cifar``, ``svhn``, ``folder``, ``datasets``). FFCV is imported only when a file is written or read.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import fcntl
-import hashlib
-import json
-import multiprocessing as mp
 import os
-import sys
-import threading
-import time
-import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +31,18 @@ import numpy as np
 
 from invprop.data.cifar import load_cifar
 from invprop.data.folder import IMAGE_EXTENSIONS, class_folders, decode, list_images
+from invprop.data.svhn import load_svhn
 
 __all__ = [
     "ArraySource",
     "FolderSource",
-    "IMAGE_EXTENSIONS",
-    "beton_cache_name",
     "build_source",
-    "ensure_beton",
-    "load_cifar",
-    "load_svhn",
+    "cfg_get",
     "read_beton_arrays",
     "write_beton",
 ]
 
-# Bumped whenever the layout written by this module changes, so cached files are rewritten.
+# Bumped whenever the layout written by this module changes, so cached files (beton_cache) are rewritten.
 BETON_FORMAT_VERSION = 1
 
 # Names handled here; any other name goes through ``invprop.data.load_split``.
@@ -137,39 +127,19 @@ class _Limited:
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
         if not 0 <= i < self.n:
             raise IndexError(i)
         return self.source[i]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Standard files
+# From a data config
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_svhn(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """SVHN cropped digits from ``{split}_32x32.mat`` in ``root`` (split: train, test or extra). Label 10
-    (digit 0 in the release) becomes 0. Returns images uint8 ``(N, 32, 32, 3)`` and labels int64."""
-    if split not in ("train", "test", "extra"):
-        raise ValueError(f"SVHN split must be train, test or extra, got {split!r}")
-    path = Path(root).expanduser() / f"{split}_32x32.mat"
-    if not path.is_file():
-        raise FileNotFoundError(f"SVHN file {path} not found")
-    try:
-        from scipy.io import loadmat
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError(
-            "reading SVHN .mat files needs scipy, which is not installed: `pip install scipy`"
-        ) from e
-    mat = loadmat(str(path))
-    images = np.ascontiguousarray(np.asarray(mat["X"], dtype=np.uint8).transpose(3, 0, 1, 2))
-    labels = np.asarray(mat["y"], dtype=np.int64).reshape(-1)
-    labels[labels == 10] = 0
-    return images, labels
-
-
-def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg[key]`` of a mapping or an attribute object; ``default`` when absent or None."""
     if cfg is None:
         return default
     if isinstance(cfg, Mapping):
@@ -179,12 +149,12 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if val is None else val
 
 
-def build_source(data_cfg: Any, split: str):
+def build_source(data_cfg: Any, split: str) -> ArraySource | FolderSource | _Limited:
     """The indexable source for a dataset config (``name``, ``root``, ...) and split."""
-    name = str(_cfg_get(data_cfg, "name", "")).lower()
-    root = _cfg_get(data_cfg, "root")
+    name = str(cfg_get(data_cfg, "name", "")).lower()
+    root = cfg_get(data_cfg, "root")
     # Same meaning as in invprop.data.datasets: ``subset`` keeps the first n *training* images (0 = all).
-    limit = int(_cfg_get(data_cfg, "subset", 0) or 0) if split == "train" else 0
+    limit = int(cfg_get(data_cfg, "subset", 0) or 0) if split == "train" else 0
     if name in CIFAR_NAMES:
         if root is None:
             raise ValueError(f"data.root must point at the CIFAR folder for {name}")
@@ -204,10 +174,7 @@ def build_source(data_cfg: Any, split: str):
             raise ValueError(f"data.root must point at the image folder for {name}")
         src = FolderSource(root, split)
     else:
-        try:
-            from invprop.data import load_split
-        except ImportError:  # the package may not re-export it
-            from invprop.data.datasets import load_split
+        from invprop.data.datasets import load_split
 
         images, labels = load_split(data_cfg, split)
         return ArraySource(np.asarray(images), np.asarray(labels), layout="chw")
@@ -219,115 +186,6 @@ def build_source(data_cfg: Any, split: str):
 # ----------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------
-
-
-class _GuardedSource:
-    """Wraps a source for FFCV's writer processes: counts fetched samples and records the first failure in
-    shared memory so the parent can stop instead of waiting forever (FFCV's writer polls a counter that a
-    dead worker never advances)."""
-
-    def __init__(self, source: Any) -> None:
-        self.source = source
-        self.fetched = mp.Value(ctypes.c_int64, 0)
-        self.failed = mp.Value(ctypes.c_int64, -1)
-        self.message = mp.Array(ctypes.c_char, 4096)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int):
-        try:
-            img, label, index = self.source[i]
-            img = np.asarray(img)
-            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-                raise ValueError(f"sample {i}: image must be uint8 (H, W, 3), got {img.dtype} {img.shape}")
-            out = (np.ascontiguousarray(img), int(label), int(index))
-        except BaseException:
-            text = traceback.format_exc()
-            with self.failed.get_lock():
-                if self.failed.value < 0:
-                    self.failed.value = int(i)
-                    self.message.value = text.encode("utf-8", "replace")[-4000:]
-            sys.stderr.write(f"beton writer: sample {i} failed:\n{text}")
-            raise
-        with self.fetched.get_lock():
-            self.fetched.value += 1
-        return out
-
-
-class _RichTqdm:
-    """The part of tqdm's interface that ``ffcv.writer`` uses (``update``, ``close``), drawn with rich."""
-
-    def __init__(self, progress: Any, task: Any) -> None:
-        self.progress = progress
-        self.task = task
-
-    def update(self, n: int = 1) -> None:
-        self.progress.update(self.task, advance=n)
-
-    def close(self) -> None:
-        self.progress.refresh()
-
-
-_WRITER_PATCH_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _patched_ffcv_writer(guard: _GuardedSource, total: int, description: str, show: bool) -> Iterator[None]:
-    """Swap ``ffcv.writer``'s tqdm for a rich bar, and its poll ``sleep`` for one that watches the workers."""
-    import ffcv.writer as fw
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    before = {p.pid for p in mp.active_children()}
-
-    def watchdog_sleep(seconds: float) -> None:
-        time.sleep(seconds)
-        if guard.failed.value >= 0:
-            msg = guard.message.value.decode("utf-8", "replace")
-            raise RuntimeError(f"writing the beton failed on sample {guard.failed.value}:\n{msg}")
-        alive = [p for p in mp.active_children() if p.pid not in before]
-        if not alive and guard.fetched.value < total:
-            raise RuntimeError(
-                f"all beton writer processes exited after {guard.fetched.value} of {total} samples "
-                "(killed? out of memory?)"
-            )
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.percentage:>5.1f}%"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not show,
-        transient=False,
-    )
-    task = progress.add_task(description, total=total)
-    with _WRITER_PATCH_LOCK:
-        old_tqdm, old_sleep = fw.tqdm, fw.sleep
-        fw.tqdm = lambda total=None, **kw: _RichTqdm(progress, task)
-        fw.sleep = watchdog_sleep
-        try:
-            with progress:
-                yield
-        except BaseException:
-            # End the writer processes this call started (and only those), so nothing keeps running.
-            for p in mp.active_children():
-                if p.pid not in before:
-                    p.terminate()
-            for p in mp.active_children():
-                if p.pid not in before:
-                    p.join(timeout=5)
-            raise
-        finally:
-            fw.tqdm, fw.sleep = old_tqdm, old_sleep
 
 
 def write_beton(
@@ -355,6 +213,8 @@ def write_beton(
     """
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
+
+    from invprop.data.ffcv.compat import GuardedSource, patched_writer, release_writer_memory
 
     if mode not in ("raw", "jpg"):
         raise ValueError(f"mode must be 'raw' or 'jpg', got {mode!r}")
@@ -386,132 +246,28 @@ def write_beton(
         if isinstance(base, ArraySource) and base.images[0].size <= 2**19:
             page_size = 2 * 2**20
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    guard = _GuardedSource(source)
+    guard = GuardedSource(source)
     writer = DatasetWriter(str(tmp), fields, num_workers=num_workers, page_size=int(page_size))
     try:
-        with _patched_ffcv_writer(guard, n, description or f"writing {out.name}", progress):
+        with patched_writer(guard, n, description or f"writing {out.name}", progress):
             writer.from_indexed_dataset(guard, chunksize=chunksize)
         os.replace(tmp, out)
     except BaseException:
-        sm = getattr(writer, "metadata_sm", None)
-        if sm is not None and not isinstance(sm, int):
-            with contextlib.suppress(Exception):
-                sm.close()
-            with contextlib.suppress(Exception):
-                sm.unlink()
+        release_writer_memory(writer)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# Cache for the trainer
-# ----------------------------------------------------------------------------------------------------
-
-# Keys of a data config that do not change the content of the file.
-_NON_CONTENT_KEYS = {"loader", "num_workers", "workers", "batch_size", "beton_dir", "ffcv", "cache_dir"}
-
-
-def _plain(cfg: Any) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    return dict(vars(cfg))
-
-
-def _beton_options(data_cfg: Any) -> dict:
-    name = str(_cfg_get(data_cfg, "name", "")).lower()
-    folder = name in FOLDER_NAMES
-    return {
-        "mode": str(_cfg_get(data_cfg, "beton_mode", "jpg" if folder else "raw")),
-        "max_resolution": _cfg_get(data_cfg, "beton_max_resolution", 256 if folder else None),
-        "jpeg_quality": int(_cfg_get(data_cfg, "beton_jpeg_quality", 90)),
-    }
-
-
-def beton_cache_name(data_cfg: Any, split: str) -> str:
-    """File name of the cached beton: readable prefix plus a hash of every content-relevant config value."""
-    plain = {k: v for k, v in _plain(data_cfg).items() if k not in _NON_CONTENT_KEYS}
-    opts = _beton_options(data_cfg)
-    key = json.dumps(
-        {"cfg": plain, "split": split, "opts": opts, "v": BETON_FORMAT_VERSION}, sort_keys=True, default=str
-    )
-    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    parts = [str(_cfg_get(data_cfg, "name", "data"))]
-    subset = _cfg_get(data_cfg, "subset")
-    if subset not in (None, "", "none", 0, "0"):
-        parts.append(str(subset))
-    parts.append(split)
-    size = _cfg_get(data_cfg, "image_size")
-    if size:
-        parts.append(f"{size}px")
-    parts.append(opts["mode"])
-    stem = "-".join(parts).replace(os.sep, "_").replace(" ", "_")
-    return f"{stem}-{digest}.beton"
-
-
-def ensure_beton(
-    data_cfg: Any,
-    split: str,
-    out_dir: str | os.PathLike,
-    *,
-    num_workers: int | None = None,
-    progress: bool = True,
-) -> Path:
-    """Path of the beton for ``data_cfg`` / ``split`` in ``out_dir``, writing it first if it is not there.
-
-    The name encodes the dataset name, subset, split, size and write mode plus a hash of the whole config
-    (minus loader-only keys), so a changed config never reuses a stale file. Concurrent callers (several
-    ranks, several jobs on a shared file system) serialise on an ``flock`` beside the file and only the first
-    writes.
-    Optional config keys: ``beton_mode`` (raw; jpg for folders), ``beton_max_resolution`` (none; 256 for
-    folders), ``beton_jpeg_quality`` (90). The source files are not checked again once the beton exists.
-    """
-    out_dir = Path(out_dir).expanduser().absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / beton_cache_name(data_cfg, split)
-    if path.is_file():
-        return path
-    lock_path = out_dir / f".{path.name}.lock"
-    with open(lock_path, "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            if path.is_file():
-                return path
-            source = build_source(data_cfg, split)
-            opts = _beton_options(data_cfg)
-            write_beton(
-                source,
-                path,
-                mode=opts["mode"],
-                max_resolution=opts["max_resolution"],
-                jpeg_quality=opts["jpeg_quality"],
-                num_workers=num_workers,
-                overwrite=False,
-                progress=progress,
-                description=f"beton {path.name}",
-            )
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-    return path
-
-
 def read_beton_arrays(
     path: str | os.PathLike, fields: Sequence[str] = ("label", "index")
 ) -> dict[str, np.ndarray]:
     """The scalar fields of a beton, read from its metadata table (no decoding, no Loader)."""
-    from ffcv.reader import Reader
+    from invprop.data.ffcv.compat import read_metadata
 
-    reader = Reader(str(path))
-    out = {}
-    for name in fields:
-        f_ix = list(reader.handlers).index(name)
-        out[name] = np.asarray(reader.metadata[f"f{f_ix}"]).astype(np.int64).reshape(-1)
-    return out
+    _, tables = read_metadata(str(path))
+    missing = [f for f in fields if f not in tables]
+    if missing:
+        raise ValueError(f"{path} lacks fields {missing} (has {list(tables)})")
+    return {name: np.asarray(tables[name]).astype(np.int64).reshape(-1) for name in fields}

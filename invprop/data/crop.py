@@ -1,7 +1,7 @@
 """The one RandomResizedCrop box (and flip draw) of the training data, shared by both loaders.
 
 A sample's box is a pure function of ``(seed, epoch, dataset index, image height, image width)``: the FFCV
-decoder (``invprop.data.ffcv_loader``) inlines these compiled functions in its numba pipeline, and the
+decoder (``invprop.data.ffcv.decoder``) inlines these compiled functions in its numba pipeline, and the
 torchvision path (``invprop.data.loader``) calls the very same functions per sample, so the two paths crop
 the same sample the same way in the same epoch, on any rank, world size, batch position or after a resume.
 

@@ -143,6 +143,6 @@ class FolderImages:
     def eval_image(self, i: int, size: int | None = None) -> torch.Tensor:
         """Image ``i`` as evaluation sees it: the centred square (``eval_crop_ratio`` of the shorter side) of
         the stored image, resized to ``size`` (default ``image_size``): Resize(S / ratio) + CenterCrop(S)."""
-        from invprop.data.augment import resize_uint8
+        from invprop.data.geometric import resize_uint8
 
         return resize_uint8(center_square(self[i], self.eval_crop_ratio), size or self.image_size)

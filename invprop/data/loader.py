@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from invprop.data.augment import resize_uint8
 from invprop.data.crop import sample_crop
+from invprop.data.geometric import resize_uint8
 from invprop.data.order import EpochOrder
 from invprop.data.seeding import derive_seed
 

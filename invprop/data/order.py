@@ -5,6 +5,9 @@ whole global batches (``drop_last``). Global batch b is split into ``world`` con
 rank, so the set of samples of every global step is the same for any world size that divides the global
 batch: a run may resume on a different number of ranks and still see exactly the same batches. The position
 to checkpoint is just ``(epoch, next_batch)``.
+
+:func:`shard_bounds` is the one split of dataset rows among ranks: the memory bank's shards
+(``invprop.bank``), the checkpoint's resharding and the FFCV evaluation loader all cut rows with it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,16 @@ from __future__ import annotations
 import torch
 
 from invprop.data.seeding import derive_seed
+
+__all__ = ["EpochOrder", "shard_bounds"]
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous shard of rank `rank`; the last rank takes the remainder."""
+    base = n // world
+    start = rank * base
+    stop = n if rank == world - 1 else start + base
+    return start, stop
 
 
 class EpochOrder:

@@ -138,8 +138,8 @@ class Trainer:
 
     def _build_ffcv(self) -> Any:
         """The FFCV loader, built once per process and reused every epoch (its pipeline compiles once)."""
-        from invprop.data.beton import ensure_beton
-        from invprop.data.ffcv_loader import build_ffcv_train_loader
+        from invprop.data.beton_cache import ensure_beton
+        from invprop.data.ffcv.loader import build_ffcv_train_loader
 
         beton = ensure_beton(self.cfg.data, "train", Path(str(self.cfg.data.beton_dir)),
                              progress=self.env.is_main)
