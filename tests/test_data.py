@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from omegaconf import OmegaConf
 
+from invprop.config import group_section
 from invprop.data import (
     BatchColorAugment,
     EpochOrder,
@@ -41,7 +41,8 @@ FASHION_DIR = fm.DEFAULT_ROOT
 
 
 def cfg(**kw):
-    return OmegaConf.create(kw)
+    """The `data=<name>` section as configs/ states it, with `kw` on top."""
+    return group_section("data", kw["name"], **kw)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def test_fashion_resize_mode():
 
 def test_fashion_normalization_table_matches_data():
     for mode in ("pad", "resize"):
-        c = cfg(name="fashion_mnist", resize_mode=mode, image_size=32)
+        c = cfg(name="fashion_mnist", resize_mode=mode, image_size=32, subset=0)
         images, _ = load_split(c, "train")
         mean, std = normalization(c)
         got_mean, got_std = normalization_from_data(images[::16, :1])  # grey: one channel is enough
@@ -355,7 +356,8 @@ def test_batched_color_augment_equals_per_sample_ops(kw: dict, select_rows: bool
 
 
 def test_color_augment_from_config_and_grayscale():
-    c = OmegaConf.create(dict(brightness=0, contrast=0, saturation=0, hue=0, grayscale_p=1.0, flip=True))
+    c = cfg(name="synthetic", augment=dict(brightness=0, contrast=0, saturation=0, hue=0, grayscale_p=1.0,
+                                           flip=True)).augment
     aug = BatchColorAugment.from_config(c, (0.0,) * 3, (1.0,) * 3)
     assert aug.grayscale_p == 1.0 and aug.blur_p == 0.0
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -21,6 +21,7 @@ cv2 = pytest.importorskip("cv2")
 # numba prints a harmless KeyError from a dispatcher finaliser when an FFCV Loader is collected.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
+from invprop.config import group_section  # noqa: E402
 from invprop.data.beton import ArraySource, FolderSource, build_source, read_beton_arrays, write_beton  # noqa: E402
 from invprop.data.beton_cache import beton_cache_name, ensure_beton  # noqa: E402
 from invprop.data.cifar import load_cifar  # noqa: E402
@@ -40,10 +41,8 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def _syn_cfg(n: int):
-    return OmegaConf.create(
-        {"name": "synthetic", "root": None, "subset": 0, "image_size": SIZE, "resize_mode": "pad",
-         "n_train": n, "n_test": 50, "num_classes": 10, "seed": 1}
-    )
+    return group_section("data", "synthetic", subset=0, image_size=SIZE, resize_mode="pad", n_train=n, n_test=50,
+                         num_classes=10, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +114,7 @@ def test_raw_beton_reads_back_exact_synthetic(data):
 def test_raw_beton_reads_back_exact_fashion_mnist(tmp_path):
     from invprop.data import load_split
 
-    cfg = OmegaConf.create({"name": "fashion_mnist", "root": None, "subset": 600, "image_size": SIZE,
-                            "resize_mode": "pad"})
+    cfg = group_section("data", "fashion_mnist", root=None, subset=600, image_size=SIZE, resize_mode="pad")
     path = ensure_beton(cfg, "train", tmp_path, num_workers=WORKERS, progress=False)
     assert path.name.startswith("fashion_mnist-600-train-32px-raw-") and path.suffix == ".beton"
     mtime = path.stat().st_mtime_ns

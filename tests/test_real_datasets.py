@@ -16,10 +16,9 @@ import pytest
 import torch
 from datafiles import write_cifar, write_image_folder
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from PIL import Image
 
-from invprop.config import ConfigError, validate
+from invprop.config import ConfigError, group_section, validate
 from invprop.data import eval_batches, eval_split, load_split, normalization, num_classes
 from invprop.data.crop import sample_crop, stored_size
 from invprop.data.folder import FolderDataError, scan_split
@@ -51,7 +50,7 @@ def _cfg(*overrides: str):
 @pytest.mark.parametrize(("name", "n_train"), [("cifar10", 200), ("cifar100", 300)])
 def test_cifar_reads_the_official_pickles(files, name, n_train):
     folder = files[name]
-    cfg = OmegaConf.create({"name": name, "root": str(folder.parent), "image_size": 32})
+    cfg = group_section("data", name, root=str(folder.parent), image_size=32)
     images, labels = load_split(cfg, "train")
     first = "data_batch_1" if name == "cifar10" else "train"
     with open(folder / first, "rb") as f:
@@ -66,8 +65,8 @@ def test_cifar_reads_the_official_pickles(files, name, n_train):
 
 
 def test_folder_images_are_lazy_and_match_the_files(files):
-    cfg = OmegaConf.create({"name": "folder", "root": str(files["folder"]), "image_size": 48,
-                            "beton_max_resolution": 256, "subset": 30})
+    cfg = group_section("data", "folder", root=str(files["folder"]), image_size=48, beton_max_resolution=256,
+                        subset=30, eval_workers=0)
     images, labels = load_split(cfg, "train")
     _, paths, all_labels = scan_split(str(files["folder"]), "train")
     assert len(paths) == 60 and eval_split(cfg) == "val" and num_classes(cfg) == 3
@@ -143,8 +142,8 @@ def test_ffcv_and_torchvision_crop_the_same_box(files, tmp_path):
 
     size, seed, epoch = 40, 5, 2
     # raw beton, no shrinking: FFCV stores exactly the pixels that PIL decodes for the torchvision path
-    cfg = OmegaConf.create({"name": "folder", "root": str(files["folder"]), "image_size": size,
-                            "beton_mode": "raw", "beton_max_resolution": 512, "subset": 20})
+    cfg = group_section("data", "folder", root=str(files["folder"]), image_size=size, beton_mode="raw",
+                        beton_max_resolution=512, subset=20, eval_workers=0)
     images, labels = load_split(cfg, "train")
     beton = ensure_beton(cfg, "train", tmp_path, num_workers=1, progress=False)
     order = EpochOrder(len(images), 10, seed)

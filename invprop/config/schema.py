@@ -211,6 +211,7 @@ class SyntheticConfig(SmallImagesConfig):
     n_test: int
     num_classes: int
     seed: int
+    noise: float
 
     def validate(self) -> None:
         super().validate()
@@ -223,6 +224,7 @@ class SyntheticConfig(SmallImagesConfig):
 class ImageFolderConfig(DataConfig):
     """JPEG trees (ImageNet, any ImageFolder-style folder)."""
 
+    beton_mode: str
     beton_max_resolution: int
     beton_jpeg_quality: int
     eval_crop_ratio: float
@@ -230,6 +232,7 @@ class ImageFolderConfig(DataConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_choice(self.beton_mode, "data.beton_mode", ("jpg", "raw"))
         check_positive_int(self.beton_max_resolution, "data.beton_max_resolution")
         check_int(self.beton_jpeg_quality, "data.beton_jpeg_quality", 1)
         check_number(self.eval_crop_ratio, "data.eval_crop_ratio", 0, 1, low_open=True)

@@ -99,25 +99,10 @@ class BatchColorAugment(nn.Module):
     def from_config(
         cls, aug_cfg: Mapping[str, Any] | Any, mean: Sequence[float], std: Sequence[float]
     ) -> BatchColorAugment:
-        """Build from an ``augment`` config node; unknown keys (``flip``, ``crop_scale``...) are ignored."""
-
-        def get(key: str, default: Any) -> Any:
-            v = aug_cfg.get(key, default) if aug_cfg is not None else default
-            return default if v is None else v
-
-        return cls(
-            mean,
-            std,
-            brightness=float(get("brightness", 0.4)),
-            contrast=float(get("contrast", 0.4)),
-            saturation=float(get("saturation", 0.4)),
-            hue=float(get("hue", 0.4)),
-            jitter_p=float(get("jitter_p", 1.0)),
-            grayscale_p=float(get("grayscale_p", 0.2)),
-            blur_p=float(get("blur_p", 0.0)),
-            blur_sigma=tuple(get("blur_sigma", (0.1, 2.0))),
-            blur_kernel_frac=float(get("blur_kernel_frac", 0.1)),
-        )
+        """Build from the ``data.augment`` section (its crop and flip keys belong to the loaders)."""
+        return cls(mean, std, brightness=float(aug_cfg.brightness), contrast=float(aug_cfg.contrast),
+                   saturation=float(aug_cfg.saturation), hue=float(aug_cfg.hue), jitter_p=float(aug_cfg.jitter_p),
+                   grayscale_p=float(aug_cfg.grayscale_p), blur_p=float(aug_cfg.blur_p))
 
     def extra_repr(self) -> str:
         return (

@@ -20,7 +20,9 @@ from invprop.data.beton import BETON_FORMAT_VERSION, FOLDER_NAMES, build_source,
 __all__ = ["beton_cache_name", "ensure_beton"]
 
 # Keys of a data config that do not change the content of the file.
-_NON_CONTENT_KEYS = {"loader", "num_workers", "workers", "batch_size", "beton_dir", "ffcv", "cache_dir"}
+# Keys that do not change what a beton holds (the evaluation split and normalisation are applied after reading).
+_NON_CONTENT_KEYS = {"loader", "num_workers", "workers", "batch_size", "beton_dir", "ffcv", "cache_dir",
+                     "eval_split", "mean", "std"}
 
 
 def _plain(cfg: Any) -> dict:

@@ -16,7 +16,6 @@ or n spread evenly over a folder's class-sorted files), ``image_size`` (32), ``r
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -47,13 +46,8 @@ _STATS: dict[tuple[str, str], tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 
-def _get(cfg: Mapping[str, Any] | Any, key: str, default: Any) -> Any:
-    value = cfg.get(key, default) if cfg is not None else default
-    return default if value is None else value
-
-
 def _name(data_cfg: Any) -> str:
-    name = str(_get(data_cfg, "name", "fashion_mnist"))
+    name = str(data_cfg.name)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
     return name
@@ -66,12 +60,12 @@ def _check_split(split: str, name: str = "") -> None:
 
 
 def eval_split(data_cfg: Any) -> str:
-    """The split evaluation reads: ``data.eval_split``, else "val" for image folders and "test" otherwise."""
-    return str(_get(data_cfg, "eval_split", "val" if _name(data_cfg) in FOLDERS else "test"))
+    """The split evaluation reads (``data.eval_split``)."""
+    return str(data_cfg.eval_split)
 
 
 def _root(data_cfg: Any, name: str) -> str:
-    root = _get(data_cfg, "root", None)
+    root = data_cfg.root
     if root is None:
         raise ValueError(f"data.root is null; data={name} needs data.root=<folder of the data set>")
     return str(root)
@@ -98,23 +92,23 @@ def _folder_rows(data_cfg: Any, split: str) -> tuple[tuple[str, ...], np.ndarray
 def folder_images(data_cfg: Any, split: str) -> tuple[FolderImages, torch.Tensor]:
     """The lazy images and labels of a folder split (after ``data.subset``)."""
     paths, labels, rows = _folder_rows(data_cfg, split)
-    images = FolderImages(np.asarray(paths, dtype=object)[rows], image_size=int(_get(data_cfg, "image_size", 224)),
-                          max_resolution=_get(data_cfg, "beton_max_resolution", 256),
-                          eval_crop_ratio=float(_get(data_cfg, "eval_crop_ratio", 0.875)),
-                          eval_workers=int(_get(data_cfg, "eval_workers", 0)))
+    images = FolderImages(np.asarray(paths, dtype=object)[rows], image_size=int(data_cfg.image_size),
+                          max_resolution=data_cfg.beton_max_resolution,
+                          eval_crop_ratio=float(data_cfg.eval_crop_ratio),
+                          eval_workers=int(data_cfg.eval_workers))
     return images, torch.from_numpy(labels[rows].copy())
 
 
 def _subset(data_cfg: Any, split: str, n: int) -> int:
     # The subset option restricts the *training* set only, so evaluation numbers stay comparable.
-    k = int(_get(data_cfg, "subset", 0))
+    k = int(data_cfg.subset)
     if k < 0:
         raise ValueError(f"data.subset must be >= 0, got {k}")
     return min(n, k) if (split == "train" and k > 0) else n
 
 
 def _synthetic_size(data_cfg: Any, split: str) -> int:
-    return int(_get(data_cfg, "n_train" if split == "train" else "n_test", 2000 if split == "train" else 500))
+    return int(data_cfg.n_train if split == "train" else data_cfg.n_test)
 
 
 def dataset_size(data_cfg: Any, split: str = "train") -> int:
@@ -138,19 +132,19 @@ def num_classes(data_cfg: Any) -> int:
         return CIFARS[name]
     if name in FOLDERS:
         return len(scan_split(_root(data_cfg, name), "train")[0])
-    return fashion_mnist.NUM_CLASSES if name == "fashion_mnist" else int(_get(data_cfg, "num_classes", 10))
+    return fashion_mnist.NUM_CLASSES if name == "fashion_mnist" else int(data_cfg.num_classes)
 
 
 def normalization(data_cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` per RGB channel, in [0, 1] pixel units, for the configured dataset and resize mode
     (``data.mean`` / ``data.std`` override it)."""
     name = _name(data_cfg)
-    mean, std = _get(data_cfg, "mean", None), _get(data_cfg, "std", None)
+    mean, std = data_cfg.mean, data_cfg.std
     if mean is not None and std is not None:
         return tuple(float(v) for v in mean), tuple(float(v) for v in std)
     if name != "fashion_mnist":
         return _STATS[(name, "any")]
-    mode = str(_get(data_cfg, "resize_mode", "pad"))
+    mode = str(data_cfg.resize_mode)
     return _STATS[(name, "pad" if mode == "pad" else "resize")]
 
 
@@ -218,25 +212,25 @@ def load_split(data_cfg: Any, split: str) -> tuple[Any, torch.Tensor]:
     _check_split(split, name)
     if name in FOLDERS:
         return folder_images(data_cfg, split)
-    image_size = int(_get(data_cfg, "image_size", 32))
+    image_size = int(data_cfg.image_size)
     n = dataset_size(data_cfg, split)
     if name in CIFARS:
         raw_images, raw_labels = _cifar_raw(_root(data_cfg, name), CIFARS[name], split)
         images = resize_square(torch.from_numpy(raw_images[:n].copy()), image_size)
         return images, torch.from_numpy(raw_labels[:n].copy())
     if name == "fashion_mnist":
-        root = _get(data_cfg, "root", None)
+        root = data_cfg.root
         raw_images, raw_labels = _fashion_raw(split, None if root is None else str(root))
         gray = torch.from_numpy(raw_images[:n].copy())
-        images = to_rgb_size(gray, image_size, str(_get(data_cfg, "resize_mode", "pad")))
+        images = to_rgb_size(gray, image_size, str(data_cfg.resize_mode))
         labels = torch.from_numpy(raw_labels[:n].copy())
         return images, labels
     images, labels = make_synthetic(
         n,
         image_size=image_size,
         num_classes=num_classes(data_cfg),
-        seed=int(_get(data_cfg, "seed", 0)),
+        seed=int(data_cfg.seed),
         split=split,
-        noise=float(_get(data_cfg, "noise", 0.35)),
+        noise=float(data_cfg.noise),
     )
     return images, labels

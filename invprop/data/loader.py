@@ -73,22 +73,10 @@ class IndexedImageDataset(Dataset):
         seed: int,
         out_size: int | None = None,
     ) -> IndexedImageDataset:
-        """Read ``crop_scale``, ``crop_ratio`` and ``flip`` from an ``augment`` config node."""
-
-        def get(key: str, default: Any) -> Any:
-            v = aug_cfg.get(key, default) if aug_cfg is not None else default
-            return default if v is None else v
-
-        return cls(
-            images,
-            labels,
-            train=train,
-            seed=seed,
-            out_size=out_size,
-            crop_scale=tuple(get("crop_scale", (0.2, 1.0))),
-            crop_ratio=tuple(get("crop_ratio", (3 / 4, 4 / 3))),
-            flip=bool(get("flip", False)),
-        )
+        """Crop scale and flip from the ``data.augment`` section (the aspect-ratio range is crop.py's, for both
+        loaders)."""
+        return cls(images, labels, train=train, seed=seed, out_size=out_size,
+                   crop_scale=tuple(aug_cfg.crop_scale), flip=bool(aug_cfg.flip))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
