@@ -63,7 +63,7 @@ def main() -> None:
     checkpoint.load(latest, loaded)
     load_s = time.perf_counter() - start
     assert torch.equal(loaded["bank"].rows, rows) and torch.equal(loaded["graph"].table, graph.table)
-    result = {"rows": args.rows, "dim": args.dim, "bank_bytes": bank.numel() * 4, "checkpoint_bytes": size,
+    result = {"rows": args.rows, "dim": args.dim, "bank_bytes": rows.numel() * 4, "checkpoint_bytes": size,
               "save_s": save_s, "load_s": load_s}
     shutil.rmtree(args.dir, ignore_errors=True)
     if args.json:
