@@ -1,10 +1,11 @@
 """Committed checkpoint directories (docs/DESIGN.md, "The checkpoint protocol").
 
-step_<n>/ holds rank 0's `state.pt` (model, optimiser, schedule position, RNG, data position, neighbour
-table) and every rank's `bank.<r>-of-<W>`. Each file goes to a temporary name and is os.replace'd; after
-a barrier rank 0 writes COMMITTED (a manifest of the files' sizes and sha256) last. Only committed, intact
-directories are loaded, and a directory is written once: a save to a step that already has an intact
-committed checkpoint changes nothing (the state of step n is the same whichever path saves it).
+A checkpoint is a dict of named parts, each an `invprop.state.Stateful` that owns its state. step_<n>/ holds
+rank 0's `state.pt` (the replicated parts: model, optimiser, train and data positions, RNG, neighbour table)
+and every rank's `<part>.<r>-of-<W>` of each sharded part (the bank). Each file goes to a temporary name and is
+os.replace'd; after a barrier rank 0 writes COMMITTED (a manifest of the files' sizes and sha256) last. Only
+committed, intact directories are loaded, and a directory is written once: a save to a step that already has an
+intact committed checkpoint changes nothing (the state of step n is the same whichever path saves it).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from invprop import collectives as coll
-from invprop.bank import shard_bounds
+from invprop.collectives import Comm
+from invprop.state import ShardedStateful, Stateful
 
 MARKER = "COMMITTED"
 
@@ -64,31 +66,69 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save(root: Path, step: int, rank: int, world: int, state: dict[str, Any] | None,
-         bank_rows: torch.Tensor, bank_start: int, n_rows: int, keep: int = 3,
-         device: torch.device | None = None) -> Path:
-    """Collective: every rank writes its bank shard, rank 0 the rest, then COMMITTED after a barrier.
+def _sharded(states: Mapping[str, Stateful]) -> list[str]:
+    return [name for name, part in states.items() if isinstance(part, ShardedStateful)]
+
+
+# state.pt keeps the layout it had before the parts owned their state, so checkpoints written before still load
+# and tools that read state.pt["model"] keep working: a part is stored under its own name, except these four,
+# which had their own entries.
+def _to_file(parts: dict[str, Any]) -> dict[str, Any]:
+    out = dict(parts)
+    if "train" in out or "data" in out:  # one entry {epoch, batch, step}
+        out["train_state"] = {**out.pop("data", {}), **out.pop("train", {})}
+        out.setdefault("graph", None)  # a method without a neighbour graph saved None
+    if "graph" in out and out["graph"] is not None:
+        out["graph"] = out["graph"]["table"]  # the bare table
+    if "rng" in out:
+        out["rng_torch"] = out.pop("rng")["torch"]
+    return out
+
+
+def _from_file(saved: dict[str, Any]) -> dict[str, Any]:
+    parts = dict(saved)
+    if "train_state" in parts:
+        position = parts.pop("train_state")
+        parts["train"] = {"step": position["step"]}
+        parts["data"] = {"epoch": position["epoch"], "batch": position["batch"]}
+    if "graph" in parts:
+        table = parts.pop("graph")
+        if table is not None:
+            parts["graph"] = {"table": table}
+    if "rng_torch" in parts:
+        parts["rng"] = {"torch": parts.pop("rng_torch")}
+    return parts
+
+
+def save(root: Path, step: int, states: Mapping[str, Stateful], *, comm: Comm | None = None,
+         keep: int = 3) -> Path:
+    """Collective over `comm` (default: one process): every rank writes its shard of each sharded part, rank 0
+    the replicated parts to state.pt, then COMMITTED after a barrier. Returns step_<step>.
 
     If step_<step> is already committed and intact on every rank's view, nothing is written: re-saving would
     replace files a manifest vouches for. A committed but broken one loses its marker first, then is rewritten.
     """
     if keep < 1:
         raise ValueError(f"keep={keep}: at least the checkpoint just written must be kept")
+    comm = comm or Comm()
+    rank, world = comm.rank, comm.world
     target = Path(root) / f"step_{step}"
-    (rewrite,) = coll.host_flags_any([problem(target) is not None], device or torch.device("cpu"))
+    (rewrite,) = comm.host_flags_any([problem(target) is not None])
     if not rewrite:
         return target
     if rank == 0:
         (target / MARKER).unlink(missing_ok=True)
     target.mkdir(parents=True, exist_ok=True)
-    save_atomic({"rows": bank_rows.detach().cpu(), "start": bank_start, "n": n_rows},
-                target / f"bank.{rank}-of-{world}")
-    if rank == 0:
-        save_atomic(state, target / "state.pt")
-    coll.barrier()
+    sharded = _sharded(states)
+    for name in sharded:
+        save_atomic(states[name].state_dict(), target / f"{name}.{rank}-of-{world}")
+    if rank == 0:  # the replicated parts are the same on every rank: one copy
+        save_atomic(_to_file({name: part.state_dict() for name, part in states.items() if name not in sharded}),
+                    target / "state.pt")
+    comm.barrier()
     if rank == 0:
         # Exactly the files of this save: never the marker itself, nor a shard a save at another world left.
-        names = ["state.pt", *(f"bank.{r}-of-{world}" for r in range(world))]
+        names = ["state.pt", *(f"{name}.{r}-of-{world}" for name in sharded for r in range(world))]
         files = {name: {"size": (target / name).stat().st_size, "sha256": _sha256(target / name)} for name in names}
         marker = target / f".{MARKER}.tmp"
         marker.write_text(json.dumps({"step": step, "world": world, "files": files}))
@@ -97,7 +137,7 @@ def save(root: Path, step: int, rank: int, world: int, state: dict[str, Any] | N
         older = [d for d in step_dirs(root) if step_of(d) < step and (d / MARKER).exists()]
         for old in older[keep - 1:]:
             shutil.rmtree(old, ignore_errors=True)
-    coll.barrier()
+    comm.barrier()
     return target
 
 
@@ -161,26 +201,33 @@ def load_state(directory: Path, map_location: str | torch.device = "cpu") -> dic
         raise CorruptCheckpoint(f"{path} cannot be loaded as a checkpoint ({type(exc).__name__})") from exc
 
 
-def load_bank_shard(directory: Path, n: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's rows [start, stop) for world size `world`, resharded from whatever world saved them."""
+def load(directory: Path, states: Mapping[str, Stateful]) -> None:
+    """Put the committed checkpoint `directory` back into `states`, in their order (so a part that only checks,
+    like the run's identity, can come first). Parts the checkpoint holds but `states` does not name are left
+    alone; a sharded part gets every shard of the world that saved it (memory-mapped: only what it reads is
+    read), so a run may resume at another world size. A part that does not fit raises ValueError naming the
+    checkpoint."""
     directory = Path(directory)
-    saved_world = json.loads((directory / MARKER).read_text())["world"]
-    start, stop = shard_bounds(n, rank, world)
-    parts = []
-    for r in range(saved_world):
-        s_start, s_stop = shard_bounds(n, r, saved_world)
-        if s_stop <= start or s_start >= stop:
-            continue
-        path = directory / f"bank.{r}-of-{saved_world}"
+    sharded = _sharded(states)
+    saved = _from_file(load_state(directory)) if len(sharded) < len(states) else {}
+    saved_world = json.loads((directory / MARKER).read_text())["world"] if sharded else 0
+    for name, part in states.items():
         try:
-            shard = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - as in load_state
-            raise CorruptCheckpoint(f"{path} cannot be loaded as a bank shard ({type(exc).__name__})") from exc
-        if shard["n"] != n:
-            raise ValueError(f"checkpoint {directory} has a bank of {shard['n']} rows, this run has {n}")
-        lo, hi = max(start, s_start), min(stop, s_stop)
-        parts.append(shard["rows"][lo - s_start : hi - s_start])
-    rows = torch.cat(parts)
-    if rows.shape[0] != stop - start:
-        raise ValueError(f"checkpoint {directory} is missing bank rows {start}..{stop}")
-    return rows
+            if name in sharded:
+                part.load_shards([_load_shard(directory / f"{name}.{r}-of-{saved_world}", name)
+                                  for r in range(saved_world)])
+            elif name in saved:
+                part.load_state_dict(saved[name])
+            else:
+                raise ValueError(f"has no {name!r} (it holds {', '.join(sorted(saved))})")
+        except CorruptCheckpoint:
+            raise
+        except ValueError as exc:  # a part that does not fit this run says how; name the checkpoint
+            raise ValueError(f"checkpoint {directory} {exc}") from exc
+
+
+def _load_shard(path: Path, name: str) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - as in load_state
+        raise CorruptCheckpoint(f"{path} cannot be loaded as a {name} shard ({type(exc).__name__})") from exc

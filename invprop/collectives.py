@@ -1,124 +1,122 @@
-"""Collectives for the sharded bank: differentiable where gradients must cross ranks.
+"""Collectives for the sharded bank, differentiable where gradients must cross ranks, as methods of `Comm`.
 
-Every function degrades to the identity when no process group is initialised, so the
+A `Comm` says which rank this process is, how many there are, on which device it computes and which process
+groups its collectives use. `distributed.init` builds it once per process and everything that communicates (the
+bank, the losses through the bank, the step boundary, the checkpointer) is handed that one object, so the world
+size has one source. With one rank every method is the identity and no process group is needed, so the
 single-process path runs the very same code as W ranks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
-_GROUP: dist.ProcessGroup | None = None
-_CONTROL: dist.ProcessGroup | None = None  # gloo: host-side decisions without touching the GPU stream
 
+@dataclass(frozen=True)
+class Comm:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    # Bank collectives use their own group so they never interleave with DDP's asynchronous gradient buckets
+    # (None: the default group).
+    group: dist.ProcessGroup | None = None
+    # gloo, for flags the host decides on (preemption, save due): all-reducing them through NCCL and reading the
+    # result back would wait for every queued kernel, once per step. None: through `group` on `device`.
+    control: dist.ProcessGroup | None = None
 
-def set_group(group: dist.ProcessGroup | None) -> None:
-    """Use a dedicated group so bank collectives never interleave with DDP's gradient buckets."""
-    global _GROUP
-    _GROUP = group
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} is not one of {self.world} ranks")
 
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
-def set_control_group(group: dist.ProcessGroup | None) -> None:
-    """A gloo group for flags the host decides on (preemption, save due): all-reducing them through NCCL and
-    reading the result back would wait for every queued kernel, once per step."""
-    global _CONTROL
-    _CONTROL = group
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's rows (equal counts); gradients flow back to their rank."""
+        if self.world == 1:
+            return x
+        if x.requires_grad:
+            return _GatherRows.apply(x, self)
+        return self._all_gather(x)
 
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable all-reduce sum."""
+        if self.world == 1:
+            return x
+        if x.requires_grad:
+            return _SumAcrossRanks.apply(x, self)
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=self.group)
+        return out
 
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(_GROUP), dist.get_world_size(_GROUP)
-    return 0, 1
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        """Non-differentiable all-reduce max (used for stabilisers and flags)."""
+        if self.world == 1:
+            return x
+        out = x.detach().contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+        return out
+
+    def host_flags_any(self, flags: list[bool]) -> list[bool]:
+        """Element-wise OR of host flags over the ranks: on the CPU through the control group when there is one
+        (no GPU sync), else through the bank group on `device`; no collective at all for one process."""
+        if self.world == 1:
+            return list(flags)
+        on_host = self.control is not None
+        values = torch.tensor([float(f) for f in flags], device="cpu" if on_host else self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.control if on_host else self.group)
+        return [v > 0 for v in values.tolist()]
+
+    def gather_stack(self, x: torch.Tensor) -> torch.Tensor:
+        """Non-differentiable all_gather, stacked as (world, *x.shape)."""
+        if self.world == 1:
+            return x.detach().unsqueeze(0)
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.detach().contiguous(), group=self.group)
+        return torch.stack(parts)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.group)
+
+    def _all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts)
 
 
 class _GatherRows(torch.autograd.Function):
     """all_gather along dim 0; backward sums the gradient of every rank's copy into the owner's slice."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        rank, world = rank_and_world()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=_GROUP)
-        ctx.rank, ctx.rows = rank, x.shape[0]
-        return torch.cat(parts)
+    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:  # type: ignore[override]
+        ctx.comm, ctx.rows = comm, x.shape[0]
+        return comm._all_gather(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=_GROUP)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+        dist.all_reduce(grad, group=ctx.comm.group)
+        rank = ctx.comm.rank
+        return grad[rank * ctx.rows : (rank + 1) * ctx.rows], None
 
 
 class _SumAcrossRanks(torch.autograd.Function):
     """all_reduce(SUM); every rank's copy of the output feeds its own loss, so the backward sums too."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:  # type: ignore[override]
+        ctx.comm = comm
         out = x.contiguous().clone()
-        dist.all_reduce(out, group=_GROUP)
+        dist.all_reduce(out, group=comm.group)
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=_GROUP)
-        return grad
-
-
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows (equal counts); gradients flow back to their rank."""
-    if rank_and_world()[1] == 1:
-        return x
-    if x.requires_grad:
-        return _GatherRows.apply(x)
-    rank, world = rank_and_world()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=_GROUP)
-    return torch.cat(parts)
-
-
-def sum_across_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable all-reduce sum."""
-    if rank_and_world()[1] == 1:
-        return x
-    if x.requires_grad:
-        return _SumAcrossRanks.apply(x)
-    out = x.contiguous().clone()
-    dist.all_reduce(out, group=_GROUP)
-    return out
-
-
-def max_across_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Non-differentiable all-reduce max (used for stabilisers and flags)."""
-    if rank_and_world()[1] == 1:
-        return x
-    out = x.detach().contiguous().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=_GROUP)
-    return out
-
-
-def host_flags_any(flags: list[bool], device: torch.device) -> list[bool]:
-    """Element-wise OR of host flags over the ranks: on the CPU through the control group when there is one
-    (no GPU sync), else through the bank group on `device`; no collective at all for one process."""
-    if rank_and_world()[1] == 1:
-        return list(flags)
-    on_host = _CONTROL is not None
-    values = torch.tensor([float(f) for f in flags], device="cpu" if on_host else device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_CONTROL if on_host else _GROUP)
-    return [v > 0 for v in values.tolist()]
-
-
-def gather_stack(x: torch.Tensor) -> torch.Tensor:
-    """Non-differentiable all_gather, stacked as (world, *x.shape)."""
-    _, world = rank_and_world()
-    if world == 1:
-        return x.detach().unsqueeze(0)
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.detach().contiguous(), group=_GROUP)
-    return torch.stack(parts)
-
-
-def barrier() -> None:
-    if rank_and_world()[1] > 1:
-        dist.barrier(group=_GROUP)
+        dist.all_reduce(grad, group=ctx.comm.group)
+        return grad, None

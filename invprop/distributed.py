@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from invprop import collectives
+from invprop.collectives import Comm
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,14 @@ def device_for(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init(env: DistEnv, timeout_s: float = 120.0) -> torch.device:
-    """Initialise NCCL (GPU) or gloo (CPU); a dead peer ends collectives after `timeout_s` instead of hanging."""
+def init(env: DistEnv, timeout_s: float = 120.0) -> Comm:
+    """This process's `Comm`, built once: NCCL (GPU) or gloo (CPU) for W > 1, where a dead peer ends collectives
+    after `timeout_s` instead of hanging."""
     device = device_for(env)
-    if env.world_size == 1 or dist.is_initialized():
-        return device
+    if env.world_size == 1:
+        return Comm(device=device)
+    if dist.is_initialized():  # a caller that set up the process group itself: its default group serves
+        return Comm(env.rank, env.world_size, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # Make NCCL raise instead of hanging when a peer disappears.
@@ -100,13 +103,10 @@ def init(env: DistEnv, timeout_s: float = 120.0) -> torch.device:
     dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
                             rank=env.rank, world_size=env.world_size, timeout=timeout)
     # A separate group keeps bank collectives apart from DDP's asynchronous gradient buckets.
-    collectives.set_group(dist.new_group(backend=backend, timeout=timeout))
-    collectives.set_control_group(dist.new_group(backend="gloo", timeout=timeout))
-    return device
+    return Comm(env.rank, env.world_size, device, group=dist.new_group(backend=backend, timeout=timeout),
+                control=dist.new_group(backend="gloo", timeout=timeout))
 
 
 def shutdown() -> None:
     if dist.is_initialized():
-        collectives.set_group(None)
-        collectives.set_control_group(None)
         dist.destroy_process_group()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 UNKNOWN = -1
@@ -26,6 +28,13 @@ class NeighbourGraph:
 
     def update(self, ids: torch.Tensor, neighbours: torch.Tensor) -> None:
         self.table[ids.long()] = neighbours.to(self.table.dtype)
+
+    # The table is replicated (every rank applies the same updates), so rank 0's copy is the checkpoint's.
+    def state_dict(self) -> dict[str, Any]:
+        return {"table": self.table.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.table.copy_(state["table"].to(self.table.device))
 
 
 def propagate(table: torch.Tensor, ids: torch.Tensor, layers: int, mode: str) -> torch.Tensor:

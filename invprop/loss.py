@@ -2,7 +2,8 @@
 
 Each rank calls the criterion with its own batch. The returned `loss` is this rank's share of the
 global mean (sum over ranks = mean over the global batch), so gradients with respect to every
-embedding equal those of the dense single-process loss.
+embedding equal those of the dense single-process loss. The ranks are those of the bank's `Comm`: the loss
+gathers and reduces over exactly the ranks the bank is sharded across, so it takes no world of its own.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from invprop import collectives as coll
 from invprop.bank import ShardedBank, TopCandidates, logsumexp_across_ranks, masked_logsumexp
+from invprop.collectives import Comm
 from invprop.graph import UNKNOWN, NeighbourGraph
 
 
@@ -60,10 +61,9 @@ def step_stats(per_anchor: torch.Tensor, loss_ins: torch.Tensor, loss_inv: torch
     }
 
 
-def _local_share(per_anchor: torch.Tensor) -> torch.Tensor:
-    rank, world = coll.rank_and_world()
-    rows = per_anchor.shape[0] // world
-    return per_anchor[rank * rows : (rank + 1) * rows].sum() / per_anchor.shape[0]
+def _local_share(per_anchor: torch.Tensor, comm: Comm) -> torch.Tensor:
+    rows = per_anchor.shape[0] // comm.world
+    return per_anchor[comm.rank * rows : (comm.rank + 1) * rows].sum() / per_anchor.shape[0]
 
 
 class NPIDLoss:
@@ -71,15 +71,16 @@ class NPIDLoss:
 
     def __init__(self, bank: ShardedBank, tau: float, bank_momentum: float) -> None:
         self.bank, self.tau, self.momentum = bank, tau, bank_momentum
+        self.comm = bank.comm
 
     def __call__(self, z: torch.Tensor, ids: torch.Tensor, epoch: int) -> StepOutput:
-        zg, idg = coll.gather_rows(z), coll.gather_rows(ids)
+        zg, idg = self.comm.gather_rows(z), self.comm.gather_rows(ids)
         scores = self.bank.local_scores(zg)
-        lse = logsumexp_across_ranks(torch.logsumexp(scores / self.tau, dim=1))
+        lse = logsumexp_across_ranks(torch.logsumexp(scores / self.tau, dim=1), self.comm)
         self_logit = self.bank.pair_scores(zg, idg.view(-1, 1).long()).squeeze(1) / self.tau
         per_anchor = lse - self_logit
         loss_mean = per_anchor.detach().mean()
-        return StepOutput(_local_share(per_anchor), idg, zg.detach(),
+        return StepOutput(_local_share(per_anchor, self.comm), idg, zg.detach(),
                           monitors={"loss": loss_mean, "loss_ins": loss_mean})
 
     def commit(self, out: StepOutput) -> None:
@@ -92,17 +93,17 @@ class InvPLoss:
     def __init__(self, bank: ShardedBank, graph: NeighbourGraph, *, tau: float, n_background: int,
                  n_pos: int, layers: int, lambda_inv: float, warmup_epochs: int, propagation: str = "concat",
                  positives: str = "hard", denominator: str = "code", bank_momentum: float = 0.5) -> None:
-        self.bank, self.graph = bank, graph
+        self.bank, self.graph, self.comm = bank, graph, bank.comm
         self.tau, self.m, self.p, self.layers = tau, min(n_background, bank.n), n_pos, layers
         self.lambda_inv, self.warmup_epochs, self.momentum = lambda_inv, warmup_epochs, bank_momentum
         self.propagation, self.positives, self.denominator = propagation, positives, denominator
 
     def __call__(self, z: torch.Tensor, ids: torch.Tensor, epoch: int) -> StepOutput:
-        zg, idg = coll.gather_rows(z), coll.gather_rows(ids).long()
+        zg, idg = self.comm.gather_rows(z), self.comm.gather_rows(ids).long()
         # This rank's scores at or above a bound of the M-th largest (never the full Q x n_local matrix),
         # with the exact global threshold; also holds the local top-(k+1) for the graph update.
         top = self.bank.global_top(zg, self.m, keep=self.graph.k + 1)
-        lse_top = logsumexp_across_ranks(masked_logsumexp(top.vals, top.in_top, tau=self.tau))
+        lse_top = logsumexp_across_ranks(masked_logsumexp(top.vals, top.in_top, tau=self.tau), self.comm)
 
         w = warmup_weight(epoch, self.warmup_epochs)
         with torch.no_grad():
@@ -124,7 +125,7 @@ class InvPLoss:
         positives = torch.where(pos_valid, cands.gather(1, pos_slot), torch.full_like(pos_slot, UNKNOWN))
         own_in_top = (self_score.detach() >= top.threshold).float()
         stats = step_stats(per_anchor, loss_ins, loss_inv, has_pos, w, own_in_top)
-        return StepOutput(_local_share(per_anchor), idg, zg.detach(), neighbours, positives, stats)
+        return StepOutput(_local_share(per_anchor, self.comm), idg, zg.detach(), neighbours, positives, stats)
 
     def _pick_positives(self, cand_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Slots of the P lowest-scoring (hard) or highest-scoring (easy) valid candidates."""
@@ -138,7 +139,7 @@ class InvPLoss:
         if self.denominator == "code":
             # N_M(i) without i itself, excluded only where it is actually in N_M(i).
             keep = top.in_top & (top.ids != idg.view(-1, 1))
-            return logsumexp_across_ranks(masked_logsumexp(top.vals, keep, tau=self.tau))
+            return logsumexp_across_ranks(masked_logsumexp(top.vals, keep, tau=self.tau), self.comm)
         # paper: (N_M(i) minus all candidates) union H(i). Each candidate is looked up (binary search) in its
         # row of ids, Q x K searches, rather than each of the Q x ~M ids among the candidates.
         width = top.ids.shape[1]
@@ -153,7 +154,8 @@ class InvPLoss:
                 slot = order.gather(1, slot)
             is_cand = torch.zeros(top.ids.shape[0], width + 1, dtype=torch.bool, device=top.ids.device)
             is_cand.scatter_(1, torch.where(found, slot, torch.full_like(slot, width)), True)
-        rest = logsumexp_across_ranks(masked_logsumexp(top.vals, top.in_top & ~is_cand[:, :width], tau=self.tau))
+        rest = logsumexp_across_ranks(masked_logsumexp(top.vals, top.in_top & ~is_cand[:, :width], tau=self.tau),
+                                      self.comm)
         return torch.logaddexp(rest, numerator)
 
     def commit(self, out: StepOutput) -> None:

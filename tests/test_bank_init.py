@@ -8,10 +8,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from invprop.collectives import Comm
 from invprop.config import ConfigError, validate
 from invprop.data import normalization
 from invprop.data.augment import eval_transform
-from invprop.distributed import DistEnv
 from invprop.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +25,7 @@ def _cfg(*overrides: str):
 
 
 def test_network_init_fills_every_row_with_the_untrained_embedding(tmp_path: Path) -> None:
-    trainer = Trainer(_cfg("method.bank_init=network", "deterministic=true"), DistEnv(), torch.device("cpu"),
-                      tmp_path)
+    trainer = Trainer(_cfg("method.bank_init=network", "deterministic=true"), Comm(), tmp_path)
     random_rows = trainer.bank.rows.clone()
     buffers = {k: v.clone() for k, v in trainer.model.named_buffers()}
     trainer.fill_bank_from_network()

@@ -18,6 +18,7 @@ from invprop import distributed
 from invprop.bank import SelectSettings, ShardedBank, masked_logsumexp, shard_bounds
 from invprop.bank.select import SampledBound, TopK
 from invprop.bank.select import filter as filter_mod
+from invprop.collectives import Comm
 from invprop.graph import NeighbourGraph
 from invprop.jobs.spawn import spawn_ranks
 from invprop.loss import InvPLoss
@@ -84,7 +85,8 @@ def _sharded(sc: dict, selection: str = "auto", settings: SelectSettings | None 
     rows, table = _setup(sc)
     bank = ShardedBank(sc["n"], D, seed=3, selection=selection, settings=settings)
     graph = NeighbourGraph(sc["n"], sc["k"])
-    bank.rows, graph.table = rows.clone(), table.clone()
+    bank.load_state_dict({"rows": rows, "start": 0, "n": sc["n"]})
+    graph.load_state_dict({"table": table})
     return _run(InvPLoss(bank, graph, **_hyper(sc)), sc), bank.rows, graph.table
 
 
@@ -239,7 +241,7 @@ def test_failed_sample_bound_falls_back_to_the_exact_one(monkeypatch, use_numba:
 @pytest.mark.parametrize("chunk", [37, 64, 100, 3000])
 def test_chunked_topk_merges_to_the_exact_top_k(chunk: int) -> None:
     """The accelerator route: a top-k per chunk of columns merged into a running top-k."""
-    bank = ShardedBank(3000, D, rank=1, world=2, seed=3)  # ids offset by the shard start
+    bank = ShardedBank(3000, D, comm=Comm(1, 2), seed=3)  # ids offset by the shard start
     z = torch.nn.functional.normalize(torch.randn(Q, D, generator=torch.Generator().manual_seed(0)), dim=1)
     vals, ids = bank.selections["topk"].chunked(z, bank.rows, bank.start, 64, chunk)
     want_vals, want_cols = (z @ bank.rows.t()).topk(64, dim=1)
@@ -267,13 +269,13 @@ def test_masked_logsumexp_matches_plain_logsumexp(tau: float) -> None:
 
 
 def _worker(rank: int, world: int, out_dir: str, name: str, selection: str = "auto") -> None:
-    distributed.init(distributed.read_env(), timeout_s=60)
+    comm = distributed.init(distributed.read_env(), timeout_s=60)
     sc = SCENARIOS[name]
     rows, table = _setup(sc)
-    bank = ShardedBank(sc["n"], D, rank=rank, world=world, seed=3, selection=selection)
+    bank = ShardedBank(sc["n"], D, comm=comm, seed=3, selection=selection)
     graph = NeighbourGraph(sc["n"], sc["k"])
-    bank.rows = rows[bank.start : bank.stop].clone()
-    graph.table = table.clone()
+    bank.load_shards([{"rows": rows, "start": 0, "n": sc["n"]}])  # this rank's rows of the whole bank
+    graph.load_state_dict({"table": table})
     steps = _run(InvPLoss(bank, graph, **_hyper(sc)), sc, rank, world)
     torch.save({"steps": steps, "rows": bank.rows, "table": graph.table}, os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.shutdown()
@@ -309,7 +311,7 @@ def test_bench_json_smoke() -> None:
     assert row["ratio_vs_dense"] == pytest.approx(row["sharded_ms"] / row["dense_ms"], rel=1e-2)
     dim = report.get("dim", 128)
     for world in (1, 2, 4, 8):
-        per_rank = [ShardedBank(n, dim, rank=r, world=world).rows.nbytes for r in range(world)]
+        per_rank = [ShardedBank(n, dim, comm=Comm(r, world)).rows.nbytes for r in range(world)]
         assert row["bank_bytes_per_rank"][str(world)] == max(per_rank) == n * dim * 4 // world
     assert row["graph_bytes"] == NeighbourGraph(n, 4).table.nbytes == n * 4 * 4  # int32, replicated
     assert row["loss_rel_diff"] < 1e-5  # both sides computed the same loss

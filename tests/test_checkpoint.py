@@ -13,13 +13,47 @@ import pytest
 import torch
 
 from invprop import checkpoint
+from invprop.bank import ShardedBank
+from invprop.collectives import Comm
+from invprop.data.order import DataPosition
+from invprop.graph import NeighbourGraph
+from invprop.state import TorchRng
+from invprop.train.trainer import TrainState
 
 pytestmark = pytest.mark.timeout(120)
 
 
+class Box:
+    """A replicated checkpoint part holding a few values."""
+
+    def __init__(self, **values) -> None:
+        self.values = values
+
+    def state_dict(self) -> dict:
+        return dict(self.values)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = dict(state)
+
+
+def _bank(rows: int, value: float, comm: Comm | None = None) -> ShardedBank:
+    bank = ShardedBank(rows, 4, comm=comm)
+    bank.load_state_dict({"rows": torch.full((bank.n_local, 4), value), "start": bank.start, "n": rows})
+    return bank
+
+
+def _parts(step: int, rows: int = 10, w: torch.Tensor | None = None) -> dict:
+    return {"box": Box(step=step, w=torch.ones(3) * step if w is None else w), "bank": _bank(rows, float(step))}
+
+
 def _save(root: Path, step: int, rows: int = 10) -> Path:
-    bank = torch.full((rows, 4), float(step))
-    return checkpoint.save(root, step, 0, 1, {"step": step, "w": torch.ones(3) * step}, bank, 0, rows)
+    return checkpoint.save(root, step, _parts(step, rows))
+
+
+def _loaded(directory: Path, rows: int = 10) -> dict:
+    box, bank = Box(), ShardedBank(rows, 4)
+    checkpoint.load(directory, {"box": box, "bank": bank})
+    return {**box.values, "bank": bank.rows}
 
 
 def test_newest_committed_is_loaded_and_old_ones_pruned(tmp_path: Path) -> None:
@@ -28,8 +62,71 @@ def test_newest_committed_is_loaded_and_old_ones_pruned(tmp_path: Path) -> None:
     assert [d.name for d in checkpoint.step_dirs(tmp_path)] == ["step_40", "step_30", "step_20"]  # keep=3
     latest = checkpoint.latest(tmp_path)
     assert latest.name == "step_40"
-    assert checkpoint.load_state(latest)["step"] == 40
-    assert torch.equal(checkpoint.load_bank_shard(latest, 10, 0, 1), torch.full((10, 4), 40.0))
+    loaded = _loaded(latest)
+    assert loaded["step"] == 40 and torch.equal(loaded["w"], torch.full((3,), 40.0))
+    assert torch.equal(loaded["bank"], torch.full((10, 4), 40.0))
+
+
+def test_bank_reshards_from_any_world_size() -> None:
+    """Each rank saves its own shard; a rank of another world size takes exactly its rows from them."""
+    n = 23
+    full = torch.randn(n, 4)
+    for saved_world in (1, 2, 3):
+        shards = []
+        for r in range(saved_world):
+            bank = ShardedBank(n, 4, comm=Comm(r, saved_world))
+            bank.load_shards([{"rows": full, "start": 0, "n": n}])
+            shards.append(bank.state_dict())
+            assert set(shards[-1]) == {"rows", "start", "n"} and shards[-1]["start"] == bank.start
+        for world in (1, 2, 4):
+            banks = [ShardedBank(n, 4, comm=Comm(r, world)) for r in range(world)]
+            for bank in banks:
+                bank.load_shards(shards)
+            assert torch.equal(torch.cat([b.rows for b in banks]), full), (saved_world, world)
+    with pytest.raises(ValueError, match="has a bank of 23 rows, this run has 24"):
+        ShardedBank(24, 4).load_shards(shards)
+    with pytest.raises(ValueError, match="is missing bank rows 0..23"):
+        ShardedBank(n, 4).load_state_dict(shards[0])  # one shard of four does not cover a world of one
+
+
+def test_state_file_keeps_its_layout_and_parts_round_trip(tmp_path: Path) -> None:
+    """state.pt is laid out as it was before the parts owned their state (older checkpoints load, tools read
+    state.pt["model"]): one train_state entry, the bare neighbour table, rng_torch."""
+    model = torch.nn.Linear(3, 2)
+    graph = NeighbourGraph(10, 2)
+    graph.update(torch.tensor([1, 4]), torch.tensor([[2, 3], [5, 6]]))
+    train = TrainState(DataPosition(num_batches=5, epoch=2, batch=3), step=13)
+    parts = {"model": model, "bank": _bank(10, 1.0), "graph": graph, "train": train, "data": train.data,
+             "rng": TorchRng()}
+    directory = checkpoint.save(tmp_path, 13, parts)
+    saved = checkpoint.load_state(directory)
+    assert set(saved) == {"model", "graph", "train_state", "rng_torch"}
+    assert saved["train_state"] == {"epoch": 2, "batch": 3, "step": 13}
+    assert torch.equal(saved["graph"], graph.table) and torch.equal(saved["rng_torch"], torch.get_rng_state())
+    assert sorted(json.loads((directory / checkpoint.MARKER).read_text())["files"]) == ["bank.0-of-1", "state.pt"]
+    # a method without a graph saved None in its place
+    assert checkpoint.load_state(checkpoint.save(tmp_path / "npid", 1, {"train": train}))["graph"] is None
+
+    rng = torch.get_rng_state()
+    torch.rand(5)  # moves the generator on
+    other = TrainState(DataPosition(num_batches=5))
+    fresh = {"model": torch.nn.Linear(3, 2), "bank": ShardedBank(10, 4), "graph": NeighbourGraph(10, 2),
+             "train": other, "data": other.data, "rng": TorchRng()}
+    checkpoint.load(directory, fresh)
+    assert (other.epoch, other.batch, other.step) == (2, 3, 13)
+    assert torch.equal(fresh["graph"].table, graph.table) and torch.equal(fresh["bank"].rows, torch.ones(10, 4))
+    assert torch.equal(fresh["model"].weight, model.weight) and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_part_that_does_not_fit_names_the_checkpoint(tmp_path: Path) -> None:
+    train = TrainState(DataPosition(num_batches=8, batch=7), step=7)
+    directory = checkpoint.save(tmp_path, 7, {"train": train, "data": train.data})
+    shorter = TrainState(DataPosition(num_batches=4))
+    with pytest.raises(ValueError, match=f"checkpoint {directory} stopped at batch 7 of an epoch, but this run "
+                                         "has 4 batches per epoch"):
+        checkpoint.load(directory, {"train": shorter, "data": shorter.data})
+    with pytest.raises(ValueError, match="has no 'model'"):
+        checkpoint.load(directory, {"model": torch.nn.Linear(3, 2)})
 
 
 def test_directory_without_marker_is_never_loaded(tmp_path: Path) -> None:
@@ -64,7 +161,7 @@ def test_loads_use_weights_only(tmp_path: Path) -> None:
     directory = _save(tmp_path, 10)
     torch.save({"evil": subprocess.Popen}, directory / "state.pt")
     with pytest.raises(checkpoint.CorruptCheckpoint, match="state.pt cannot be loaded"):
-        checkpoint.load_state(directory)
+        checkpoint.load(directory, {"box": Box()})
 
 
 def _same_size(path: Path, payload: bytes) -> None:
@@ -118,10 +215,10 @@ def test_saving_a_committed_step_again_changes_nothing(tmp_path: Path) -> None:
     """A rerun of a finished command, or a periodic save on the last step, saves the same step twice."""
     first = _save(tmp_path, 16)
     before = {p.name: p.read_bytes() for p in first.iterdir()}
-    second = checkpoint.save(tmp_path, 16, 0, 1, {"step": 16, "w": torch.zeros(3)}, torch.zeros(10, 4), 0, 10)
+    second = checkpoint.save(tmp_path, 16, _parts(16, w=torch.zeros(3)))
     assert second == first
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
-    assert checkpoint.latest(tmp_path) == first and checkpoint.load_state(first)["step"] == 16
+    assert checkpoint.latest(tmp_path) == first and _loaded(first)["step"] == 16
     manifest = json.loads((first / checkpoint.MARKER).read_text())
     assert sorted(manifest["files"]) == ["bank.0-of-1", "state.pt"]  # never the marker itself
 
@@ -129,9 +226,9 @@ def test_saving_a_committed_step_again_changes_nothing(tmp_path: Path) -> None:
 def test_broken_committed_step_is_rewritten(tmp_path: Path) -> None:
     directory = _save(tmp_path, 16)
     _same_size(directory / "state.pt", b"junk")
-    checkpoint.save(tmp_path, 16, 0, 1, {"step": 16, "w": torch.zeros(3)}, torch.zeros(10, 4), 0, 10)
+    checkpoint.save(tmp_path, 16, _parts(16, w=torch.zeros(3)))
     assert checkpoint.latest(tmp_path) == directory
-    assert torch.equal(checkpoint.load_state(directory)["w"], torch.zeros(3))
+    assert torch.equal(_loaded(directory)["w"], torch.zeros(3))
 
 
 def test_manifest_with_sizes_only_still_loads(tmp_path: Path) -> None:
@@ -143,12 +240,11 @@ def test_manifest_with_sizes_only_still_loads(tmp_path: Path) -> None:
 
 
 def test_keep_one_keeps_the_newest_and_zero_is_refused(tmp_path: Path) -> None:
-    bank = torch.zeros(10, 4)
     for step in (1, 2, 3):
-        checkpoint.save(tmp_path, step, 0, 1, {"step": step}, bank, 0, 10, keep=1)
+        checkpoint.save(tmp_path, step, _parts(step), keep=1)
     assert [d.name for d in checkpoint.step_dirs(tmp_path)] == ["step_3"]
     with pytest.raises(ValueError, match="keep=0"):
-        checkpoint.save(tmp_path, 4, 0, 1, {"step": 4}, bank, 0, 10, keep=0)
+        checkpoint.save(tmp_path, 4, _parts(4), keep=0)
     assert checkpoint.latest(tmp_path).name == "step_3"
 
 
@@ -157,7 +253,7 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path: Path) -> No
     _save(tmp_path, 10)
     broken = _save(tmp_path, 30)
     _same_size(broken / "state.pt", b"junk")
-    checkpoint.save(tmp_path, 20, 0, 1, {"step": 20}, torch.zeros(10, 4), 0, 10, keep=1)
+    checkpoint.save(tmp_path, 20, _parts(20), keep=1)
     assert (tmp_path / "step_20" / checkpoint.MARKER).exists()
     assert checkpoint.latest(tmp_path, report=False).name == "step_20"
 
@@ -165,10 +261,11 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path: Path) -> No
 KILLER = """
 import sys, torch
 from invprop import checkpoint
+from invprop.bank import ShardedBank
 root = sys.argv[1]
-bank = torch.randn(4_000_000, 32)  # ~500 MB: the save takes long enough to be killed midway
+bank = ShardedBank(4_000_000, 32)  # ~500 MB: the save takes long enough to be killed midway
 print("saving", flush=True)
-checkpoint.save(root, 99, 0, 1, {"step": 99}, bank, 0, bank.shape[0])
+checkpoint.save(root, 99, {"bank": bank})
 """
 
 
@@ -185,4 +282,4 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path: Path) -> None:
     proc.wait()
     assert not (tmp_path / "step_99" / checkpoint.MARKER).exists()
     latest = checkpoint.latest(tmp_path)
-    assert latest.name == "step_10" and checkpoint.load_state(latest)["step"] == 10
+    assert latest.name == "step_10" and _loaded(latest)["step"] == 10

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from invprop.distributed import DistEnv
+from invprop.collectives import Comm
 from invprop.train.trainer import Trainer, window_means
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ def _trainer(tmp_path: Path, *overrides: str) -> Trainer:
         invp_only = [] if "method=npid" in overrides else ["method.n_pos=5"]
         cfg = compose(config_name="config", overrides=["data=synthetic", "data.n_train=128", "train.batch_size=32",
                                                        "train.num_workers=0", *invp_only, *overrides])
-    return Trainer(cfg, DistEnv(), torch.device("cpu"), tmp_path)
+    return Trainer(cfg, Comm(), tmp_path)
 
 
 def _one_step(trainer: Trainer) -> tuple[dict, torch.Tensor]:

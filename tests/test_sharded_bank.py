@@ -11,6 +11,7 @@ from reference import reference_bank_update, reference_npid, reference_step
 
 from invprop import distributed
 from invprop.bank import ShardedBank, shard_bounds
+from invprop.collectives import Comm
 from invprop.eval.knn import knn_predict
 from invprop.graph import NeighbourGraph
 from invprop.jobs.spawn import spawn_ranks
@@ -42,10 +43,11 @@ def _initial_graph(k: int) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int, out_dir: str) -> None:
-    distributed.init(distributed.read_env(), timeout_s=60)
+    comm = distributed.init(distributed.read_env(), timeout_s=60)
+    assert (comm.rank, comm.world) == (rank, world)
     results = []
     for sid, sc in enumerate(SCENARIOS):
-        bank = ShardedBank(N, D, rank=rank, world=world, seed=3)
+        bank = ShardedBank(N, D, comm=comm, seed=3)
         graph = NeighbourGraph(N, sc["k"])
         graph.table[:] = _initial_graph(sc["k"]).int()
         crit = InvPLoss(bank, graph, tau=TAU, n_background=sc["m"], n_pos=sc["p"], layers=sc["layers"],
@@ -63,7 +65,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
             steps.append({"loss": out.stats["loss"], "grad": z.grad.clone(), "neighbours": out.neighbours.clone()})
         results.append({"steps": steps, "rows": bank.rows.clone(), "graph": graph.table.clone()})
     # NPID over the sharded bank
-    bank = ShardedBank(N, D, rank=rank, world=world, seed=3)
+    bank = ShardedBank(N, D, comm=comm, seed=3)
     z_all, ids_all = _inputs(99, 0)
     b = Q // world
     z = z_all[rank * b : (rank + 1) * b].clone().requires_grad_()
@@ -76,7 +78,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
     labels = torch.randint(0, 5, (N,), generator=gen)
     queries = torch.nn.functional.normalize(torch.randn(40, D, generator=gen), dim=1)
     lo, hi = shard_bounds(N, rank, world)
-    votes = knn_predict(queries, ref[lo:hi], labels[lo:hi], 5, k=20, sigma=0.07)
+    votes = knn_predict(queries, ref[lo:hi], labels[lo:hi], 5, k=20, sigma=0.07, comm=comm)
     torch.save({"scenarios": results, "npid": npid, "knn": votes}, os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.shutdown()
 
@@ -140,7 +142,7 @@ def test_sharded_equals_dense_reference(world: int, tmp_path, references) -> Non
 def test_bank_init_independent_of_world_size() -> None:
     full = ShardedBank(N, D, seed=11).rows
     for world in (2, 3, 4):
-        parts = [ShardedBank(N, D, rank=r, world=world, seed=11).rows for r in range(world)]
+        parts = [ShardedBank(N, D, comm=Comm(r, world), seed=11).rows for r in range(world)]
         assert sum(p.shape[0] for p in parts) == N
         assert torch.equal(torch.cat(parts), full)
 
@@ -148,7 +150,7 @@ def test_bank_init_independent_of_world_size() -> None:
 @pytest.mark.parametrize("owned", ["mixed", "none", "all"])
 def test_owner_update_writes_exactly_the_owned_rows(owned: str) -> None:
     """The update has no boolean-mask indexing (a GPU host sync); non-owned entries must still change nothing."""
-    bank = ShardedBank(N, D, rank=1, world=2, seed=5)  # rows [101, 203)
+    bank = ShardedBank(N, D, comm=Comm(1, 2), seed=5)  # rows [101, 203)
     before = bank.rows.clone()
     ids = {"mixed": torch.tensor([3, 101, 150, 7, 202, 100]), "none": torch.tensor([0, 5, 100]),
            "all": torch.tensor([120, 101, 202])}[owned]
@@ -162,8 +164,7 @@ def test_owner_update_writes_exactly_the_owned_rows(owned: str) -> None:
 
 
 def _dying_worker(rank: int, world: int, out_dir: str) -> None:
-    distributed.init(distributed.read_env(), timeout_s=5)
-    bank = ShardedBank(N, D, rank=rank, world=world)
+    bank = ShardedBank(N, D, comm=distributed.init(distributed.read_env(), timeout_s=5))
     crit = NPIDLoss(bank, tau=TAU, bank_momentum=MOMENTUM)
     z, ids = _inputs(0, 0)
     b = Q // world

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from invprop import collectives, distributed
+from invprop import distributed
+from invprop.collectives import Comm
 from invprop.jobs.spawn import spawn_ranks
 from invprop.train.boundary import StepBoundary
 from invprop.train.trainer import window_means
@@ -20,10 +21,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _boundary_worker(rank: int, world: int, out_dir: str) -> None:
-    distributed.init(distributed.read_env(), timeout_s=30)
-    boundary = StepBoundary(torch.device("cpu"), every_steps=3)
+    comm = distributed.init(distributed.read_env(), timeout_s=30)
+    boundary = StepBoundary(comm, every_steps=3)
     try:
-        assert collectives._CONTROL is not None  # flags go through the host-side gloo group
+        assert comm.control is not None  # flags go through the host-side gloo group
         seen = [boundary.poll(1), boundary.poll(3)]
         if rank == 1:
             os.kill(os.getpid(), signal.SIGUSR2)  # only rank 1 is told to stop
@@ -45,7 +46,7 @@ def test_every_rank_sees_one_ranks_preemption(tmp_path) -> None:
 
 
 def test_single_process_boundary_needs_no_collective() -> None:
-    boundary = StepBoundary(torch.device("cpu"), every_steps=2)
+    boundary = StepBoundary(Comm(), every_steps=2)
     try:
         assert boundary.poll(1) == (False, False) and boundary.poll(2) == (False, True)
         boundary.preempted = True

@@ -16,6 +16,7 @@ import torchvision
 from omegaconf import OmegaConf
 
 from invprop import checkpoint
+from invprop.bank import ShardedBank
 from invprop.config import group_section
 from invprop.data import load_split, normalization
 from invprop.eval.report import differing_keys, find_run_dirs, flatten, read_metrics, table_rows
@@ -84,7 +85,7 @@ def test_export_backbone_resnet50_loads_into_torchvision(tmp_path):
     model = build_model(group_section("model", "resnet50")).eval()
     with torch.no_grad():  # non-default BN statistics, so buffers are checked too
         model.backbone.bn1.running_mean.uniform_(-1, 1)
-    checkpoint.save(run / "checkpoints", 1, 0, 1, {"model": model.state_dict()}, torch.zeros(4, 128), 0, 4)
+    checkpoint.save(run / "checkpoints", 1, {"model": model, "bank": ShardedBank(4, 128)})
     out = tmp_path / "r50.pth"
     assert _tool("export_backbone").main([str(run), "--out", str(out)]) == 0
     state = torch.load(out, weights_only=True)

@@ -14,6 +14,7 @@ import torch
 
 from invprop import checkpoint
 from invprop.bank import ShardedBank
+from invprop.collectives import Comm
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
@@ -85,10 +86,11 @@ def test_elastic_resume_reshards_bank_row_for_row(tmp_path: Path) -> None:
     shards = [torch.load(saved / f"bank.{r}-of-2", weights_only=True)["rows"] for r in range(2)]
     full = torch.cat(shards)
     for world in (1, 3):
-        rows = [checkpoint.load_bank_shard(saved, 384, r, world) for r in range(world)]
-        assert [len(r) for r in rows] == [b.n_local for b in (ShardedBank(384, 4, rank=r, world=world)
-                                                              for r in range(world))]
-        assert torch.equal(torch.cat(rows), full)
+        banks = [ShardedBank(384, 128, comm=Comm(r, world)) for r in range(world)]
+        for bank in banks:
+            checkpoint.load(saved, {"bank": bank})
+        assert [b.rows.shape[0] for b in banks] == [b.n_local for b in banks]
+        assert torch.equal(torch.cat([b.rows for b in banks]), full)
     # continue the same run on 3 ranks for a second epoch
     proc = _launch(run, "gpus=3", "train.epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,7 +16,7 @@ embeddings, graph + bank update. The two sides alternate step by step (so machin
 ``--warmup`` steps are dropped, then the median over ``--steps`` is reported (at most 3 steps for N >= 1M).
 ``ratio_vs_dense`` = sharded / dense (goal: <= 1.0).
 
-Memory: ``bank_bytes_per_rank`` is ``ShardedBank(N, D, rank=r, world=W).rows.nbytes`` (the largest over the
+Memory: ``bank_bytes_per_rank`` is ``ShardedBank(N, D, comm=Comm(r, W)).rows.nbytes`` (the largest over the
 ranks; N*D*4/W when W divides N) for W = 1, 2, 4, 8; ``graph_bytes`` is the int32 neighbour table (N x k x 4),
 replicated on every rank.
 
@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from invprop.bank import SELECTIONS, ShardedBank  # noqa: E402
+from invprop.collectives import Comm  # noqa: E402
 from invprop.graph import NeighbourGraph  # noqa: E402
 from invprop.loss import InvPLoss  # noqa: E402
 from invprop.testing.dense_reference import DenseInvP  # noqa: E402
@@ -93,7 +94,7 @@ def bank_bytes_per_rank(n: int, dim: int) -> dict[str, int]:
     """Largest ShardedBank(...).rows.nbytes over the ranks of each world size."""
     out = {}
     for world in WORLDS:
-        out[str(world)] = max(ShardedBank(n, dim, rank=r, world=world).rows.nbytes for r in range(world))
+        out[str(world)] = max(ShardedBank(n, dim, comm=Comm(r, world)).rows.nbytes for r in range(world))
     return out
 
 

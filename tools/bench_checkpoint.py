@@ -3,7 +3,7 @@
     python tools/bench_checkpoint.py [--rows 1281167] [--dim 128] [--dir /tmp/ckpt_bench] [--json]
 
 Times `invprop.checkpoint.save` (bank shard + a ResNet-50-sized state, temp files, fsync, os.replace, COMMITTED)
-and the load path a resumed job takes (`latest` + `load_state` + `load_bank_shard`), single process.
+and the load path a resumed job takes (`latest` + `load`: state.pt and the bank shards), single process.
 """
 
 from __future__ import annotations
@@ -19,7 +19,21 @@ from rich.console import Console
 from rich.table import Table
 
 from invprop import checkpoint
+from invprop.bank import ShardedBank
 from invprop.graph import NeighbourGraph
+
+
+class Weights:
+    """A stand-in for the model and the optimiser: a dict of tensors."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.tensors
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.tensors = dict(state)
 
 
 def main() -> None:
@@ -31,21 +45,25 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)
-    bank = torch.nn.functional.normalize(torch.randn(args.rows, args.dim), dim=1)
+    rows = torch.nn.functional.normalize(torch.randn(args.rows, args.dim), dim=1)
+    bank = ShardedBank(args.rows, args.dim)
+    bank.load_state_dict({"rows": rows, "start": 0, "n": args.rows})
     weights = torch.randn(args.params)
     graph = NeighbourGraph(args.rows, 4)
-    state = {"model": {"w": weights}, "optimizer": {"momentum": weights.clone()}, "graph": graph.table}
+    parts = {"model": Weights({"w": weights}), "optimizer": Weights({"momentum": weights.clone()}), "bank": bank,
+             "graph": graph}
     start = time.perf_counter()
-    directory = checkpoint.save(args.dir, 1, 0, 1, state, bank, 0, args.rows)
+    directory = checkpoint.save(args.dir, 1, parts)
     save_s = time.perf_counter() - start
     size = sum(p.stat().st_size for p in directory.iterdir())
     start = time.perf_counter()
     latest = checkpoint.latest(args.dir)
-    loaded = checkpoint.load_state(latest)
-    rows = checkpoint.load_bank_shard(latest, args.rows, 0, 1)
+    loaded = {"model": Weights({}), "optimizer": Weights({}), "bank": ShardedBank(args.rows, args.dim),
+              "graph": NeighbourGraph(args.rows, 4)}
+    checkpoint.load(latest, loaded)
     load_s = time.perf_counter() - start
-    assert torch.equal(rows, bank) and torch.equal(loaded["graph"], graph.table)
-    result = {"rows": args.rows, "dim": args.dim, "bank_bytes": bank.numel() * 4, "checkpoint_bytes": size,
+    assert torch.equal(loaded["bank"].rows, rows) and torch.equal(loaded["graph"].table, graph.table)
+    result = {"rows": args.rows, "dim": args.dim, "bank_bytes": rows.numel() * 4, "checkpoint_bytes": size,
               "save_s": save_s, "load_s": load_s}
     shutil.rmtree(args.dir, ignore_errors=True)
     if args.json:

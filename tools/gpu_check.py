@@ -275,10 +275,10 @@ def fmnist_config(device: torch.device, epochs: int, subset: int, root: str | No
 
 def trainer_step_syncs(device: torch.device, cfg, run: Path) -> dict:
     """Host syncs inside one real Trainer.train_step (loader batch in, optimiser step and bank update out)."""
-    from invprop.distributed import DistEnv
+    from invprop.collectives import Comm
     from invprop.train.trainer import Trainer
 
-    trainer = Trainer(cfg, DistEnv(), device, run / "sync_probe")
+    trainer = Trainer(cfg, Comm(device=device), run / "sync_probe")
     images, labels, indices = next(iter(trainer.batches()))
     for _ in range(2):  # warm-up: autotuning and first-call allocations
         trainer.train_step(images, labels, indices)

@@ -83,7 +83,7 @@ def folder_pipeline(device: torch.device, n_images: int, image_size: int, batch:
     so a low ratio says whether the loader or the device is the limit."""
     from bench_loader import write_folder
 
-    from invprop.distributed import DistEnv
+    from invprop.collectives import Comm
     from invprop.train.trainer import Trainer
 
     loader, why = loader_choice()
@@ -94,7 +94,7 @@ def folder_pipeline(device: torch.device, n_images: int, image_size: int, batch:
         generate_s = time.perf_counter() - start
         cfg = folder_config(root, work, arch, image_size, batch, workers, device)
         start = time.perf_counter()
-        trainer = Trainer(cfg, DistEnv(), device, work / "run")  # FFCV: writes the .beton here
+        trainer = Trainer(cfg, Comm(device=device), work / "run")  # FFCV: writes the .beton here
         build_s = time.perf_counter() - start
         built = "ffcv" if trainer.ffcv is not None else "torchvision"
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from invprop import collectives as coll
+from invprop.collectives import Comm
 
 
 def _float_to_ordered(x: torch.Tensor) -> torch.Tensor:
@@ -66,23 +66,23 @@ def _safe_log(total: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, out, torch.full_like(out, float("-inf")))
 
 
-def logsumexp_across_ranks(local: torch.Tensor) -> torch.Tensor:
+def logsumexp_across_ranks(local: torch.Tensor, comm: Comm) -> torch.Tensor:
     """Combine per-rank logsumexp values into the global one, differentiably."""
-    if coll.rank_and_world()[1] == 1:
+    if comm.world == 1:
         return local
-    peak = coll.max_across_ranks(local.detach())
+    peak = comm.max(local.detach())
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = coll.sum_across_ranks(torch.exp(local - peak))
+    total = comm.sum(torch.exp(local - peak))
     return _safe_log(total) + peak
 
 
-def kth_largest(top_vals: torch.Tensor, k: int, world: int) -> torch.Tensor:
-    """Exact global k-th largest score per query, from any superset of each of the `world` ranks' local top-k
+def kth_largest(top_vals: torch.Tensor, k: int, comm: Comm) -> torch.Tensor:
+    """Exact global k-th largest score per query, from any superset of each of the ranks' local top-k
     values (in any order; -inf padding allowed as long as the ranks hold k real values between them).
 
     Radix select on order-preserving integer keys: 4 rounds of all-reduced 256-bin histograms.
     """
-    if world == 1:
+    if comm.world == 1:
         if top_vals.shape[1] == k:
             return top_vals.detach().amin(1)
         return top_vals.detach().topk(k, dim=1, sorted=False).values.amin(1)
@@ -96,7 +96,7 @@ def kth_largest(top_vals: torch.Tensor, k: int, world: int) -> torch.Tensor:
         digit = (keys >> shift) & 255
         hist = torch.zeros(q, 256, dtype=torch.int64, device=keys.device)
         hist.scatter_add_(1, digit, match.to(torch.int64))
-        hist = coll.sum_across_ranks(hist)
+        hist = comm.sum(hist)
         at_or_above = hist.flip(1).cumsum(1).flip(1)
         chosen = (at_or_above >= need.unsqueeze(1)).sum(1) - 1
         above = torch.where(chosen < 255, at_or_above.gather(1, (chosen + 1).clamp(max=255).unsqueeze(1))
@@ -107,7 +107,7 @@ def kth_largest(top_vals: torch.Tensor, k: int, world: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def nearest(vals: torch.Tensor, ids: torch.Tensor, query_ids: torch.Tensor, k: int) -> torch.Tensor:
+def nearest(vals: torch.Tensor, ids: torch.Tensor, query_ids: torch.Tensor, k: int, comm: Comm) -> torch.Tensor:
     """Global ids of the k largest scores per query over every rank, the query's own row excluded.
 
     `vals`/`ids` (Q x C, ids -1 for padding) must hold at least this rank's top k+1 scores per query.
@@ -119,7 +119,7 @@ def nearest(vals: torch.Tensor, ids: torch.Tensor, query_ids: torch.Tensor, k: i
     if take < k + 1:  # a tiny shard: pad so every rank gathers the same shape
         top = torch.nn.functional.pad(top, (0, k + 1 - take), value=float("-inf"))
         ids = torch.nn.functional.pad(ids, (0, k + 1 - take), value=-1)
-    all_vals = coll.gather_stack(top).permute(1, 0, 2).reshape(top.shape[0], -1)
-    all_ids = coll.gather_stack(ids).permute(1, 0, 2).reshape(ids.shape[0], -1)
+    all_vals = comm.gather_stack(top).permute(1, 0, 2).reshape(top.shape[0], -1)
+    all_ids = comm.gather_stack(ids).permute(1, 0, 2).reshape(ids.shape[0], -1)
     best = all_vals.topk(k, dim=1).indices
     return all_ids.gather(1, best)

@@ -7,16 +7,18 @@ local shard and for exact global reductions over those scores.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from invprop import collectives as coll
 from invprop.bank.autotune import AutoSelect
 from invprop.bank.reductions import kth_largest
 from invprop.bank.reductions import nearest as global_nearest
 from invprop.bank.select import SELECTIONS, SelectSettings, build_selections
 from invprop.bank.select.base import Selected, float32_matmul, local_dots
+from invprop.collectives import Comm
 from invprop.data.order import shard_bounds  # the one row split, shared with the data loaders
 
 # Rows are initialised in fixed chunks, each from its own seed, so the bank is the same for any world size.
@@ -77,17 +79,22 @@ class _SelectedScores(torch.autograd.Function):
 class ShardedBank:
     """This rank's rows of the bank plus the collectives that make shard-local work globally exact.
 
-    `selection` names how the local top-M is found (`SELECTIONS`); `settings` holds the strategies' settings.
-    `selections` are the strategy objects by name, `auto` the one that picks among them.
+    `comm` says which shard is this rank's and carries the collectives; the rows live on `device` (default:
+    the comm's). `selection` names how the local top-M is found (`SELECTIONS`); `settings` holds the strategies'
+    settings. `selections` are the strategy objects by name, `auto` the one that picks among them.
+
+    A checkpoint part of its own (`invprop.state.ShardedStateful`): state_dict() is this rank's shard, and
+    load_shards() takes this rank's rows from the shards of any world size.
     """
 
-    def __init__(self, n: int, dim: int, *, rank: int = 0, world: int = 1, seed: int = 0,
-                 device: torch.device | str = "cpu", selection: str = "auto",
+    def __init__(self, n: int, dim: int, *, comm: Comm | None = None, seed: int = 0,
+                 device: torch.device | str | None = None, selection: str = "auto",
                  settings: SelectSettings | None = None) -> None:
         if selection not in SELECTIONS:
             raise ValueError(f"bank.selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
-        self.n, self.dim, self.rank, self.world = n, dim, rank, world
-        self.start, self.stop = shard_bounds(n, rank, world)
+        self.comm = comm or Comm()
+        self.n, self.dim = n, dim
+        self.start, self.stop = shard_bounds(n, self.comm.rank, self.comm.world)
         self.selection = selection
         self.settings = settings or SelectSettings()
         self.selections = build_selections(self.settings)
@@ -95,7 +102,7 @@ class ShardedBank:
                                retune_after_calls=self.settings.retune_after_calls,
                                warmup_calls=self.settings.tune_warmup_calls,
                                timed_calls=self.settings.tune_timed_calls)
-        self.rows = init_rows(self.start, self.stop, dim, seed).to(device)
+        self.rows = init_rows(self.start, self.stop, dim, seed).to(self.comm.device if device is None else device)
 
     @property
     def rows(self) -> torch.Tensor:
@@ -107,6 +114,14 @@ class ShardedBank:
         self._rows = value
         for selection in self.selections.values():  # new rows: what was derived from the old ones is stale
             selection.forget_rows()
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world(self) -> int:
+        return self.comm.world
 
     @property
     def n_local(self) -> int:
@@ -150,7 +165,7 @@ class ShardedBank:
         differentiable in z. Non-owners contribute exact zeros, so every rank receives bit-identical values."""
         own = self.owned(ids)
         picked = local_dots(self.rows, z, torch.where(own, ids - self.start, torch.zeros_like(ids))) * own
-        return coll.sum_across_ranks(picked)
+        return self.comm.sum(picked)
 
     def global_top(self, z: torch.Tensor, m: int, keep: int = 0) -> TopCandidates:
         """This rank's part of the exact global top-m of every query in `z` (Q x D).
@@ -167,7 +182,7 @@ class ShardedBank:
                 vals, ids, ascending = self.auto.select(zq, lambda name: self.select_local(zq, m_sel, name))
             else:
                 vals, ids, ascending = self.select_local(zq, m_sel, self.selection)
-            threshold = kth_largest(vals, m, self.world)
+            threshold = kth_largest(vals, m, self.comm)
             in_top = vals >= threshold.unsqueeze(1)
         return TopCandidates(_SelectedScores.apply(z, self.rows, ids, vals, self.start), ids, in_top, threshold,
                              ascending)
@@ -192,7 +207,7 @@ class ShardedBank:
         `vals`/`ids` (Q x C, ids -1 for padding) must hold at least this rank's top k+1 scores per query, e.g.
         `global_top(..., keep=k + 1)` or the full local scores with their global ids.
         """
-        return global_nearest(vals, ids, query_ids, k)
+        return global_nearest(vals, ids, query_ids, k, self.comm)
 
     @torch.no_grad()
     def update(self, ids: torch.Tensor, z: torch.Tensor, momentum: float) -> None:
@@ -218,8 +233,32 @@ class ShardedBank:
             selection.rows_written(self.rows, version, rows, new)
 
     # -- checkpoint and evaluation helpers -------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor | int]:
-        return {"rows": self.rows.cpu(), "start": self.start, "stop": self.stop, "n": self.n}
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard, as a checkpoint's bank.<rank>-of-<world> file holds it."""
+        return {"rows": self.rows.detach().cpu(), "start": self.start, "n": self.n}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Rows from one saved shard, which must cover this rank's (the same world size, or a world of one); a
+        shard that does not fit raises ValueError."""
+        self.load_shards([state])
+
+    def load_shards(self, shards: Sequence[dict[str, Any]]) -> None:
+        """This rank's rows [start, stop) cut from the saved shards, whatever world size saved them: each shard
+        says where it starts, so only the ones overlapping this rank's range are read."""
+        parts = []
+        for shard in shards:
+            if shard["n"] != self.n:
+                raise ValueError(f"has a bank of {shard['n']} rows, this run has {self.n}")
+            s_start = int(shard["start"])
+            s_stop = s_start + shard["rows"].shape[0]
+            if s_stop <= self.start or s_start >= self.stop:
+                continue
+            lo, hi = max(self.start, s_start), min(self.stop, s_stop)
+            parts.append(shard["rows"][lo - s_start : hi - s_start])
+        if sum(p.shape[0] for p in parts) != self.n_local:
+            raise ValueError(f"is missing bank rows {self.start}..{self.stop}")
+        # cat copies: nothing of a memory-mapped shard file stays referenced
+        self.rows = torch.cat(parts).to(self.rows.device) if parts else self.rows.new_empty(0, self.dim)
 
     def gather_full(self) -> torch.Tensor:
         """The whole bank in row order (for digests and small-scale evaluation)."""
@@ -229,6 +268,6 @@ class ShardedBank:
         pad = self.n - base * (self.world - 1)
         padded = torch.zeros(pad, self.dim, device=self.rows.device)
         padded[: self.n_local] = self.rows
-        parts = coll.gather_stack(padded).cpu()
+        parts = self.comm.gather_stack(padded).cpu()
         sizes = [shard_bounds(self.n, r, self.world) for r in range(self.world)]
         return torch.cat([parts[r, : stop - start] for r, (start, stop) in enumerate(sizes)])

@@ -12,6 +12,9 @@ to checkpoint is just ``(epoch, next_batch)``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from invprop.data.seeding import derive_seed
@@ -84,3 +87,24 @@ class EpochOrder:
 
     def __repr__(self) -> str:
         return f"EpochOrder(n={self.n}, global_batch={self.global_batch}, seed={self.seed})"
+
+
+@dataclass
+class DataPosition:
+    """Where the data stream stands: `epoch` epochs completed and `batch` global batches done in the next one.
+    With the seeded order that is all a resume needs of the data (a checkpoint part, see invprop.state)."""
+
+    num_batches: int  # global batches per epoch (EpochOrder.num_batches)
+    epoch: int = 0
+    batch: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # A position past this run's epoch would yield no batch at all: say why instead of looping on it.
+        if not 0 <= state["batch"] < self.num_batches:
+            raise ValueError(f"stopped at batch {state['batch']} of an epoch, but this run has {self.num_batches} "
+                             "batches per epoch (train.batch_size changed?); use the original train.batch_size "
+                             "or a new out_dir")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])

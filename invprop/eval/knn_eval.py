@@ -32,9 +32,10 @@ def evaluate_knn(cfg: DictConfig, model: torch.nn.Module, bank: ShardedBank, tra
     shard_feats, pooled_shard = embed_and_pool(model, train_images[bank.start : bank.stop], cfg.data, device, bs)
     pooled_queries, pooled_shard = F.normalize(pooled_queries, dim=1), F.normalize(pooled_shard, dim=1)
     return {
-        "knn_top1": knn_top1(queries, test_labels, shard_feats, shard_labels, classes, k, sigma),
-        "knn_backbone_top1": knn_top1(pooled_queries, test_labels, pooled_shard, shard_labels, classes, k, sigma),
-        "knn_bank_top1": knn_top1(queries, test_labels, bank.rows, shard_labels, classes, k, sigma),
+        "knn_top1": knn_top1(queries, test_labels, shard_feats, shard_labels, classes, k, sigma, comm=bank.comm),
+        "knn_backbone_top1": knn_top1(pooled_queries, test_labels, pooled_shard, shard_labels, classes, k, sigma,
+                                      comm=bank.comm),
+        "knn_bank_top1": knn_top1(queries, test_labels, bank.rows, shard_labels, classes, k, sigma, comm=bank.comm),
         "knn_eval_s": time.perf_counter() - start,
     }
 
@@ -56,5 +57,5 @@ def evaluate_pixels_knn(cfg: DictConfig, bank: ShardedBank, train_images: torch.
     queries = pixel_vectors(test_images, device)
     refs = pixel_vectors(train_images[bank.start : bank.stop], device)
     ref_labels = train_labels[bank.start : bank.stop].to(device)
-    return {"knn_pixels_top1": knn_top1(queries, test_labels, refs, ref_labels, classes, k, sigma),
-            "nn1_pixels_top1": knn_top1(queries, test_labels, refs, ref_labels, classes, 1, sigma)}
+    return {"knn_pixels_top1": knn_top1(queries, test_labels, refs, ref_labels, classes, k, sigma, comm=bank.comm),
+            "nn1_pixels_top1": knn_top1(queries, test_labels, refs, ref_labels, classes, 1, sigma, comm=bank.comm)}

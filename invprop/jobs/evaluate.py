@@ -32,12 +32,12 @@ def evaluate_run(run_dir: Path, protocol: str = "knn") -> dict:
         raise FileNotFoundError(f"no committed checkpoint under {run_dir / 'checkpoints'}; did pretraining finish?")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg.model).to(device)
-    model.load_state_dict(checkpoint.load_state(latest)["model"])
+    checkpoint.load(latest, {"model": model})
     model.eval()
     images, labels = load_split(cfg.data, "train")
     if protocol == "knn":
         bank = ShardedBank(len(labels), int(cfg.model.embedding_dim), device=device)
-        bank.rows = checkpoint.load_bank_shard(latest, len(labels), 0, 1).to(device)
+        checkpoint.load(latest, {"bank": bank})  # every saved shard, whatever world size trained
         results = evaluate_knn(cfg, model, bank, images, labels, device)
     elif protocol == "linear":
         results = linear_probe(cfg, model, device, train_split=(images, labels))

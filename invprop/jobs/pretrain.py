@@ -45,12 +45,13 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     env = distributed.read_env()
-    device = distributed.init(env, float(cfg.train.dist_timeout_s))
-    boundary = StepBoundary(device, int(cfg.train.checkpoint_every_steps), float(cfg.train.checkpoint_every_min),
+    comm = distributed.init(env, float(cfg.train.dist_timeout_s))
+    device = comm.device
+    boundary = StepBoundary(comm, int(cfg.train.checkpoint_every_steps), float(cfg.train.checkpoint_every_min),
                             also=stop_signals)
     trainer = None
     try:
-        trainer = Trainer(cfg, env, device, run_dir)
+        trainer = Trainer(cfg, comm, run_dir)
         latest = checkpoint.latest(trainer.ckpt_root, report=env.is_main)
         if env.is_main:
             (run_dir / FINISHED).unlink(missing_ok=True)  # until this attempt writes it again
@@ -75,7 +76,7 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
             losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
             results = {"state_digest": digest, "final_train_loss": losses[-1] if losses else float("nan"),
                        "epochs": int(cfg.train.epochs), "images": trainer.n, "steps": trainer.state.step,
-                       "world_size": env.world_size, "train_wall_s": time.perf_counter() - start,
+                       "world_size": comm.world, "train_wall_s": time.perf_counter() - start,
                        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                        # what the bank's top-M ran: `auto`'s choice and its steady-state timings (ms per call)
                        "bank_selection": trainer.bank.selection_in_use,

@@ -12,9 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
-from invprop import collectives as coll
+from invprop.collectives import Comm
 
 # Stop signals that arrived before a StepBoundary existed (see `defer`).
 _pending: set[int] = set()
@@ -32,9 +30,9 @@ def defer(*sigs: signal.Signals) -> None:
 
 
 class StepBoundary:
-    def __init__(self, device: torch.device, every_steps: int = 0, every_min: float = 0.0,
+    def __init__(self, comm: Comm, every_steps: int = 0, every_min: float = 0.0,
                  sig: signal.Signals = signal.SIGUSR2, also: tuple[signal.Signals, ...] = ()) -> None:
-        self.device, self.every_steps, self.every_s = device, every_steps, every_min * 60
+        self.comm, self.every_steps, self.every_s = comm, every_steps, every_min * 60
         self.sig = sig
         self.preempted = bool(_pending & {sig, *also})
         _pending.difference_update({sig, *also})
@@ -50,7 +48,7 @@ class StepBoundary:
         """(stop now, save now), identical on every rank."""
         time_due = self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
         step_due = self.every_steps > 0 and step % self.every_steps == 0
-        stop, timed = coll.host_flags_any([self.preempted, time_due], self.device)
+        stop, timed = self.comm.host_flags_any([self.preempted, time_due])
         return stop, stop or timed or step_due
 
     def saved(self) -> None:

@@ -7,7 +7,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +18,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from invprop import checkpoint
-from invprop import collectives as coll
 from invprop.bank import ShardedBank
+from invprop.collectives import Comm
 from invprop.config import n_background
 from invprop.data import EpochOrder, eval_batches, load_split, normalization
 from invprop.data.augment import BatchColorAugment, eval_transform
 from invprop.data.loader import IndexedImageDataset, batch_generator, build_train_loader
+from invprop.data.order import DataPosition
 from invprop.digest import state_digest
-from invprop.distributed import DistEnv
 from invprop.graph import UNKNOWN, NeighbourGraph
 from invprop.logger import build_logger, config_markdown, views_grid
 from invprop.loss import StepOutput, build_criterion, monitor_floats
 from invprop.metrics import MetricsLog
 from invprop.models import build_model
+from invprop.state import RunIdentity, Stateful, TorchRng
 from invprop.train.boundary import StepBoundary
 from invprop.train.progress import TrainProgress
 
@@ -66,11 +67,34 @@ def warmup_cosine_lr(step: int, base_lr: float, total_steps: int, warmup_steps: 
 
 @dataclass
 class TrainState:
-    """Where training stands; with the RNG states this is all a resume needs besides the weights and bank."""
+    """Where training stands: optimiser steps done in total (the learning-rate schedule's position) and the data
+    position it reached, whose epoch and batch it shows as its own. A checkpoint part that saves the step only;
+    the data position is a part of its own."""
 
-    epoch: int = 0  # completed epochs
-    batch: int = 0  # global batches done inside the current epoch
-    step: int = 0  # optimiser steps done in total
+    data: DataPosition
+    step: int = 0
+
+    @property
+    def epoch(self) -> int:  # completed epochs
+        return self.data.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.data.epoch = value
+
+    @property
+    def batch(self) -> int:  # global batches done inside the current epoch
+        return self.data.batch
+
+    @batch.setter
+    def batch(self, value: int) -> None:
+        self.data.batch = value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
 
 
 def ffcv_available(say: bool) -> bool:
@@ -102,8 +126,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, env: DistEnv, device: torch.device, run_dir: Path) -> None:
-        self.cfg, self.env, self.device, self.run_dir = cfg, env, device, Path(run_dir)
+    def __init__(self, cfg: DictConfig, comm: Comm, run_dir: Path) -> None:
+        self.cfg, self.comm, self.run_dir = cfg, comm, Path(run_dir)
+        self.device = device = comm.device
         seed_everything(int(cfg.seed), bool(cfg.deterministic))
         self.images, self.labels = load_split(cfg.data, "train")
         self.n = int(self.labels.shape[0])
@@ -114,8 +139,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.bf16 = cfg.train.precision == "bf16"
         self.net = self._wrap(self.model, bool(cfg.train.compile))
-        self.bank = ShardedBank(self.n, int(cfg.model.embedding_dim), rank=env.rank, world=env.world_size,
-                                seed=int(cfg.seed), device=device, selection=bank_selection(cfg, device))
+        self.bank = ShardedBank(self.n, int(cfg.model.embedding_dim), comm=comm, seed=int(cfg.seed),
+                                selection=bank_selection(cfg, device))
         self.graph = NeighbourGraph(self.n, int(cfg.method.k), device) if cfg.method.name == "invp" else None
         self.criterion = build_criterion(cfg.method, self.bank, self.graph, n_background(cfg, self.n))
         self.order = EpochOrder(self.n, int(cfg.train.batch_size), int(cfg.seed))
@@ -124,15 +149,16 @@ class Trainer:
                                                        seed=int(cfg.seed))
         self.augment = BatchColorAugment.from_config(aug_cfg, *normalization(cfg.data)).to(device)
         self.ffcv = self._build_ffcv() if cfg.data.format == "ffcv" and ffcv_available(
-            env.is_main) else None
+            comm.is_main) else None
         self.base_lr = float(cfg.train.lr) * int(cfg.train.batch_size) / 128
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.base_lr,
                                          momentum=float(cfg.train.momentum),
                                          weight_decay=float(cfg.train.weight_decay))
         self.total_steps = int(cfg.train.epochs) * self.order.num_batches
-        self.state = TrainState()
-        self.logger = build_logger(cfg, self.run_dir, enabled=env.is_main)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=env.is_main, mirror=self.logger)
+        self.state = TrainState(DataPosition(self.order.num_batches))
+        self.rng = TorchRng()
+        self.logger = build_logger(cfg, self.run_dir, enabled=comm.is_main)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=comm.is_main, mirror=self.logger)
         self.ckpt_root = self.run_dir / "checkpoints"
         self._selection_reported = False
 
@@ -142,9 +168,9 @@ class Trainer:
         from invprop.data.ffcv.loader import build_ffcv_train_loader
 
         beton = ensure_beton(self.cfg.data, "train", Path(str(self.cfg.data.beton_dir)),
-                             progress=self.env.is_main)
+                             progress=self.comm.is_main)
         aug = self.cfg.data.augment
-        return build_ffcv_train_loader(beton, self.order, self.env.rank, self.env.world_size,
+        return build_ffcv_train_loader(beton, self.order, self.comm.rank, self.comm.world,
                                        int(self.cfg.train.num_workers), int(self.cfg.data.image_size),
                                        int(self.cfg.seed), scale=tuple(aug.crop_scale),
                                        flip=bool(aug.flip))
@@ -153,13 +179,13 @@ class Trainer:
         """This rank's batches of the current epoch from the saved position: FFCV or the torchvision path."""
         if self.ffcv is not None:
             return self.ffcv.epoch(self.state.epoch, self.state.batch)
-        return build_train_loader(self.dataset, self.order, self.state.epoch, self.state.batch, self.env.rank,
-                                  self.env.world_size, int(self.cfg.train.num_workers),
+        return build_train_loader(self.dataset, self.order, self.state.epoch, self.state.batch, self.comm.rank,
+                                  self.comm.world, int(self.cfg.train.num_workers),
                                   pin_memory=self.device.type == "cuda")
 
     def _wrap(self, model: torch.nn.Module, compile_model: bool) -> torch.nn.Module:
         """DDP across ranks, then optionally torch.compile (DDP-aware graph breaks at bucket boundaries)."""
-        net = DistributedDataParallel(model) if self.env.world_size > 1 else model
+        net = DistributedDataParallel(model) if self.comm.world > 1 else model
         return torch.compile(net) if compile_model else net
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +207,7 @@ class Trainer:
         """
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         self.model.train()
-        local = max(1, int(self.cfg.train.batch_size) // self.env.world_size)
+        local = max(1, int(self.cfg.train.batch_size) // self.comm.world)
         mean, std = normalization(self.cfg.data)
         lo = self.bank.start
         for batch in eval_batches(self.images[self.bank.start : self.bank.stop], local):
@@ -215,7 +241,7 @@ class Trainer:
         gen = batch_generator(int(self.cfg.seed), self.state.epoch, self.state.batch, self.device)
         local = images.shape[0]
         x = images.to(self.device, non_blocking=True)
-        return self.augment(x, gen, row_offset=self.env.rank * local, rows_total=local * self.env.world_size)
+        return self.augment(x, gen, row_offset=self.comm.rank * local, rows_total=local * self.comm.world)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
                    ) -> dict[str, torch.Tensor | float]:
@@ -228,7 +254,7 @@ class Trainer:
         out = self.criterion(z, indices.to(self.device, non_blocking=True), self.state.epoch)
         self.optimizer.zero_grad(set_to_none=True)
         # out.loss sums to the global mean over ranks; DDP averages gradients, so scale back by W.
-        (out.loss * self.env.world_size).backward()
+        (out.loss * self.comm.world).backward()
         self.optimizer.step()
         self.criterion.commit(out)
         return {**out.monitors, **self.purity(out), "lr": lr}
@@ -253,7 +279,7 @@ class Trainer:
         epochs = int(self.cfg.train.epochs)
         if self.state.step == 0:
             self.evaluate_epoch()  # the curve starts at the untrained network (and the initial bank)
-        with TrainProgress(self.total_steps, self.state.step, enabled=self.env.is_main) as progress:
+        with TrainProgress(self.total_steps, self.state.step, enabled=self.comm.is_main) as progress:
             while self.state.epoch < epochs:
                 loader = self.batches()
                 window, tick = [], time.perf_counter()
@@ -312,7 +338,7 @@ class Trainer:
         if self.bank.tuned is None or self._selection_reported:
             return
         self._selection_reported = True
-        if self.env.is_main:
+        if self.comm.is_main:
             timings = ", ".join(f"{k} {v:.2f} ms" for k, v in self.bank.tuning_ms.items())
             progress.note(f"bank top-M selection: {self.bank.tuned} ({timings})")
 
@@ -343,44 +369,24 @@ class Trainer:
                 "method": str(self.cfg.method.name),
                 "k": int(self.cfg.method.k) if self.cfg.method.name == "invp" else 0}
 
-    def main_state(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "train_state": asdict(self.state),
-            "graph": None if self.graph is None else self.graph.table.cpu(),
-            "rng_torch": torch.get_rng_state(),
-            "describe": self.describe(),
-        }
+    def states(self) -> dict[str, Stateful]:
+        """Every part of this run a resume needs, by name; each owns its state. The identity comes first so that
+        a checkpoint of another run is refused before anything is loaded."""
+        parts: dict[str, Stateful] = {"describe": RunIdentity(self.describe()), "model": self.model,
+                                      "optimizer": self.optimizer, "bank": self.bank}
+        if self.graph is not None:
+            parts["graph"] = self.graph
+        parts.update(train=self.state, data=self.state.data, rng=self.rng)
+        return parts
 
     def restore(self, directory: Path) -> None:
-        """Resume from a committed checkpoint, resharding the bank for this world size."""
-        state = checkpoint.load_state(directory, map_location="cpu")
-        saved, mine = state["describe"], self.describe()
-        if saved != mine:
-            diff = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs run {v!r}" for k, v in mine.items()
-                             if saved.get(k) != v)
-            raise ValueError(f"checkpoint {directory} does not match this run ({diff}); "
-                             "use a new out_dir or the original config")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.state = TrainState(**state["train_state"])
-        if not 0 <= self.state.batch < self.order.num_batches:
-            raise ValueError(f"checkpoint {directory} stopped at batch {self.state.batch} of an epoch, but this run "
-                             f"has {self.order.num_batches} batches per epoch (train.batch_size changed?); "
-                             "use the original train.batch_size or a new out_dir")
-        if self.graph is not None:
-            self.graph.table.copy_(state["graph"].to(self.graph.table.device))
-        torch.set_rng_state(state["rng_torch"])
-        self.bank.rows = checkpoint.load_bank_shard(directory, self.n, self.env.rank, self.env.world_size).to(
-            self.device)
+        """Resume from a committed checkpoint (the bank resharded for this world size)."""
+        checkpoint.load(directory, self.states())
         self.metrics.truncate_after(self.state.step)
 
     def save_checkpoint(self) -> Path:
-        state = self.main_state() if self.env.is_main else None
-        return checkpoint.save(self.ckpt_root, self.state.step, self.env.rank, self.env.world_size, state,
-                               self.bank.rows, self.bank.start, self.n,
-                               keep=int(self.cfg.train.keep_checkpoints), device=self.device)
+        return checkpoint.save(self.ckpt_root, self.state.step, self.states(), comm=self.comm,
+                               keep=int(self.cfg.train.keep_checkpoints))
 
     def digest(self) -> str:
         """Collective: sha256 of weights, the whole bank (gathered in row order) and the graph."""
@@ -388,4 +394,4 @@ class Trainer:
         return state_digest(self.model.state_dict(), bank, None if self.graph is None else self.graph.table)
 
     def barrier(self) -> None:
-        coll.barrier()
+        self.comm.barrier()
