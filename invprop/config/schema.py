@@ -34,7 +34,6 @@ LOGGERS = ("tensorboard", "wandb", "none")
 EVAL_PROTOCOLS = ("knn", "linear", "semisup")
 
 
-# Optional[...] rather than `X | None`: OmegaConf reads the annotations at run time, on Python 3.11 too.
 @dataclass
 class TrainConfig:
     epochs: int
