@@ -121,6 +121,8 @@ def _validate_train(train: DictConfig) -> None:
     _number(train.get("checkpoint_every_min", 0) or 0, "train.checkpoint_every_min", 0)
     _positive_int(train.get("keep_checkpoints", 3), "train.keep_checkpoints",
                   " (the checkpoint just written is always kept)")
+    if train.get("stop_at_step") is not None:
+        _positive_int(train.stop_at_step, "train.stop_at_step", " (the step to stop at as if preempted) or null")
     for flag in ("channels_last", "compile"):
         _bool(train.get(flag, False), f"train.{flag}")
 

@@ -36,17 +36,19 @@ def finished(run_dir: Path) -> bool:
 def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Signals, ...] = ()) -> dict:
     """Train (this rank's part) from the newest committed checkpoint if any, save, then optionally evaluate.
 
-    On USR2 (or one of `stop_signals`) the ranks save a committed checkpoint at the next step boundary and
-    hand over to submitit (rank 0), which requeues the job; the requeued job lands here again and resumes
-    from that step. The FINISHED marker is written last, when everything else is on disk.
+    On USR2 (or one of `stop_signals`, or at `train.stop_at_step`) the ranks save a committed checkpoint at
+    the next step boundary and hand over to submitit (rank 0), which requeues the job; the requeued job lands
+    here again and resumes from that step. The FINISHED marker is written last, when everything else is on disk.
     """
     start = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     env = distributed.read_env()
     device = distributed.init(env, float(cfg.train.dist_timeout_s))
+    stop_at = cfg.train.get("stop_at_step")
     boundary = StepBoundary(device, int(cfg.train.get("checkpoint_every_steps", 0) or 0),
-                            float(cfg.train.get("checkpoint_every_min", 0) or 0), also=stop_signals)
+                            float(cfg.train.get("checkpoint_every_min", 0) or 0), also=stop_signals,
+                            stop_at_step=None if stop_at is None else int(stop_at))
     trainer = None
     try:
         trainer = Trainer(cfg, env, device, run_dir)
