@@ -48,6 +48,8 @@ def _cfg(*overrides: str):
         (["data.augment.crop_scale=[0.5]"], "data.augment.crop_scale"),
         (["train.checkpoint_every_steps=-1"], "train.checkpoint_every_steps"),
         (["train.keep_checkpoints=0"], "train.keep_checkpoints"),
+        (["train.stop_at_step=0"], "train.stop_at_step"),
+        (["train.stop_at_step=abc"], "train.stop_at_step"),
         (["data.subset=70000"], "data.subset"),
         (["data.root=/nonexistent"], "data.root"),
         (["logger.name=comet"], "logger"),
@@ -74,6 +76,7 @@ def test_composition_errors_are_one_line_naming_their_field(override: str, field
 
 def test_defaults_and_documented_overrides_validate() -> None:
     validate(_cfg())
+    validate(_cfg("train.stop_at_step=5"))
     validate(_cfg("data=synthetic", "model=resnet_tiny", "method.k=8", "method.l=2",
                   "method.n_pos=50", "method.propagation=bfs", "gpus=2"))
     validate(_cfg("data=synthetic", "method=npid", "method.tau=0.1"))

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import pickle
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -275,17 +273,10 @@ def test_folder_resume_after_usr2_equals_uninterrupted(files, tmp_path, fmt):
     reference = tmp_path / "ref"
     _check_run(reference, _launch(reference, *args), 60, 6, 3)
     run = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "launchers/submit.py"), *SMALL, *args, f"out_dir={run}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and max(_steps(run), default=0) >= 2:  # mid-epoch 0
-            proc.send_signal(signal.SIGUSR2)
-            break
-        time.sleep(0.02)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, err[-3000:]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+    stopped = _launch(run, *args, "train.stop_at_step=2")  # mid-epoch 0 (3 steps per epoch), a real USR2
+    assert stopped.returncode == 3, stopped.stderr[-3000:]
+    assert "stopped at step 2 with a committed checkpoint" in stopped.stdout
+    proc = _launch(run, *args, timeout=300)
+    assert proc.returncode == 0 and "resumed from" in proc.stderr and "step 2)" in proc.stderr, proc.stderr[-3000:]
     assert _results(run)["state_digest"] == _results(reference)["state_digest"]
     assert _steps(run) == list(range(1, 7))

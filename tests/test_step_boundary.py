@@ -55,6 +55,26 @@ def test_single_process_boundary_needs_no_collective() -> None:
         boundary.close()
 
 
+def test_stop_at_step_raises_the_real_signal_at_that_step() -> None:
+    """train.stop_at_step: the stop comes from a real USR2 through the installed handler, at exactly that step."""
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: caught.append(signum))  # stands for submitit's
+    boundary = StepBoundary(Comm(), stop_at_step=3)
+    try:
+        assert [boundary.poll(s) for s in (1, 2)] == [(False, False)] * 2 and not boundary.preempted
+        assert boundary.poll(3) == (True, True) and boundary.preempted
+        boundary.hand_over()  # what a stopped rank 0 does: the handler that was there before gets the signal
+        assert caught == [signal.SIGUSR2]
+    finally:
+        boundary.close()
+        signal.signal(signal.SIGUSR2, previous)
+    resumed = StepBoundary(Comm(), stop_at_step=3)  # a run resumed from step 3 polls 4 onwards
+    try:
+        assert resumed.poll(4) == (False, False)
+    finally:
+        resumed.close()
+
+
 def test_window_means_of_device_monitors_equal_plain_means() -> None:
     gen = torch.Generator().manual_seed(0)
     window = [{"loss": torch.rand((), generator=gen), "hp_purity": torch.rand((), generator=gen), "lr": 0.1 * i}

@@ -51,6 +51,7 @@ class TrainConfig:
     precision: str
     channels_last: bool
     compile: bool
+    stop_at_step: int | None
 
     def validate(self) -> None:
         check_positive_int(self.epochs, "train.epochs")
@@ -66,6 +67,9 @@ class TrainConfig:
         check_number(self.checkpoint_every_min, "train.checkpoint_every_min", 0)
         check_positive_int(self.keep_checkpoints, "train.keep_checkpoints",
                            " (the checkpoint just written is always kept)")
+        if self.stop_at_step is not None:
+            check_positive_int(self.stop_at_step, "train.stop_at_step",
+                               " (the step to stop at as if preempted) or null")
         if not 0 <= self.lr_warmup_epochs < self.epochs:
             raise ConfigError(f"train.lr_warmup_epochs={self.lr_warmup_epochs!r} must be an integer in "
                               "[0, train.epochs)")

@@ -37,9 +37,9 @@ def finished(run_dir: Path) -> bool:
 def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Signals, ...] = ()) -> dict:
     """Train (this rank's part) from the newest committed checkpoint if any, save, then optionally evaluate.
 
-    On USR2 (or one of `stop_signals`) the ranks save a committed checkpoint at the next step boundary and
-    hand over to submitit (rank 0), which requeues the job; the requeued job lands here again and resumes
-    from that step. The FINISHED marker is written last, when everything else is on disk.
+    On USR2 (or one of `stop_signals`, or at `train.stop_at_step`) the ranks save a committed checkpoint at
+    the next step boundary and hand over to submitit (rank 0), which requeues the job; the requeued job lands
+    here again and resumes from that step. The FINISHED marker is written last, when everything else is on disk.
     """
     start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -48,7 +48,7 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
     comm = distributed.init(env, float(cfg.train.dist_timeout_s))
     device = comm.device
     boundary = StepBoundary(comm, int(cfg.train.checkpoint_every_steps), float(cfg.train.checkpoint_every_min),
-                            also=stop_signals)
+                            also=stop_signals, stop_at_step=cfg.train.stop_at_step)
     trainer = None
     try:
         trainer = Trainer(cfg, comm, run_dir)

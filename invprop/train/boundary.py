@@ -3,6 +3,9 @@
 SLURM's USR2 (time limit near, or preemption) may land anywhere inside a step, and submitit would call
 checkpoint() on rank 0 alone inside the signal handler. Here the handler only sets a flag; at the next
 boundary one all-reduce(MAX) makes every rank see the same decision, so the save is collective and exact.
+
+`stop_at_step` (`train.stop_at_step`) raises that same signal in every rank at a chosen step, so a stop, its
+committed checkpoint and the requeue or rerun happen at a known step through the real handlers.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ def defer(*sigs: signal.Signals) -> None:
 
 class StepBoundary:
     def __init__(self, comm: Comm, every_steps: int = 0, every_min: float = 0.0,
-                 sig: signal.Signals = signal.SIGUSR2, also: tuple[signal.Signals, ...] = ()) -> None:
+                 sig: signal.Signals = signal.SIGUSR2, also: tuple[signal.Signals, ...] = (),
+                 stop_at_step: int | None = None) -> None:
         self.comm, self.every_steps, self.every_s = comm, every_steps, every_min * 60
-        self.sig = sig
+        self.sig, self.stop_at_step = sig, stop_at_step
         self.preempted = bool(_pending & {sig, *also})
         _pending.difference_update({sig, *also})
         self.last_save = time.monotonic()
@@ -46,6 +50,11 @@ class StepBoundary:
 
     def poll(self, step: int) -> tuple[bool, bool]:
         """(stop now, save now), identical on every rank."""
+        if step == self.stop_at_step:
+            # Through the signal, not the flag: the installed handler runs as for SLURM's USR2. raise_signal
+            # targets this (main) thread and runs the Python handler before it returns, so the flag is set for
+            # this very poll. A resumed run starts past this step and never polls it again.
+            signal.raise_signal(self.sig)
         time_due = self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
         step_due = self.every_steps > 0 and step % self.every_steps == 0
         stop, timed = self.comm.host_flags_any([self.preempted, time_due])
