@@ -49,7 +49,6 @@ def _cfg(*overrides: str):
         (["train.checkpoint_every_steps=-1"], "train.checkpoint_every_steps"),
         (["train.keep_checkpoints=0"], "train.keep_checkpoints"),
         (["train.stop_at_step=0"], "train.stop_at_step"),
-        (["train.stop_at_step=abc"], "train.stop_at_step"),
         (["data.subset=70000"], "data.subset"),
         (["data.root=/nonexistent"], "data.root"),
         (["logger.name=comet"], "logger"),

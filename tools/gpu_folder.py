@@ -11,19 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose_config(groups: dict[str, str]) -> DictConfig:
-    """configs/config.yaml with the named group files merged in (no Hydra on a bare GPU machine)."""
-    cfg = OmegaConf.load(ROOT / "configs" / "config.yaml")
-    for group, name in groups.items():
-        cfg[group] = OmegaConf.load(ROOT / "configs" / group / f"{name}.yaml")
-    cfg.pop("defaults", None)
-    cfg.pop("hydra", None)
-    return cfg
+    """configs/config.yaml with the named group options (invprop.config.compose_defaults)."""
+    from invprop.config import compose_defaults
+
+    return compose_defaults(groups)
 
 
 def loader_choice() -> tuple[str, str]:

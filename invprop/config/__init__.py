@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from invprop.config.checks import ConfigError
 from invprop.config.schema import BANK_SELECTIONS, GROUP_SCHEMAS, Config
 
-__all__ = ["BANK_SELECTIONS", "ConfigError", "candidate_count", "group_section", "n_background", "slurm_section",
-           "typed", "validate", "world_size"]
+__all__ = ["BANK_SELECTIONS", "ConfigError", "candidate_count", "compose_defaults", "group_section", "n_background",
+           "slurm_section", "typed", "validate", "world_size"]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -31,7 +31,9 @@ def world_size(cfg: DictConfig) -> int:
 
 
 def n_background(cfg: DictConfig, n_train: int) -> int:
-    """M: the configured value, or min(4096, N) when left null."""
+    """M: the configured value, or min(4096, N) when left null; NPID's softmax is over all N rows."""
+    if cfg.method.name != "invp":
+        return n_train
     m = cfg.method.n_background
     return min(4096, n_train) if m is None else int(m)
 
@@ -42,6 +44,19 @@ def group_section(group: str, option: str, **overrides: Any) -> DictConfig:
     stated = OmegaConf.load(CONFIGS / group / f"{option}.yaml")
     stated.pop("defaults", None)
     return OmegaConf.merge(OmegaConf.structured(GROUP_SCHEMAS[group][option]), stated, overrides)
+
+
+def compose_defaults(groups: dict[str, str] | None = None) -> DictConfig:
+    """configs/config.yaml with its default group options, or those named in `groups`, typed like Hydra's
+    composition, without Hydra's compose: for tools that build a run config in code."""
+    stated = OmegaConf.load(CONFIGS / "config.yaml")
+    chosen = {k: v for entry in stated.pop("defaults") if isinstance(entry, DictConfig) for k, v in entry.items()
+              if k in GROUP_SCHEMAS}
+    stated.pop("hydra", None)
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), stated)
+    for group, option in {**chosen, **(groups or {})}.items():
+        cfg[group] = group_section(group, option)
+    return cfg
 
 
 def slurm_section(cfg: DictConfig) -> DictConfig:
