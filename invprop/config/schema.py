@@ -216,29 +216,31 @@ class InvpConfig(MethodConfig):
 @dataclass
 class LocalClusterConfig:
     name: str
-    timeout_min: int   # the job's wall-clock limit on this machine
+    run_timeout_h: float
 
     def validate(self) -> None:
-        check_positive_int(self.timeout_min, "cluster.timeout_min", " (minutes)")
+        check_number(self.run_timeout_h, "cluster.run_timeout_h", 0, low_open=True)
 
 
 @dataclass
-class SlurmClusterConfig(LocalClusterConfig):
+class SlurmClusterConfig:
+    name: str
+    timeout_min: int
     partition: str | None
     account: str | None
     qos: str | None
     constraint: str | None
-    signal_delay_s: float
+    signal_delay_s: int
     max_num_timeout: int
     cpus_per_task: int
-    mem_gb: float
+    mem_gb: int
     gpus_per_node: int
     additional_parameters: dict[str, Any]
     eval_timeout_min: int
     requeue_wait_s: float
 
     def validate(self) -> None:
-        super().validate()
+        check_positive_int(self.timeout_min, "cluster.timeout_min", " (minutes)")
         check_positive_int(self.cpus_per_task, "cluster.cpus_per_task")
         check_number(self.signal_delay_s, "cluster.signal_delay_s", 0)
         check_int(self.gpus_per_node, "cluster.gpus_per_node", 0)

@@ -26,7 +26,7 @@ def run_local(cfg: DictConfig, run_dir: Path) -> dict:
     if world == 1:
         results = pretrain(run_dir, stop_signals=(signal.SIGTERM,))
     else:
-        spawn_ranks(pretrain_rank, world, (str(run_dir),), timeout_s=60.0 * float(cfg.cluster.timeout_min),
+        spawn_ranks(pretrain_rank, world, (str(run_dir),), timeout_s=3600.0 * float(cfg.cluster.run_timeout_h),
                     forward=stops)
         if finished(run_dir):
             results = json.loads((Path(run_dir) / "results.json").read_text())
