@@ -82,7 +82,8 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
     if recorded is None:
         return
     mine = identity(resolved(cfg, run_dir))
-    differ = [k for k in sorted(set(recorded) | set(mine)) if recorded.get(k, _MISSING) != mine.get(k, _MISSING)]
+    # A key the run's record lacks is a setting added since the run started; its value is what the code did then.
+    differ = [k for k in sorted(recorded) if recorded[k] != mine.get(k, _MISSING)]
     if differ:
         changes = ", ".join(f"{k}={_show(mine.get(k, _MISSING))} (run has {_show(recorded.get(k, _MISSING))})"
                             for k in differ)
