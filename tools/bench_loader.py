@@ -62,9 +62,9 @@ def write_folder(root: Path, n: int, classes: int = 10, seed: int = 0, side: tup
 
 
 def _data_cfg(args: argparse.Namespace):
-    from omegaconf import OmegaConf
+    from invprop.config import tool_data_section
 
-    return OmegaConf.create(
+    return tool_data_section(
         {
             "name": args.dataset,
             "root": args.root,
@@ -126,8 +126,8 @@ def bench_torchvision(order, args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     cfg = _data_cfg(args)
-    dataset = build_dataset(cfg, "train", train=True, seed=args.seed,
-                            aug_cfg={"crop_scale": (0.2, 1.0), "flip": args.flip})
+    cfg.augment.crop_scale, cfg.augment.flip = [0.2, 1.0], bool(args.flip)  # as the FFCV side crops
+    dataset = build_dataset(cfg, "train", train=True, seed=args.seed)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
     _drain(build_train_loader(dataset, order, 0, 0, 0, 1, args.workers), limit=args.tv_warmup_batches)

@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not args.overwrite:
         console.print(f"[red]{out} exists[/red]; pass --overwrite to replace it")
         return 1
-    cfg = {
+    from invprop.config import tool_data_section
+
+    cfg = tool_data_section({
         "name": args.dataset,
         "root": args.root,
         "subset": args.subset,
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_test": args.n_test,
         "num_classes": args.num_classes,
         "seed": args.seed,
-    }
+    })
     t0 = time.perf_counter()
     try:
         source = build_source(cfg, args.split)

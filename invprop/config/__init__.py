@@ -6,6 +6,7 @@ need several sections or the data on disk. Every error is one line that names th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from invprop.config.checks import ConfigError
 from invprop.config.schema import BANK_SELECTIONS, GROUP_SCHEMAS, Config
 
 __all__ = ["BANK_SELECTIONS", "ConfigError", "candidate_count", "compose_defaults", "group_section", "n_background",
-           "slurm_section", "typed", "validate", "world_size"]
+           "slurm_section", "tool_data_section", "typed", "validate", "world_size"]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -44,6 +45,18 @@ def group_section(group: str, option: str, **overrides: Any) -> DictConfig:
     stated = OmegaConf.load(CONFIGS / group / f"{option}.yaml")
     stated.pop("defaults", None)
     return OmegaConf.merge(OmegaConf.structured(GROUP_SCHEMAS[group][option]), stated, overrides)
+
+
+def tool_data_section(values: dict[str, Any]) -> DictConfig:
+    """A data section for a tool's command-line values: `data=<name>` as configs/ states it with the values its
+    schema has on top (None: not given, the YAML's value stays), or the values alone for a data set the trainer
+    does not read (e.g. SVHN for a .beton)."""
+    name = values["name"]
+    schema = GROUP_SCHEMAS["data"].get(name)
+    if schema is None:
+        return OmegaConf.create(values)
+    known = {f.name for f in dataclasses.fields(schema)}
+    return group_section("data", name, **{k: v for k, v in values.items() if k in known and v is not None})
 
 
 def compose_defaults(groups: dict[str, str] | None = None) -> DictConfig:
@@ -75,8 +88,6 @@ def typed(cfg: DictConfig) -> Config:
 
 def added_keys(node: Any, where: str = "") -> list[str]:
     """Keys a `+key=value` override added beyond the schema (Hydra lets `+` append to any section)."""
-    import dataclasses
-
     found = []
     schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
     known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None

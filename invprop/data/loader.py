@@ -191,10 +191,10 @@ def build_dataset(
     *,
     train: bool,
     seed: int = 0,
-    aug_cfg: Mapping[str, Any] | Any = None,
 ) -> IndexedImageDataset:
-    """Load ``split`` with :func:`~invprop.data.datasets.load_split` and wrap it (train: random crops)."""
+    """Load ``split`` with :func:`~invprop.data.datasets.load_split` and wrap it (train: random crops from the
+    section's ``augment``)."""
     from invprop.data.datasets import load_split
 
     images, labels = load_split(data_cfg, split)
-    return IndexedImageDataset.from_config(images, labels, aug_cfg, train=train, seed=seed)
+    return IndexedImageDataset.from_config(images, labels, data_cfg.augment, train=train, seed=seed)
