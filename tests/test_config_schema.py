@@ -102,3 +102,17 @@ def test_group_section_is_the_yaml_with_overrides() -> None:
     assert (section.arch, section.head, section.hidden_dim) == ("resnet50", "linear", 2048)
     assert OmegaConf.to_container(group_section("data", "cifar10")) == OmegaConf.to_container(
         compose_config("data=cifar10").data)
+
+
+def test_a_run_config_written_before_a_setting_existed_reads_it_from_configs(tmp_path: Path) -> None:
+    from invprop.config import load_run_config
+
+    cfg = compose_config("data=synthetic", "data.n_train=300")
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    del tree["data"]["noise"], tree["data"]["mean"], tree["cluster"]["run_timeout_h"]  # an older run's record
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(tree))
+    loaded = load_run_config(tmp_path / "config.yaml")
+    assert (loaded.data.n_train, loaded.data.noise, loaded.data.mean) == (300, 0.35, None)
+    assert loaded.cluster.run_timeout_h == 24
+    (tmp_path / "other.yaml").write_text("foo: 1\n")  # not an invprop config: read as written
+    assert OmegaConf.to_container(load_run_config(tmp_path / "other.yaml")) == {"foo": 1}

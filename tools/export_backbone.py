@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from invprop import checkpoint
+from invprop.config import load_run_config
 from invprop.models import build_backbone
 
 PREFIX = "backbone."
@@ -40,7 +40,7 @@ def export_backbone(run_dir: Path, out: Path, fmt: str = "torchvision") -> dict:
         raise ExportError(f"--out {out} is {kind} that already exists; remove it or choose a new file name")
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     latest = checkpoint.latest(run_dir / "checkpoints")
     if latest is None:
         raise FileNotFoundError(f"no committed checkpoint under {run_dir / 'checkpoints'}")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from invprop import checkpoint
+from invprop.config import load_run_config
 from invprop.data import load_split
 from invprop.eval.features import embed
 from invprop.models import build_model
@@ -24,7 +24,7 @@ from invprop.models import build_model
 
 def load_run_model(run_dir: Path, device: torch.device):
     """(config, model with the newest committed weights, checkpoint directory)."""
-    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+    cfg = load_run_config(Path(run_dir) / "config.yaml")
     latest = checkpoint.latest(Path(run_dir) / "checkpoints")
     if latest is None:
         raise FileNotFoundError(f"no committed checkpoint under {Path(run_dir) / 'checkpoints'}")

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from invprop.config.checks import ConfigError
 from invprop.config.schema import BANK_SELECTIONS, GROUP_SCHEMAS, Config
 
-__all__ = ["BANK_SELECTIONS", "ConfigError", "candidate_count", "compose_defaults", "group_section", "n_background",
-           "slurm_section", "tool_data_section", "typed", "validate", "world_size"]
+__all__ = ["BANK_SELECTIONS", "ConfigError", "candidate_count", "compose_defaults", "group_section",
+           "load_run_config", "n_background", "slurm_section", "tool_data_section", "typed", "validate",
+           "world_size"]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -70,6 +72,19 @@ def compose_defaults(groups: dict[str, str] | None = None) -> DictConfig:
     for group, option in {**chosen, **(groups or {})}.items():
         cfg[group] = group_section(group, option)
     return cfg
+
+
+def load_run_config(path: Path) -> DictConfig:
+    """A run directory's config.yaml, typed: its values over today's configs/ for its group options, so a
+    setting added since the run started reads as configs/ states it. A file these schemas cannot read (not
+    written by invprop) comes back as written."""
+    recorded = OmegaConf.load(path)
+    try:
+        groups = {"data": recorded.data.name, "model": recorded.model.arch, "method": recorded.method.name,
+                  "cluster": recorded.cluster.name, "logger": recorded.logger.name}
+        return OmegaConf.merge(compose_defaults(groups), recorded)
+    except (KeyError, AttributeError, OmegaConfBaseException):
+        return recorded
 
 
 def slurm_section(cfg: DictConfig) -> DictConfig:

@@ -8,10 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 
-from invprop import checkpoint, distributed
+from invprop import checkpoint, config, distributed
 from invprop.config import slurm_section
 from invprop.eval.knn_eval import evaluate_knn, evaluate_pixels_knn
 from invprop.metrics import read_jsonl, update_results, write_json_atomic
@@ -22,7 +22,7 @@ console = Console(stderr=True)
 
 
 def load_run_config(run_dir: Path) -> DictConfig:
-    return OmegaConf.load(Path(run_dir) / "config.yaml")
+    return config.load_run_config(Path(run_dir) / "config.yaml")
 
 
 FINISHED = "FINISHED"
