@@ -115,7 +115,9 @@ class SemisupConfig:
     augment: str
     crop_scale: list[float]
     seed: int
-    subset_files: dict[str, str] | None
+    # {fraction tag: list file} or null. Any: OmegaConf cannot merge a mapping into a typed Optional dict
+    # that is null, which is how a user sets this key.
+    subset_files: Any
 
     def validate(self) -> None:
         check_positive_int(self.epochs, "eval.semisup.epochs")
@@ -124,6 +126,10 @@ class SemisupConfig:
             if not 0 < fraction <= 1:
                 raise ConfigError(f"eval.semisup.fractions has {fraction}; each must be in (0, 1]")
         check_choice(self.augment, "eval.semisup.augment", ("crop", "none"))
+        files = self.subset_files
+        if files is not None and (not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values())):
+            raise ConfigError(f"eval.semisup.subset_files={files!r} must be null or {{tag: list file}}, e.g. "
+                              "{1pct: /data/1percent.txt}")
 
 
 @dataclass
