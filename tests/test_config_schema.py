@@ -116,3 +116,8 @@ def test_a_run_config_written_before_a_setting_existed_reads_it_from_configs(tmp
     assert loaded.cluster.run_timeout_h == 24
     (tmp_path / "other.yaml").write_text("foo: 1\n")  # not an invprop config: read as written
     assert OmegaConf.to_container(load_run_config(tmp_path / "other.yaml")) == {"foo": 1}
+
+
+def test_a_null_mapping_setting_takes_a_mapping_from_the_command_line() -> None:
+    cfg = compose_config("eval.semisup.subset_files={1pct:/data/1percent.txt}")
+    assert OmegaConf.to_container(cfg.eval.semisup.subset_files) == {"1pct": "/data/1percent.txt"}
