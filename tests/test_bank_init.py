@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from composed import compose_config
 
 from invprop.collectives import Comm
 from invprop.config import ConfigError, validate
@@ -14,14 +14,12 @@ from invprop.data import normalization
 from invprop.data.augment import eval_transform
 from invprop.train.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)
 BASE = ["data=synthetic", "data.n_train=100", "train.batch_size=32", "train.num_workers=0", "method.n_pos=5"]
 
 
 def _cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        return compose(config_name="config", overrides=[*BASE, *overrides])
+    return compose_config(*BASE, *overrides)
 
 
 def test_network_init_fills_every_row_with_the_untrained_embedding(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from composed import compose_config
 
 from invprop.config import ConfigError, validate
 
@@ -16,8 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(*overrides)
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from composed import compose_config
 from datafiles import write_cifar, write_image_folder
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from invprop.config import ConfigError, group_section, validate
@@ -36,8 +36,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def _cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(*overrides)
 
 
 # ------------------------------------------------------------------------------------------------------
