@@ -1,5 +1,12 @@
 """invprop: Invariance Propagation self-supervised training."""
 
+import os
+
+# OpenMP threads that spin while they wait collapse when the cores are shared (loader workers, several ranks on
+# one machine, anything else running): a ResNet step on 2 busy cores took 50x longer spinning than sleeping.
+# Set before torch loads OpenMP (every entry point imports invprop first); an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from omegaconf import OmegaConf
 
 # Config arithmetic used by configs/variant (e.g. warm-up T = epochs / 4); registered on import so every

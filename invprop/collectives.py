@@ -26,6 +26,7 @@ class Comm:
     # gloo, for flags the host decides on (preemption, save due): all-reducing them through NCCL and reading the
     # result back would wait for every queued kernel, once per step. None: through `group` on `device`.
     control: dist.ProcessGroup | None = None
+    backend: str = "none"  # nccl | gloo | none (one rank)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world:

@@ -1,5 +1,8 @@
 import os
 
+import invprop  # noqa: F401  (first: it sets OpenMP's wait policy, which torch reads when it loads)
+
+# isort: split
 import torch
 
 # Without CUDA the Triton kernels (invprop/kernels) run in Triton's interpreter, which Triton only offers when

@@ -40,13 +40,13 @@ def test_stop_requeue_mid_epoch_ends_equal_to_uninterrupted(slurm_cluster, tmp_p
     """train.stop_at_step=29 raises USR2 in both ranks at step 29 (mid-epoch 1, L_inv on and the graph filled):
     the committed save, submitit's requeue and the resume all run for real, at a known step. One requeue proves
     what several would; SLURM's own USR2 (the time limit) is the extended test below."""
-    reference = tmp_path / "reference"
-    proc = _launch(slurm_cluster.env, "gpus=2", f"out_dir={reference}")  # same 2 ranks, locally, uninterrupted
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
     run = tmp_path / "run"
     proc = _launch(slurm_cluster.env, "cluster=slurm", "nodes=2", "gpus=1", "cluster.timeout_min=20",
                    "train.stop_at_step=29", f"out_dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the uninterrupted reference (same 2 ranks, locally) runs while SLURM stops, requeues and resumes the job
+    reference = tmp_path / "reference"
+    proc = _launch(slurm_cluster.env, "gpus=2", f"out_dir={reference}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = json.loads((run / "jobs.json").read_text())["jobs"]
     ev = slurm_cluster.wait_sacct(jobs["eval_knn"], timeout=420)

@@ -25,6 +25,7 @@ def _boundary_worker(rank: int, world: int, out_dir: str) -> None:
     boundary = StepBoundary(comm, every_steps=3)
     try:
         assert comm.control is not None  # flags go through the host-side gloo group
+        assert comm.backend == "gloo" and distributed.read_env().local_world_size == 2
         seen = [boundary.poll(1), boundary.poll(3)]
         if rank == 1:
             os.kill(os.getpid(), signal.SIGUSR2)  # only rank 1 is told to stop

@@ -87,6 +87,7 @@ def test_elastic_resume_reshards_bank_row_for_row(tmp_path: Path) -> None:
     proc = _launch(run, "gpus=3", "train.epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and _results(run)["world_size"] == 3
+    assert _results(run)["dist_backend"] == "gloo"
     assert _steps(run) == list(range(1, 17))
 
 

@@ -53,6 +53,7 @@ from gpu_probes import (  # noqa: E402
     profile_steps,
     selection_exact,
 )
+from gpu_shared_ranks import shared_device_check  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -181,7 +182,7 @@ def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch
             "bank_selection": crit.bank.tuned,
             "host_syncs_invp_step": host_syncs(invp, device),
             "host_syncs_supervised_step": host_syncs(supervised, device), "host_ms": host_ms,
-            "profile": profile_steps({"supervised": supervised, "invp": invp}, device)}
+            "profile": profile_steps({"supervised": supervised, "invp": invp}, device, calls=min(3, iters))}
 
 
 def bank_steps(n: int, batch: int, device: torch.device, warmup: int, iters: int) -> dict:
@@ -313,7 +314,7 @@ def main() -> int:
     parser.add_argument("--folder-images", type=int, default=3000, help="JPEGs generated for the folder part")
     parser.add_argument("--folder-epochs", type=int, default=3, help="timed epochs of the folder part")
     parser.add_argument("--skip", default="",
-                        help="comma list of parts to skip: exact,kernel,steps,bank,folder,fmnist")
+                        help="comma list of parts to skip: exact,kernel,steps,bank,folder,ranks,fmnist")
     args = parser.parse_args()
     if args.folder_images < 256 or args.folder_epochs < 1:  # the part's epochs need whole batches of 256
         parser.error(f"--folder-images {args.folder_images} / --folder-epochs {args.folder_epochs}: need at least "
@@ -362,17 +363,20 @@ def main() -> int:
                                                              2 if dry else 10))
     if "steps" not in skip:
         record("step_resnet50_224", lambda: step_throughput(
-            "resnet50", 64 if dry else 224, 4 if dry else 256, 1000 if dry else 1_281_167, device, bf16,
-            1 if dry else 3, 2 if dry else 10))
+            # dry: one step of each kind is all the CPU can afford (a ResNet-50 step at 64 px takes seconds)
+            "resnet50", 32 if dry else 224, 2 if dry else 256, 1000 if dry else 1_281_167, device, bf16,
+            1 if dry else 3, 1 if dry else 10))
         record("step_resnet18_32", lambda: step_throughput(
             "resnet_tiny" if dry else "resnet18_cifar", 32, 8 if dry else 512, 1000 if dry else 50_000, device,
-            bf16, 1 if dry else 3, 2 if dry else 10))
+            bf16, 1 if dry else 3, 1 if dry else 10))
     if "folder" not in skip:
         # the ImageNet-style input pipeline end to end (issue 16), next to step_resnet50_224's in-memory number
         record("folder_pipeline", lambda: folder_pipeline(
-            device, 64 if dry else args.folder_images, 64 if dry else 224, 8 if dry else 256, "resnet50",
+            device, 32 if dry else args.folder_images, 32 if dry else 224, 8 if dry else 256, "resnet50",
             default_workers(dry), 1 if dry else args.folder_epochs,
             (48, 96) if dry else (250, 500), summary.get("step_resnet50_224")))
+    if "ranks" not in skip:
+        record("shared_gpu_ranks", lambda: shared_device_check(2))
     if "fmnist" not in skip:
         cfg, run = fmnist_config(device, 1 if dry else args.fmnist_epochs, 512 if dry else 0, args.fmnist_root,
                                  "resnet_tiny" if dry else "resnet18_cifar", args.fmnist_precision, args.fmnist_tau,
@@ -388,24 +392,32 @@ def main() -> int:
     return 0
 
 
-# The issue's two goals: the 1.28M-row bank step under 5 ms, and InvP >= 0.9x the supervised images/s (ResNet-50).
-BANK_GOAL_ROWS, BANK_GOAL_MS, RATIO_GOAL = 1_281_167, 5.0, 0.9
+# The speed issue's goals: the bank step (1.28M rows <= 2 ms, 10M rows <= 15 ms), InvP at >= 0.95x the supervised
+# images/s (ResNet-50 at 224 px; CIFAR ResNet-18 at 32 px, which must also reach 30,000 img/s), and W = 2 ranks on
+# one GPU equal to one rank.
+BANK_GOALS_MS = {1_281_167: 2.0, 10_000_000: 15.0}
+RATIO_GOAL, SMALL_IMAGES_GOAL = 0.95, 30_000
 
 
 def goals(summary: dict) -> list[dict]:
     """Each goal with what was measured (`auto`, the selection training uses); a dry run's tiny sizes are
-    reported too but never count as meeting a goal."""
+    reported too but never count as meeting a speed goal."""
     dry = summary["env"]["dry_run"]
     found = []
-    bank_keys = [k for k in summary if k.startswith("bank_step_") and "ms" in summary[k]]
-    key = f"bank_step_{BANK_GOAL_ROWS}" if f"bank_step_{BANK_GOAL_ROWS}" in bank_keys else max(bank_keys, default=None)
-    if key is not None:
+    bank_keys = sorted((k for k in summary if k.startswith("bank_step_") and "ms" in summary[k]),
+                       key=lambda k: summary[k]["rows"])
+    targets = [(f"bank_step_{rows}", rows, ms) for rows, ms in BANK_GOALS_MS.items()]
+    if dry and bank_keys:  # the tiny banks stand in for the two sizes, judged (never met) against their targets
+        targets = [(key, rows, ms) for key, (_, rows, ms) in zip(bank_keys, targets, strict=False)]
+    for key, rows, target_ms in targets:
+        if key not in summary or "ms" not in summary[key]:
+            continue
         part = summary[key]
         for timing in ("ms", "ms_pipelined"):
             ms = part[timing]["auto"]
             found.append({"goal": f"bank step, {part['rows']:,} rows ({timing}, auto: {part.get('auto_chose')})",
-                          "measured": round(ms, 3), "target": f"< {BANK_GOAL_MS} ms",
-                          "met": bool(not dry and part["rows"] >= BANK_GOAL_ROWS and ms < BANK_GOAL_MS)})
+                          "measured": round(ms, 3), "target": f"<= {target_ms} ms",
+                          "met": bool(not dry and part["rows"] >= rows and ms <= target_ms)})
     exact = summary.get("selection_exact")
     if exact is not None:  # a guard, not a speed goal: met on the CPU too; a check that failed is not met
         found.append({"goal": f"top-M exact vs float64 ({', '.join(SELECTIONS_CHECKED)}; random and crowded rows)",
@@ -416,11 +428,23 @@ def goals(summary: dict) -> list[dict]:
         found.append({"goal": "fused top-M kernel exact vs float64 (random and crowded rows, forced redo paths)",
                       "measured": kernel.get("all_exact", kernel.get("error")), "target": "True",
                       "met": kernel.get("all_exact") is True})
-    step = summary.get("step_resnet50_224", {})
-    for ratio in ("ratio", "ratio_pipelined"):
-        if ratio in step:
-            found.append({"goal": f"ResNet-50 InvP / supervised images/s ({ratio})", "measured": round(step[ratio], 3),
-                          "target": f">= {RATIO_GOAL}", "met": bool(not dry and step[ratio] >= RATIO_GOAL)})
+    for key, name in (("step_resnet50_224", "ResNet-50 224 px"), ("step_resnet18_32", "ResNet-18 32 px")):
+        step = summary.get(key, {})
+        for ratio in ("ratio", "ratio_pipelined"):
+            if ratio in step:
+                found.append({"goal": f"{name} InvP / supervised images/s ({ratio})",
+                              "measured": round(step[ratio], 3), "target": f">= {RATIO_GOAL}",
+                              "met": bool(not dry and step[ratio] >= RATIO_GOAL)})
+    small = summary.get("step_resnet18_32", {})
+    if "invp_img_s_pipelined" in small:
+        found.append({"goal": "ResNet-18 32 px InvP images/s (pipelined)",
+                      "measured": round(small["invp_img_s_pipelined"]), "target": f">= {SMALL_IMAGES_GOAL:,}",
+                      "met": bool(not dry and small["invp_img_s_pipelined"] >= SMALL_IMAGES_GOAL)})
+    shared = summary.get("shared_gpu_ranks")
+    if shared is not None:
+        found.append({"goal": "W = 2 ranks on one GPU (gloo) equal to one rank: loss, gradients, bank, graph",
+                      "measured": shared.get("equal", shared.get("error")), "target": "True",
+                      "met": bool(not dry and shared.get("equal") is True and shared.get("devices") == ["cuda:0"])})
     return found
 
 

@@ -76,7 +76,8 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
             losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
             results = {"state_digest": digest, "final_train_loss": losses[-1] if losses else float("nan"),
                        "epochs": int(cfg.train.epochs), "images": trainer.n, "steps": trainer.state.step,
-                       "world_size": comm.world, "train_wall_s": time.perf_counter() - start,
+                       "world_size": comm.world, "dist_backend": comm.backend,
+                       "train_wall_s": time.perf_counter() - start,
                        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                        # what the bank's top-M ran: `auto`'s choice and its steady-state timings (ms per call)
                        "bank_selection": trainer.bank.selection_in_use,

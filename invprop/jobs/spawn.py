@@ -18,7 +18,7 @@ def _enter(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
 
     defer(signal.SIGUSR2)
     ready.set()
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # Ranks share the machine's cores; one thread each avoids oversubscription.
     import torch

@@ -52,7 +52,7 @@ def summary_table(results: dict, run_dir: Path, cfg: DictConfig) -> Table:
     for key in ("knn_top1", "knn_backbone_top1", "knn_bank_top1", "knn_untrained_top1",
                 "knn_backbone_untrained_top1", "knn_pixels_top1", "linear_top1", "linear_top5",
                 "semisup_1pct_top1", "semisup_10pct_top1", "final_train_loss", "epochs", "images", "steps",
-                "world_size", "wall_s"):
+                "world_size", "dist_backend", "wall_s"):
         if key in results:
             value = results[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
