@@ -179,13 +179,26 @@ def build_logger(cfg: Any, run_dir: Path, enabled: bool = True) -> NullLogger:
 
 
 def views_grid(views: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], count: int) -> torch.Tensor:
-    """The first `count` normalised views as one CHW image in [0, 1], 8 per row."""
-    from torchvision.utils import make_grid
-
+    """The first `count` normalised views as one CHW image in [0, 1], 8 per row, on a white 2-px grid."""
     x = views[:count].detach().float().cpu()
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
-    return make_grid((x * s + m).clamp(0, 1), nrow=8, padding=2, pad_value=1.0)
+    return tile((x * s + m).clamp(0, 1), per_row=8, gap=2, fill=1.0)
+
+
+def tile(images: torch.Tensor, per_row: int, gap: int, fill: float) -> torch.Tensor:
+    """N x C x H x W images as one C x H' x W' picture, `per_row` across, `gap` pixels of `fill` around each (grey
+    images become RGB)."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    n, c, h, w = images.shape
+    across = min(per_row, n)
+    down = -(-n // across)
+    grid = images.new_full((c, down * (h + gap) + gap, across * (w + gap) + gap), fill)
+    for k in range(n):
+        top, left = gap + (k // across) * (h + gap), gap + (k % across) * (w + gap)
+        grid[:, top:top + h, left:left + w] = images[k]
+    return grid
 
 
 def config_markdown(yaml_text: str) -> str:

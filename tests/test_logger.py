@@ -11,8 +11,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 
-from invprop.logger import TensorBoardLogger, record_scalars
+from invprop.logger import TensorBoardLogger, record_scalars, tile
 from invprop.metrics import MetricsLog, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +188,11 @@ def test_wandb_offline_rows_are_the_jsonl_lines(tmp_path: Path, monkeypatch) -> 
     assert first[0]["_step"] == 0 and (tmp_path / "wandb").is_dir()
     assert first == [{"_step": s, "loss": 10.0 - s, **({"epoch_knn_top1": 0.5} if s == 4 else {})} for s in range(7)]
     assert second == [{"_step": s, "loss": 100.0 + s} for s in range(4, 7)]
+
+
+@pytest.mark.parametrize(("n", "channels"), [(32, 3), (5, 3), (9, 1), (2, 3)])
+def test_tile_lays_views_out_as_torchvisions_make_grid(n: int, channels: int) -> None:
+    from torchvision.utils import make_grid
+
+    images = torch.rand(n, channels, 6, 7, generator=torch.Generator().manual_seed(n))
+    assert torch.equal(tile(images, per_row=8, gap=2, fill=1.0), make_grid(images, nrow=8, padding=2, pad_value=1.0))

@@ -14,9 +14,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions and a shortcut, laid out as torchvision's BasicBlock (same parameter names, created in
+    the same order, so weights map one to one). Ours so that the small models load without torchvision, whose
+    import costs a second of CPU in every process."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + shortcut)
 
 
 class CifarResNet(nn.Module):
@@ -77,6 +96,8 @@ def resnet_tiny() -> CifarResNet:
 
 def resnet50() -> nn.Module:
     """torchvision ResNet-50 (random init) whose ``fc`` is an identity: returns 2048-d pooled features."""
+    import torchvision
+
     model = torchvision.models.resnet50(weights=None)
     model.feature_dim = int(model.fc.in_features)
     model.fc = nn.Identity()
