@@ -31,11 +31,13 @@ from pathlib import Path
 if "--dry-run" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import invprop  # noqa: E402, F401  (before torch: it sets OpenMP's wait policy, which torch reads when it loads)
+
+# isort: split
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from invprop.bank import ShardedBank  # noqa: E402
 from invprop.config import group_section  # noqa: E402
