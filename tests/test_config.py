@@ -115,7 +115,7 @@ def test_every_documented_sweep_composes_and_validates() -> None:
     from invprop.jobs.sweep import validate_sweep
 
     variants = sorted(p.stem for p in (ROOT / "configs" / "variant").glob("*.yaml"))
-    for experiment in ("fmnist_cpu", "fmnist_gpu", "fmnist_quick", "fmnist_demo"):
+    for experiment in ("fmnist_cpu", "fmnist_gpu", "fmnist_proxy", "fmnist_quick", "fmnist_demo"):
         assert validate_sweep(["+experiment=" + experiment, "+variant=" + ",".join(variants)], ROOT / "configs") == []
     cfg = {v: _cfg("+experiment=fmnist_cpu", f"+variant={v}").method for v in variants}
     assert cfg["npid"].name == "npid" and cfg["npid"].tau == cfg["invp"].tau == 0.2
@@ -123,6 +123,19 @@ def test_every_documented_sweep_composes_and_validates() -> None:
     assert (cfg["bfs"].propagation, cfg["easy"].positives, cfg["k8"].k) == ("bfs", "easy", 8)
     assert (cfg["invp_random_bank"].bank_init, cfg["invp"].bank_init) == ("random", "network")
     assert cfg["invp"].warmup_epochs == 15 // 4
+
+
+def test_the_cpu_proxy_is_the_gpu_recipe_at_cpu_scale() -> None:
+    """Recipe work on the CPU moves the GPU recipe only if the proxy keeps its settings and the ratios that matter."""
+    gpu, proxy = _cfg("+experiment=fmnist_gpu"), _cfg("+experiment=fmnist_proxy")
+    method = {k: v for k, v in gpu.method.items() if k != "n_background"}
+    assert {k: v for k, v in proxy.method.items() if k != "n_background"} == method
+    for key in ("batch_size", "lr", "lr_warmup_epochs", "momentum", "weight_decay"):
+        assert proxy.train[key] == gpu.train[key], key
+    assert (proxy.model.head, proxy.data.name) == (gpu.model.head, gpu.data.name)
+    # M as the same share of N: the default min(4096, N) of 60,000 images on the GPU, 683 of the proxy's 10,000
+    assert gpu.method.n_background is None and gpu.data.subset == 0
+    assert proxy.method.n_background / proxy.data.subset == pytest.approx(4096 / 60000, rel=0.01)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
