@@ -3,8 +3,8 @@
 import os
 
 # OpenMP threads that spin while they wait collapse when the cores are shared (loader workers, several ranks on
-# one machine, anything else running): a ResNet step on 2 busy cores took 50x longer spinning than sleeping.
-# Set before torch loads OpenMP (every entry point imports invprop first); an explicit setting wins.
+# one machine, a second run): sleeping waiters trade a little speed on idle cores for that (tools/bench_omp_wait.py).
+# Set before torch loads OpenMP (every entry point imports invprop first); an explicit OMP_WAIT_POLICY wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from omegaconf import OmegaConf

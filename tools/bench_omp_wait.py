@@ -1,11 +1,11 @@
 """OpenMP's wait policy on shared cores: a ResNet training step with spinning (ACTIVE) against sleeping (PASSIVE)
-waiting threads, alone and beside a competing busy process, measured in one run.
+waiting threads, alone and beside a competing process, measured in one run.
 
     python tools/bench_omp_wait.py [--arch resnet50 --size 32 --batch 2 --steps 5 --json]
 
 invprop sets OMP_WAIT_POLICY=PASSIVE unless the user set it (invprop/__init__.py); this is the evidence. Each
-measurement is a fresh interpreter (the policy is read when torch loads OpenMP); the competitor is a process that
-keeps one core busy, as a data-loader worker or a second rank does.
+measurement is a fresh interpreter (the policy is read when torch loads OpenMP); the competitors keep cores busy as a
+data-loader worker (a Python loop) or a second rank (torch with spinning threads) does.
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ for _ in range({steps}):
 print((time.perf_counter() - start) / {steps})
 """
 
-BUSY = "import time\nend = time.time() + 3600\nwhile time.time() < end:\n    pass\n"
+# competitors: a plain busy loop (a data-loader worker), and another torch process with spinning OpenMP threads
+# (a second rank or a second run on the same cores)
+BUSY = {"one_busy_core": ("import time\nend = time.time() + 3600\nwhile time.time() < end:\n    pass\n", "ACTIVE"),
+        "second_rank_spinning": (STEP.replace("range({steps})", "range(10**6)"), "ACTIVE")}
+LOADS = ("idle", *BUSY)
 
 
 def step_seconds(policy: str, args: argparse.Namespace) -> float:
@@ -42,10 +46,14 @@ def step_seconds(policy: str, args: argparse.Namespace) -> float:
 def measure(args: argparse.Namespace) -> dict:
     found: dict = {"arch": args.arch, "size": args.size, "batch": args.batch, "steps": args.steps,
                    "cores": os.cpu_count()}
-    for load in ("idle", "one_busy_core"):
-        busy = subprocess.Popen([sys.executable, "-c", BUSY]) if load != "idle" else None
+    for load in LOADS:
+        busy = None
+        if load in BUSY:
+            code, policy = BUSY[load]
+            code = code.format(arch=args.arch, batch=args.batch, size=args.size, steps=1)
+            busy = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_WAIT_POLICY": policy})
         try:
-            time.sleep(0.5 if busy else 0)
+            time.sleep(2.0 if busy else 0)  # the competitor is running before the timed steps start
             active, passive = step_seconds("ACTIVE", args), step_seconds("PASSIVE", args)
         finally:
             if busy is not None:
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(title=f"{args.arch} step, {args.size} px, batch {args.batch}, {found['cores']} cores")
     for column in ("load", "ACTIVE (s/step)", "PASSIVE (s/step)", "ACTIVE / PASSIVE"):
         table.add_column(column, justify="right")
-    for load in ("idle", "one_busy_core"):
+    for load in LOADS:
         row = found[load]
         table.add_row(load, f"{row['active_s']:.3f}", f"{row['passive_s']:.3f}", f"{row['active_over_passive']:.2f}x")
     Console().print(table)
