@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,7 @@ def read_env(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
-def tasks_on_this_node(env: dict[str, str] | os._Environ) -> int:
+def tasks_on_this_node(env: Mapping[str, str]) -> int:
     """Ranks of this SLURM step on this node: SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE list one count per
     node ('2(x3),1'), SLURM_NODEID says which is ours."""
     counts: list[int] = []
@@ -118,7 +119,7 @@ def init(env: DistEnv, timeout_s: float = 120.0) -> Comm:
         return Comm(device=device)
     if dist.is_initialized():  # a caller that set up the process group itself: its default group serves
         return Comm(env.rank, env.world_size, device, backend=dist.get_backend())
-    backend = backend_for(device, env.local_world_size, torch.cuda.device_count() if device.type == "cuda" else 0)
+    backend = backend_for(device, env.local_world_size, torch.cuda.device_count())
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # Make NCCL raise instead of hanging when a peer disappears.

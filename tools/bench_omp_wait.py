@@ -29,10 +29,10 @@ for _ in range({steps}):
 print((time.perf_counter() - start) / {steps})
 """
 
-# competitors: a plain busy loop (a data-loader worker), and another torch process with spinning OpenMP threads
-# (a second rank or a second run on the same cores)
-BUSY = {"one_busy_core": ("import time\nend = time.time() + 3600\nwhile time.time() < end:\n    pass\n", "ACTIVE"),
-        "second_rank_spinning": (STEP.replace("range({steps})", "range(10**6)"), "ACTIVE")}
+# competitors, started with spinning OpenMP threads: a plain busy loop (a data-loader worker), and the same step
+# in an endless loop (a second rank or a second run on the same cores)
+BUSY_LOOP = "import time\nend = time.time() + 3600\nwhile time.time() < end:\n    pass\n"
+BUSY = ("one_busy_core", "second_rank_spinning")
 LOADS = ("idle", *BUSY)
 
 
@@ -49,9 +49,9 @@ def measure(args: argparse.Namespace) -> dict:
     for load in LOADS:
         busy = None
         if load in BUSY:
-            code, policy = BUSY[load]
-            code = code.format(arch=args.arch, batch=args.batch, size=args.size, steps=1)
-            busy = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_WAIT_POLICY": policy})
+            code = BUSY_LOOP if load == "one_busy_core" else STEP.format(
+                arch=args.arch, batch=args.batch, size=args.size, steps=10**6)
+            busy = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_WAIT_POLICY": "ACTIVE"})
         try:
             time.sleep(2.0 if busy else 0)  # the competitor is running before the timed steps start
             active, passive = step_seconds("ACTIVE", args), step_seconds("PASSIVE", args)
