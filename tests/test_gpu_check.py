@@ -19,9 +19,9 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
     assert summary["env"]["dry_run"] is True and summary["env"]["device"] == "cpu"
-    for key in ("selection_exact", "kernel_exact", "kernel_step_2000", "step_resnet50_224", "step_resnet18_32",
-                "bank_step_2000", "bank_step_5000", "folder_pipeline", "trainer_step", "shared_gpu_ranks",
-                "fmnist_invp"):
+    for key in ("selection_exact", "kernel_exact", "kernel_step_2000", "weighted_rows", "step_resnet50_224",
+                "step_resnet18_32", "bank_step_2000", "bank_step_5000", "folder_pipeline", "trainer_step",
+                "shared_gpu_ranks", "fmnist_invp"):
         assert "error" not in summary[key], summary[key]
     assert summary["step_resnet50_224"]["invp_img_s"] > 0 and summary["step_resnet50_224"]["ratio"] > 0
     bank = summary["bank_step_5000"]
@@ -40,6 +40,8 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path: Path) -> None:
     assert set(kernel["random"]) == {f"{b}{s}" for b in ("triton", "torch") for s in ("", "-redo", "-overflow")}
     assert kernel["random"]["triton-overflow"]["overflowed"] == 16 and kernel["random"]["torch-redo"]["redone"] == 16
     assert set(summary["kernel_step_2000"]["ms"]) == {"triton", "torch", "float32_topk"}
+    rows = summary["weighted_rows"]  # the selected scores' backward: the kernel (interpreted) and embedding_bag
+    assert set(rows["ms"]) == {"triton", "torch"} and rows["max_abs_diff"] < 1e-4
     assert summary["trainer_step"] == {"host_syncs": None, "bank_selection": "auto"}
     # the goal table: bank step (both timings), the exactness guard and the ResNet-50 ratio (both); the speed
     # goals are never "met" on tiny CPU sizes

@@ -254,6 +254,31 @@ def kernel_steps(n: int, batch: int, m: int, device: torch.device, warmup: int, 
     return found
 
 
+def weighted_rows_steps(n: int, batch: int, width: int, used: int, device: torch.device, warmup: int, iters: int,
+                        **kernel_args: int) -> dict:
+    """The backward of the selected scores alone (invprop/kernels/weighted_rows.py): per query, `width` buffered
+    candidates of which `used` have a non-zero gradient (the top-M; the rest is padding or outside every mask),
+    with embedding_bag and, where it runs, the Triton kernel. Median ms per call, and how far the two differ."""
+    from invprop.kernels.weighted_rows import weighted_row_sum
+
+    rows = ShardedBank(n, 128, seed=0, device=device, selection="topk").rows
+    gen = torch.Generator().manual_seed(4)
+    cols = torch.randint(0, n, (batch, width), generator=gen).to(device)
+    weights = torch.randn(batch, width, generator=gen).to(device)
+    weights[:, used:] = 0
+    found: dict = {"rows": n, "batch": batch, "width": width, "used": used, "ms": {}}
+    outs = {}
+    for backend in kernel_backends(device):
+        args = kernel_args if backend == "triton" else {}
+        outs[backend] = weighted_row_sum(rows, cols, weights, backend=backend, **args)
+        found["ms"][backend] = timed(lambda b=backend, a=args: weighted_row_sum(rows, cols, weights, backend=b, **a),
+                                     device, warmup, iters) * 1000
+    if len(outs) == 2:
+        found["max_abs_diff"] = float((outs["triton"] - outs["torch"]).abs().max())
+        found["speedup"] = found["ms"]["torch"] / found["ms"]["triton"]
+    return found
+
+
 def fmnist_config(device: torch.device, epochs: int, subset: int, root: str | None, arch: str,
                   precision: str = "bf16", tau: float = 0.2, lr: float = 0.03, bank_init: str = "network",
                   head: str = "mlp"):
@@ -359,6 +384,11 @@ def main() -> int:
         for n in ((2000,) if dry else (1_281_167, 10_000_000)):
             record(f"kernel_step_{n}", lambda n=n: kernel_steps(n, 16 if dry else 256, 64 if dry else 4096, device,
                                                                  1 if dry else 3, 2 if dry else 10, **kernel_args))
+        # the backward of the selected scores: embedding_bag against the Triton kernel (issue 17, item 3)
+        record("weighted_rows", lambda: weighted_rows_steps(2000 if dry else 1_281_167, 16 if dry else 256,
+                                                            96 if dry else 6144, 64 if dry else 4096, device,
+                                                            1 if dry else 3, 2 if dry else 20,
+                                                            **({"block_c": 32} if dry else {})))
     if "bank" not in skip:
         for n in ((2000, 5000) if dry else (1_281_167, 10_000_000)):
             record(f"bank_step_{n}", lambda n=n: bank_steps(n, 16 if dry else 256, device, 1 if dry else 3,

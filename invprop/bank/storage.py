@@ -20,6 +20,7 @@ from invprop.bank.select import SELECTIONS, SelectSettings, build_selections
 from invprop.bank.select.base import Selected, float32_matmul, local_dots
 from invprop.collectives import Comm
 from invprop.data.order import shard_bounds  # the one row split, shared with the data loaders
+from invprop.kernels.weighted_rows import weighted_row_sum
 
 # Rows are initialised in fixed chunks, each from its own seed, so the bank is the same for any world size.
 _INIT_CHUNK = 65536
@@ -57,7 +58,7 @@ class TopCandidates:
 class _SelectedScores(torch.autograd.Function):
     """Scores z_q . V_j already computed (without grad) for a few bank rows j per query (global ids, -1 for
     padding; `start` is this shard's first id); the backward is sum_j g_qj V_j, a weighted gather of rows,
-    instead of a dense (Q x n_local) matmul."""
+    instead of a dense (Q x n_local) matmul (`invprop.kernels.weighted_rows`: a Triton kernel on CUDA)."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,  # type: ignore[override]
@@ -69,10 +70,8 @@ class _SelectedScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         rows, ids = ctx.saved_tensors
-        weights = grad.to(rows.dtype).contiguous()
-        # Zero weights (padding, scores outside every mask) read row 0 instead of a random row.
-        cols = (ids - ctx.start) * (weights != 0)
-        out = torch.nn.functional.embedding_bag(cols, rows, per_sample_weights=weights, mode="sum")
+        # Zero weights (padding, scores outside every mask) are skipped: their ids may be -1.
+        out = weighted_row_sum(rows, ids - ctx.start, grad)
         return out.to(ctx.z_dtype), None, None, None, None
 
 

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from invprop.kernels.triton_jit import block_d_for, jit_for
+
 
 def _candidates_kernel(z_ptr, v_ptr, lower_ptr, cand_ptr, count_ptr, Q, N, cap, stride_z, stride_v,
                        D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -62,24 +64,6 @@ def _rescore_kernel(z_ptr, v_ptr, cand_ptr, count_ptr, out_ptr, cap, stride_z, s
     tl.store(out_ptr + q.to(tl.int64) * cap + cs, tl.where(valid, acc, float("-inf")), mask=cs < cap)
 
 
-_COMPILED: dict[str, object] = {}
-
-
-def _kernel(fn, device: torch.device):
-    """`fn` as a Triton kernel. Triton picks compiled or interpreted when it is first imported: CPU tensors need
-    TRITON_INTERPRET=1 in the environment by then (tests/conftest.py sets it on a machine without CUDA)."""
-    if device.type != "cuda" and not triton.knobs.runtime.interpret:
-        raise RuntimeError("the Triton top-M kernels run on CUDA tensors, or on the CPU in Triton's interpreter: "
-                           "set TRITON_INTERPRET=1 before Triton is first imported")
-    if fn.__name__ not in _COMPILED:
-        _COMPILED[fn.__name__] = triton.jit(fn)
-    return _COMPILED[fn.__name__]
-
-
-def _block_d(dim: int) -> int:
-    return min(128, max(16, triton.next_power_of_2(dim)))
-
-
 def candidates(zq_low: torch.Tensor, rows_low: torch.Tensor, lower: torch.Tensor, cap: int, block_q: int = 64,
                block_n: int = 128, num_warps: int = 4, num_stages: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q x cap int32 row indices, in no particular order; Q int32 counts, which may exceed cap) of every
@@ -94,9 +78,9 @@ def candidates(zq_low: torch.Tensor, rows_low: torch.Tensor, lower: torch.Tensor
     lower = lower.to(torch.float32).contiguous()
     grid = (triton.cdiv(n, block_n), triton.cdiv(q, block_q))
     extra = {} if zq_low.device.type != "cuda" else {"num_warps": num_warps, "num_stages": num_stages}
-    _kernel(_candidates_kernel, zq_low.device)[grid](
+    jit_for(_candidates_kernel, zq_low.device)[grid](
         zq_low, rows_low, lower, cand, count, q, n, cap, zq_low.stride(0), rows_low.stride(0),
-        D=dim, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=_block_d(dim), **extra)
+        D=dim, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d_for(dim), **extra)
     return cand, count
 
 
@@ -109,6 +93,6 @@ def rescore(zq: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor, count: tor
         return out
     zq, rows = zq.float().contiguous(), rows.contiguous()
     grid = (q, triton.cdiv(cap, block_c))
-    _kernel(_rescore_kernel, zq.device)[grid](zq, rows, cand, count, out, cap, zq.stride(0), rows.stride(0),
-                                              D=zq.shape[1], BLOCK_C=block_c, BLOCK_D=_block_d(zq.shape[1]))
+    jit_for(_rescore_kernel, zq.device)[grid](zq, rows, cand, count, out, cap, zq.stride(0), rows.stride(0),
+                                              D=zq.shape[1], BLOCK_C=block_c, BLOCK_D=block_d_for(zq.shape[1]))
     return out
