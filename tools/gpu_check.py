@@ -142,7 +142,7 @@ def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch
         memory_format=torch.channels_last)
     classifier = torch.nn.Linear(model.feature_dim, 1000).to(device)
     params = list(model.parameters()) + list(classifier.parameters())
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=device.type == "cuda")  # as the Trainer
     augment = BatchColorAugment((0.5,) * 3, (0.25,) * 3).to(device)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     if device.type == "cuda":  # pinned once, as a loader's worker would hand it over: no pinning in the step

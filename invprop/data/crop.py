@@ -7,7 +7,7 @@ the same sample the same way in the same epoch, on any rank, world size, batch p
 
 Random numbers come from a counter-based SplitMix64 hash of ``(epoch key, index, counter)``: no generator
 state, so no per-thread state to seed inside numba's parallel loops. numba is required (it also compiles
-FFCV's pipelines); the functions are compiled on first use (about a second).
+FFCV's pipelines); the functions are compiled on first use (about a second) and cached on disk.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _INV53 = 1.0 / 9007199254740992.0  # 2**-53
 
-_jit = njit(nogil=True, error_model="numpy")
+# cache=True: compiled once per source version into __pycache__, not in every process (about a second each).
+_jit = njit(nogil=True, error_model="numpy", cache=True)
 
 
 @_jit

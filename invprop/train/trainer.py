@@ -153,7 +153,8 @@ class Trainer:
         self.base_lr = float(cfg.train.lr) * int(cfg.train.batch_size) / 128
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.base_lr,
                                          momentum=float(cfg.train.momentum),
-                                         weight_decay=float(cfg.train.weight_decay))
+                                         weight_decay=float(cfg.train.weight_decay),
+                                         fused=device.type == "cuda")  # one kernel for all parameters
         self.total_steps = int(cfg.train.epochs) * self.order.num_batches
         self.state = TrainState(DataPosition(self.order.num_batches))
         self.rng = TorchRng()
