@@ -9,6 +9,7 @@ PYTHON      := $(VENV)/bin/python
 VENV_STAMP  := $(VENV)/.invprop-installed
 ARGS        ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 # Build deps of FFCV (g++, pkg-config, opencv4.pc, libturbojpeg), the data set, and a real local SLURM
 # cluster with accounting (slurmdbd + MariaDB), which submitit needs to poll job states.
@@ -23,7 +24,7 @@ SUDO := $(shell [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && echo 
 help:
 	@echo "make setup   - install Debian packages (if missing) and the venv in $(VENV)"
 	@echo "make run     - python launchers/submit.py \$$(ARGS)   e.g. make run ARGS='cluster=local'"
-	@echo "make test    - start the local SLURM cluster (if it can) and run pytest \$$(PYTEST_ARGS)"
+	@echo "make test    - start the local SLURM cluster (if it can) and run pytest \$$(PYTEST_ARGS) on 2 workers"
 	@echo "make lint    - ruff check"
 	@echo "make lock    - rewrite requirements.lock from the current venv"
 
@@ -57,9 +58,11 @@ run: setup
 # The local SLURM cluster is started on its own ports and reached through SLURM_CONF (nothing in /etc is
 # touched). When it cannot start, test-env says why in one line and the cluster tests skip with that reason;
 # with INVPROP_SLURM_REQUIRED=1 (CI) that is an error instead.
+# Two workers, a test module each at a time (module fixtures run once): most tests are single-process launches
+# that leave the second core idle. TEST_WORKERS=0 runs the suite in this process.
 test: setup
 	@envs="$$(bash slurm/local-cluster.sh test-env)" || exit 1; eval "$$envs"; \
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

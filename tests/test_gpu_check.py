@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~35 s: every part of the GPU check once, tiny (CI runs it)
 @pytest.mark.timeout(600)
 def test_gpu_check_dry_run_writes_every_part(tmp_path: Path) -> None:
     out = tmp_path / "check.json"

@@ -35,6 +35,9 @@ def _steps(run: Path) -> list[int]:
     return [r["step"] for r in _metrics(run) if "loss" in r]
 
 
+# slow (CI runs it): ~40 s of SLURM requeue and scheduling; the local stop / resume equality
+# (tests/test_train.py) stays in the default suite
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_stop_requeue_mid_epoch_ends_equal_to_uninterrupted(slurm_cluster, tmp_path: Path) -> None:
     """train.stop_at_step=29 raises USR2 in both ranks at step 29 (mid-epoch 1, L_inv on and the graph filled):

@@ -187,3 +187,24 @@ def test_report_markdown_rows_and_percentages():
                             {"run": "a|b", "method.k": 8, "knn_top1": None, "train_wall_s": 80.2}])
     assert text.splitlines() == ["| run | method.k | knn_top1 | train_wall_s |", "|---|---|---|---|",
                                  "| 0 | 4 | 62.7% | 79 |", "| a\\|b | 8 | - | 80 |"]
+
+
+def test_knn_legend_names_each_run_and_each_measure_once() -> None:
+    """Eight runs x three measures would be 24 legend lines; the legend has 8 + 3 (+ the baselines) instead."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from invprop.eval.report import _keyed_handles
+
+    fig, ax = plt.subplots()
+    ax.axhline(0.5, label="raw pixels")
+    ax.plot([0, 1], [0.1, 0.2])  # unlabelled curves stay out of the legend
+    handles = _keyed_handles(["run a", "run b"], ("epoch_knn_top1", "epoch_knn_backbone_top1"),
+                             {"epoch_knn_backbone_top1": ":"}, ax)
+    plt.close(fig)
+    assert [h.get_label() for h in handles] == ["run a", "run b", "epoch_knn_top1", "epoch_knn_backbone_top1",
+                                                "raw pixels"]
+    assert [h.get_color() for h in handles[:2]] == ["C0", "C1"]
+    assert [h.get_linestyle() for h in handles[2:4]] == ["-", ":"]

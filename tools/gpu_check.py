@@ -1,7 +1,7 @@
 """One prepared GPU check (issue: GPU path). Writes a JSON summary; `--dry-run` runs the same code on the CPU, tiny.
 
     python tools/gpu_check.py --out gpu_check.json            # on one H100/H200, < 8 minutes
-    python tools/gpu_check.py --dry-run --out /tmp/check.json  # CPU, seconds (the test suite runs this)
+    python tools/gpu_check.py --dry-run --out /tmp/check.json  # CPU, tiny sizes, synthetic data (slow tests)
 
 Measures: images/s of an InvP training step against a plain supervised step of the same backbone and input
 pipeline (ResNet-50 at 224 px, CIFAR ResNet-18 at 32 px), the bank step (scores, exact top-M, candidates,
@@ -281,10 +281,15 @@ def weighted_rows_steps(n: int, batch: int, width: int, used: int, device: torch
 
 def fmnist_config(device: torch.device, epochs: int, subset: int, root: str | None, arch: str,
                   precision: str = "bf16", tau: float = 0.2, lr: float = 0.03, bank_init: str = "network",
-                  head: str = "mlp"):
-    """The run config of the Fashion-MNIST part (no Hydra on a bare GPU machine: the yaml files, composed)."""
-    cfg = compose_config({"data": "fashion_mnist", "model": arch, "method": "invp", "cluster": "local"})
-    cfg.data.root, cfg.data.subset = root, subset
+                  head: str = "mlp", data: str = "fashion_mnist"):
+    """The run config of the Fashion-MNIST part (no Hydra on a bare GPU machine: the yaml files, composed).
+    `data="synthetic"` (the dry run): `subset` training images of the synthetic set instead, with a test set of
+    a quarter of that, so the kNN evaluations take a second rather than going through 10,000 test images."""
+    cfg = compose_config({"data": data, "model": arch, "method": "invp", "cluster": "local"})
+    if data == "synthetic":
+        cfg.data.n_train, cfg.data.n_test = subset, max(1, subset // 4)
+    else:
+        cfg.data.root, cfg.data.subset = root, subset
     cfg.data.format = "torchvision"  # FFCV is not installable on a machine without a registry
     cfg.train.update(epochs=epochs, batch_size=512, num_workers=min(8, os.cpu_count() or 1), log_every=50,
                      precision=precision if device.type == "cuda" else "fp32", channels_last=True,
@@ -412,7 +417,8 @@ def main() -> int:
     if "fmnist" not in skip:
         cfg, run = fmnist_config(device, 1 if dry else args.fmnist_epochs, 512 if dry else 0, args.fmnist_root,
                                  "resnet_tiny" if dry else "resnet18_cifar", args.fmnist_precision, args.fmnist_tau,
-                                 args.fmnist_lr, args.fmnist_bank_init, args.fmnist_head)
+                                 args.fmnist_lr, args.fmnist_bank_init, args.fmnist_head,
+                                 "synthetic" if dry else "fashion_mnist")
         record("trainer_step", lambda: trainer_step_syncs(device, cfg, run))
         record("fmnist_invp", lambda: fmnist_run(cfg, run))
     if device.type == "cuda":

@@ -232,9 +232,12 @@ def _figure(keys: tuple[str, ...], series: list[tuple[str, list[dict[str, Any]]]
     panels = [keys] if one_panel else [(k,) for k in keys]
     cols = min(2, len(panels))
     rows = math.ceil(len(panels) / cols)
-    # One panel with a line per run and key: the legend goes beside the axes, where it hides no curve.
+    # One panel with a line per run and key: its legend names each run (colour) and each key (line style) once,
+    # beside the axes, where it hides no curve; the figure grows to hold it.
     outside = one_panel and len(series) * len(keys) > 4
-    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols + (3.0 if outside else 0.0), 3.6 * rows),
+    entries = len(series) + len(keys) + len(hlines or [])
+    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols + (3.0 if outside else 0.0),
+                                                  max(3.6 * rows, 0.3 * entries if outside else 0.0)),
                              squeeze=False)
     legend_runs = len(series) <= 12
     for ax, panel in zip(axes.flat, panels, strict=False):
@@ -243,19 +246,18 @@ def _figure(keys: tuple[str, ...], series: list[tuple[str, list[dict[str, Any]]]
             for key in panel:
                 xs, ys = _series(recs, x, key)
                 if xs:
-                    name = label if not one_panel else f"{label} {key}"
                     ax.plot(xs, ys, color=color, linestyle=(styles or {}).get(key, "-"), marker="." if
-                            len(xs) < 30 else None, label=name if legend_runs else None)
+                            len(xs) < 30 else None, label=label if legend_runs and not outside else None)
         for label, value, style in hlines or []:
             ax.axhline(value, color="grey", linestyle=style, linewidth=1.2, label=label)
+        if outside and legend_runs:
+            ax.legend(handles=_keyed_handles([label for label, _ in series], panel, styles or {}, ax),
+                      fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
         ax.set_xlabel(xlabel)
         ax.set_title(", ".join(panel) if not one_panel else title)
         ax.grid(True, alpha=0.3)
-        if legend_runs and ax.get_legend_handles_labels()[0]:
-            if outside:
-                ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
-            else:
-                ax.legend(fontsize="small")
+        if legend_runs and not outside and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if not one_panel:
@@ -267,6 +269,16 @@ def _figure(keys: tuple[str, ...], series: list[tuple[str, list[dict[str, Any]]]
     plt.close(fig)
     tmp.replace(path)
     return True
+
+
+def _keyed_handles(runs: list[str], keys: tuple[str, ...], styles: dict[str, str], ax) -> list:
+    """Legend entries: each run in its colour, each key in its line style (grey), then the axes' own labelled
+    lines (the baselines)."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=f"C{i % 10}", label=run) for i, run in enumerate(runs)]
+    handles += [Line2D([], [], color="black", linestyle=styles.get(key, "-"), label=key) for key in keys]
+    return handles + ax.get_legend_handles_labels()[0]
 
 
 def write_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
