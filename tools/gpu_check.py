@@ -48,6 +48,7 @@ from invprop.models import build_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
 from gpu_folder import compose_config, default_workers, folder_pipeline  # noqa: E402
+from gpu_kernel_steps import kernel_steps, weighted_rows_steps  # noqa: E402
 from gpu_probes import (  # noqa: E402
     SELECTIONS_CHECKED,
     kernel_backends,
@@ -56,51 +57,7 @@ from gpu_probes import (  # noqa: E402
     selection_exact,
 )
 from gpu_shared_ranks import shared_device_check  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds per call after warm-up."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def enqueue_time(fn, device: torch.device, iters: int) -> float:
-    """Median seconds the host spends in one call started on an idle device, without a wait at the end. Waits
-    inside the call (`host_syncs`) are included; where there are none this is the launch overhead, which a step
-    cannot hide when the device finishes its kernels sooner (on the CPU: the whole call)."""
-    times = []
-    for _ in range(iters):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    sync(device)
-    return sorted(times)[len(times) // 2]
-
-
-def pipelined(fn, device: torch.device, iters: int) -> float:
-    """Seconds per call of `iters` back-to-back calls with one sync at the end: the steady-state cost in a
-    training loop, where the host queues the next step while the device still runs this one."""
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / iters
+from gpu_timing import enqueue_time, host_syncs, pipelined, timed  # noqa: E402
 
 
 def make_criterion(n: int, device: torch.device, m: int = 4096, selection: str = "auto") -> InvPLoss:
@@ -116,22 +73,6 @@ def id_batches(n: int, batch: int, count: int, device: torch.device) -> Iterator
     then repeated in turn."""
     gen = torch.Generator().manual_seed(0)
     return itertools.cycle([torch.randperm(n, generator=gen)[:batch].to(device) for _ in range(count)])
-
-
-def host_syncs(fn, device: torch.device) -> int | None:
-    """How many times one call of `fn` makes the host wait for the GPU (CUDA's sync debug mode)."""
-    if device.type != "cuda":
-        return None
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def step_throughput(arch: str, size: int, batch: int, n_bank: int, device: torch.device, bf16: bool,
@@ -223,59 +164,6 @@ def bank_steps(n: int, batch: int, device: torch.device, warmup: int, iters: int
                  filter_extra=crit.bank.filter_extra, triton_redone=crit.bank.selections["triton"].redone,
                  host_syncs=host_syncs(step, device),
                  profile=profile_steps({"auto": step}, device)["auto"])
-    return found
-
-
-def kernel_steps(n: int, batch: int, m: int, device: torch.device, warmup: int, iters: int,
-                 **kernel_args: int) -> dict:
-    """The local top-M alone (no loss, no backward) on one shard of n rows: the fused kernel (invprop/kernels/
-    topm.py) and its torch route, with the float16 copy and the row norm kept as a bank keeps them, against the
-    float32 chunked top-k the bank's `topk` runs. Median ms per call, and the queries each route redid."""
-    from invprop.kernels.topm import exact_topk, topm
-
-    rows = ShardedBank(n, 128, seed=0, device=device, selection="topk").rows
-    gen = torch.Generator().manual_seed(3)
-    pick = torch.randperm(n, generator=gen)[:batch].to(device)
-    z = torch.nn.functional.normalize(rows[pick] + 0.1 / 128**0.5 * torch.randn(batch, 128, generator=gen)
-                                      .to(device), dim=1)
-    low, max_norm = rows.to(torch.float16), rows.norm(dim=1).max()
-    found: dict = {"rows": n, "batch": batch, "m": m, "ms": {}, "redone": {}}
-    for backend in kernel_backends(device):
-        args = kernel_args if backend == "triton" else {}
-
-        def call(backend: str = backend, args: dict = args) -> None:
-            found["redone"][backend] = topm(z, rows, m, low=low, max_norm=max_norm, backend=backend, **args).redone
-
-        found["ms"][backend] = timed(call, device, warmup, iters) * 1000
-    found["ms"]["float32_topk"] = timed(lambda: exact_topk(z, rows, m), device, warmup, iters) * 1000
-    found["profile"] = profile_steps({b: (lambda b=b: topm(z, rows, m, low=low, max_norm=max_norm, backend=b,
-                                                           **(kernel_args if b == "triton" else {})))
-                                      for b in kernel_backends(device)}, device)
-    return found
-
-
-def weighted_rows_steps(n: int, batch: int, width: int, used: int, device: torch.device, warmup: int, iters: int,
-                        **kernel_args: int) -> dict:
-    """The backward of the selected scores alone (invprop/kernels/weighted_rows.py): per query, `width` buffered
-    candidates of which `used` have a non-zero gradient (the top-M; the rest is padding or outside every mask),
-    with embedding_bag and, where it runs, the Triton kernel. Median ms per call, and how far the two differ."""
-    from invprop.kernels.weighted_rows import weighted_row_sum
-
-    rows = ShardedBank(n, 128, seed=0, device=device, selection="topk").rows
-    gen = torch.Generator().manual_seed(4)
-    cols = torch.randint(0, n, (batch, width), generator=gen).to(device)
-    weights = torch.randn(batch, width, generator=gen).to(device)
-    weights[:, used:] = 0
-    found: dict = {"rows": n, "batch": batch, "width": width, "used": used, "ms": {}}
-    outs = {}
-    for backend in kernel_backends(device):
-        args = kernel_args if backend == "triton" else {}
-        outs[backend] = weighted_row_sum(rows, cols, weights, backend=backend, **args)
-        found["ms"][backend] = timed(lambda b=backend, a=args: weighted_row_sum(rows, cols, weights, backend=b, **a),
-                                     device, warmup, iters) * 1000
-    if len(outs) == 2:
-        found["max_abs_diff"] = float((outs["triton"] - outs["torch"]).abs().max())
-        found["speedup"] = found["ms"]["torch"] / found["ms"]["triton"]
     return found
 
 
