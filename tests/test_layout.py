@@ -114,8 +114,8 @@ DATA_LAYERS = {
     "invprop.data.folder": 2, "invprop.data.ffcv.order": 2, "invprop.data.ffcv.decoder": 2,
     # datasets by config; the FFCV loaders
     "invprop.data.datasets": 3, "invprop.data.ffcv.loader": 3,
-    # the torchvision loader; writing .beton files
-    "invprop.data.loader": 4, "invprop.data.beton": 4,
+    # the torchvision loader, the resident images' batches (data.format=device); writing .beton files
+    "invprop.data.loader": 4, "invprop.data.device_batches": 4, "invprop.data.beton": 4,
     "invprop.data.beton_cache": 5,
     "invprop.data.ffcv": 6, "invprop.data": 6,
 }

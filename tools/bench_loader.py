@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Throughput of the FFCV training loader vs the plain torchvision ``DataLoader`` path, in one run.
+"""Throughput of the FFCV training loader vs the plain torchvision ``DataLoader`` path, in one run, and of the
+resident images (``data.format=device``) for data sets held in memory.
 
 Both paths read the same dataset (Fashion-MNIST, 32 px, by default), produce the same kind of batch
 (uint8 ``(B, 3, S, S)`` RandomResizedCrop'ed with scale 0.2-1, labels, indices), with the same order
@@ -147,6 +148,33 @@ def bench_torchvision(order, args: argparse.Namespace) -> dict:
     }
 
 
+def bench_resident(order, args: argparse.Namespace) -> dict:
+    """`data.format=device`: the uint8 images resident on the device (CUDA when there is one), batches cropped
+    there; the same boxes and flips as the other paths, no workers."""
+    import torch
+
+    from invprop.data.datasets import load_split
+    from invprop.data.device_batches import DeviceBatches
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images, labels = load_split(_data_cfg(args), "train")
+    resident = DeviceBatches(images, labels, order, seed=args.seed, out_size=args.image_size,
+                             crop_scale=(0.2, 1.0), flip=args.flip, device=device)
+
+    def drain(epoch: int, limit: int | None = None) -> int:
+        n = _drain(resident.epoch(epoch, 0, 0, 1), limit)[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n
+
+    drain(0, limit=args.tv_warmup_batches)
+    t0 = time.perf_counter()
+    n_img = sum(drain(e) for e in range(1, 1 + args.tv_epochs))
+    dt = time.perf_counter() - t0
+    return {"resident_img_s": n_img / dt, "resident_device": str(device), "resident_timed_images": n_img,
+            "resident_timed_s": dt}
+
+
 def profile_ffcv(beton: Path, order, args: argparse.Namespace) -> str:
     """Per-stage timings of FFCV's pipeline and a cProfile of the consumer thread, as text."""
     import cProfile
@@ -282,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_torchvision:
             res.update(bench_torchvision(order, args))
             res["ratio"] = res["ffcv_img_s"] / res["torchvision_img_s"]
+        if not folder:  # image files are not held in memory
+            res.update(bench_resident(order, args))
+            if "torchvision_img_s" in res:
+                res["resident_ratio_vs_torchvision"] = res["resident_img_s"] / res["torchvision_img_s"]
         prof = profile_ffcv(beton, order, args) if args.profile else None
     finally:
         if tmp is not None:
@@ -310,11 +342,16 @@ def main(argv: list[str] | None = None) -> int:
             t.add_row("torchvision", f"{res['torchvision_img_s']:,.0f}",
                       f"{res['torchvision_timed_images']:,} img / {res['torchvision_timed_s']:.2f} s",
                       f"{res['torchvision_warmup_s']:.2f}")
+        if "resident_img_s" in res:
+            t.add_row(f"resident ({res['resident_device']})", f"{res['resident_img_s']:,.0f}",
+                      f"{res['resident_timed_images']:,} img / {res['resident_timed_s']:.2f} s", "-")
         console = Console()
         console.print(t)
         if "ratio" in res:
             console.print(f"FFCV / torchvision: [bold]{res['ratio']:.1f}x[/bold]  "
                           f"(beton written in {res['beton_write_s']:.1f} s)")
+        if "resident_ratio_vs_torchvision" in res:
+            console.print(f"resident / torchvision: [bold]{res['resident_ratio_vs_torchvision']:.1f}x[/bold]")
         if prof:
             console.print(prof, markup=False, highlight=False)
     return 0

@@ -178,7 +178,7 @@ def fmnist_config(device: torch.device, epochs: int, subset: int, root: str | No
         cfg.data.n_train, cfg.data.n_test = subset, max(1, subset // 4)
     else:
         cfg.data.root, cfg.data.subset = root, subset
-    cfg.data.format = "torchvision"  # FFCV is not installable on a machine without a registry
+    cfg.data.format = "device"  # FFCV is not installable on a machine without a registry; resident images
     cfg.train.update(epochs=epochs, batch_size=512, num_workers=min(8, os.cpu_count() or 1), log_every=50,
                      precision=precision if device.type == "cuda" else "fp32", channels_last=True,
                      checkpoint_every_min=0)

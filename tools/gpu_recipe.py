@@ -3,8 +3,9 @@
     tools/gpu_recipe.sh --out $OUT/gpu_recipe.json --fmnist-root DIR     # one H100/H200, < 9 minutes
     tools/gpu_recipe.sh --dry-run --out /tmp/recipe.json                  # CPU, tiny (the test suite runs this)
 
-Each configuration is a plain `launchers/submit.py` run (all 60,000 images, CIFAR ResNet-18, torchvision
-loader: FFCV may not build on the GPU machine) with a kNN curve every few epochs. Runs start in waves of
+Each configuration is a plain `launchers/submit.py` run (all 60,000 images, CIFAR ResNet-18, the images resident
+on the GPU: `data.format=device`, the torchvision path's crops without its workers; FFCV may not build on the GPU
+machine) with a kNN curve every few epochs. Runs start in waves of
 `--parallel` (one H200 holds three small runs at once) and every run is stopped at the wall-clock deadline,
 so the JSON always comes back: each run's curve (head embeddings, backbone features, bank rows, own row in
 top-M), its final kNN on both measures, the untrained and raw-pixel bars, and whether it finished.
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from invprop.metrics import read_jsonl, write_json_atomic  # noqa: E402
 
 # The shared part of every configuration: the GPU proxy of docs/RESULTS.md's learning section.
-BASE = ["+experiment=fmnist_gpu", "data.format=torchvision", "eval.protocols=[knn]", "eval.every_epochs=2",
+BASE = ["+experiment=fmnist_gpu", "data.format=device", "eval.protocols=[knn]", "eval.every_epochs=2",
         "eval.every_epochs_test_images=10000"]
 # name -> overrides. The first wave answers the comparison (InvP vs NPID vs lambda = 0 at one
 # budget); the second tries the leads the CPU proxy left open at GPU scale.

@@ -48,7 +48,7 @@ class DataConfig:
 
     def validate(self) -> None:
         check_int(self.subset, "data.subset", 0, " (0 = the whole training set)")
-        check_choice(self.format, "data.format", ("ffcv", "torchvision"))
+        check_choice(self.format, "data.format", ("ffcv", "torchvision", "device"))
         check_int(self.image_size, "data.image_size", 8, " (pixels per side)")
         for key in ("mean", "std"):
             value = getattr(self, key)
@@ -96,6 +96,10 @@ class ImageFolderConfig(DataConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.format == "device":
+            raise ConfigError(f"data.format=device holds the whole training set on the device, which suits "
+                              f"in-memory data sets (fashion_mnist, cifar10, cifar100, synthetic), not data="
+                              f"{self.name}'s image files: use data.format=ffcv or torchvision")
         check_choice(self.beton_mode, "data.beton_mode", ("jpg", "raw"))
         check_positive_int(self.beton_max_resolution, "data.beton_max_resolution")
         check_int(self.beton_jpeg_quality, "data.beton_jpeg_quality", 1)

@@ -17,7 +17,8 @@ from numba import njit
 
 from invprop.data.seeding import derive_seed
 
-__all__ = ["CROP_STREAM", "crop_box", "crop_epoch_key", "flip_bit", "sample_crop", "sample_key", "stored_size"]
+__all__ = ["CROP_STREAM", "crop_box", "crop_epoch_key", "flip_bit", "sample_crop", "sample_crops", "sample_key",
+           "stored_size"]
 
 # Stream tag mixed into the crop seed so crops never share random numbers with other users of derive_seed.
 CROP_STREAM = 0xC0FFC7
@@ -109,6 +110,33 @@ def sample_crop(
         float(np.log(ratio[0])), float(np.log(ratio[1])),
     )
     return int(top), int(left), int(h), int(w), bool(flip_bit(key))
+
+
+@_jit
+def _crops_of(epoch_key, indices, height, width, scale_lo, scale_hi, log_r_lo, log_r_hi, out):
+    for i in range(indices.shape[0]):
+        key = sample_key(epoch_key, np.uint64(indices[i]))
+        top, left, h, w = crop_box(key, height, width, scale_lo, scale_hi, log_r_lo, log_r_hi)
+        out[i, 0], out[i, 1], out[i, 2], out[i, 3] = top, left, h, w
+        out[i, 4] = 1 if flip_bit(key) else 0
+
+
+def sample_crops(
+    seed: int,
+    epoch: int,
+    indices: np.ndarray,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> np.ndarray:
+    """:func:`sample_crop` of many samples in one compiled call: an ``(n, 5)`` int64 array of
+    ``(top, left, h, w, flip)`` rows, equal to the per-sample results."""
+    indices = np.ascontiguousarray(indices, dtype=np.int64)
+    out = np.empty((indices.shape[0], 5), dtype=np.int64)
+    _crops_of(np.uint64(crop_epoch_key(seed, epoch)), indices, np.int64(height), np.int64(width),
+              float(scale[0]), float(scale[1]), float(np.log(ratio[0])), float(np.log(ratio[1])), out)
+    return out
 
 
 def stored_size(height: int, width: int, max_resolution: int | None) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from invprop.collectives import Comm
 from invprop.config import n_background
 from invprop.data import EpochOrder, eval_batches, load_split, normalization
 from invprop.data.augment import BatchColorAugment, eval_transform
+from invprop.data.device_batches import DeviceBatches
 from invprop.data.loader import IndexedImageDataset, batch_generator, build_train_loader
 from invprop.data.order import DataPosition
 from invprop.digest import state_digest
@@ -150,6 +151,9 @@ class Trainer:
         self.augment = BatchColorAugment.from_config(aug_cfg, *normalization(cfg.data)).to(device)
         self.ffcv = self._build_ffcv() if cfg.data.format == "ffcv" and ffcv_available(
             comm.is_main) else None
+        self.resident = DeviceBatches(self.images, self.labels, self.order, seed=int(cfg.seed),
+                                      out_size=int(self.images.shape[-1]), crop_scale=tuple(aug_cfg.crop_scale),
+                                      flip=bool(aug_cfg.flip), device=device) if cfg.data.format == "device" else None
         self.base_lr = float(cfg.train.lr) * int(cfg.train.batch_size) / 128
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.base_lr,
                                          momentum=float(cfg.train.momentum),
@@ -177,9 +181,12 @@ class Trainer:
                                        flip=bool(aug.flip))
 
     def batches(self) -> Any:
-        """This rank's batches of the current epoch from the saved position: FFCV or the torchvision path."""
+        """This rank's batches of the current epoch from the saved position: FFCV, the resident images
+        (`data.format=device`) or the torchvision path."""
         if self.ffcv is not None:
             return self.ffcv.epoch(self.state.epoch, self.state.batch)
+        if self.resident is not None:
+            return self.resident.epoch(self.state.epoch, self.state.batch, self.comm.rank, self.comm.world)
         return build_train_loader(self.dataset, self.order, self.state.epoch, self.state.batch, self.comm.rank,
                                   self.comm.world, int(self.cfg.train.num_workers),
                                   pin_memory=self.device.type == "cuda")
