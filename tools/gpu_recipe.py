@@ -37,10 +37,11 @@ RECIPES: dict[str, list[str]] = {
     "invp": [],
     "npid": ["method=npid", "method.bank_init=network"],
     "invp_lambda0": ["method.lambda_inv=0"],
-    # what the CPU proxy moved away from: the paper's lambda, and a quarter of the lr (the recipe before)
-    "invp_lambda06": ["method.lambda_inv=0.6"],
+    # what the CPU proxy moved away from: lambda 2.0 (its choice at batch 512), a quarter of the lr (the recipe
+    # before that) and batch 512
+    "invp_lambda2": ["method.lambda_inv=2.0"],
     "invp_lr_quarter": ["train.lr=0.0075"],
-    "invp_b512": ["train.batch_size=512"],  # the batch before the proxy's three-seed comparison
+    "invp_b512": ["train.batch_size=512"],
 }
 # The dry run checks the script end to end (waves, deadline, JSON) on tiny synthetic data in seconds.
 DRY_RUN_BASE = ["data=synthetic", "data.n_train=256", "data.n_test=128", "model=resnet_tiny",
