@@ -48,8 +48,9 @@ def weighted_rows_steps(n: int, batch: int, width: int, used: int, device: torch
     rows = ShardedBank(n, 128, seed=0, device=device, selection="topk").rows
     gen = torch.Generator().manual_seed(4)
     cols = torch.randint(0, n, (batch, width), generator=gen).to(device)
-    weights = torch.randn(batch, width, generator=gen).to(device)
-    weights[:, used:] = 0
+    weights = torch.randn(batch, width, generator=gen)
+    weights[torch.rand(batch, width, generator=gen).argsort(1) >= used] = 0  # scattered, as in a selection
+    weights = weights.to(device)
     found: dict = {"rows": n, "batch": batch, "width": width, "used": used, "ms": {}}
     outs = {}
     for backend in kernel_backends(device):
