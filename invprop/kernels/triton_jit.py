@@ -3,13 +3,16 @@ block width over the embedding dimension. Importing this module needs Triton."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton
 
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[str, Any] = {}
 
 
-def jit_for(fn, device: torch.device):
+def jit_for(fn: Callable[..., None], device: torch.device) -> Any:
     """`fn` as a Triton kernel. Triton picks compiled or interpreted when it is first imported: CPU tensors need
     TRITON_INTERPRET=1 in the environment by then (tests/conftest.py sets it on a machine without CUDA)."""
     if device.type != "cuda" and not triton.knobs.runtime.interpret:
