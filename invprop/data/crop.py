@@ -17,9 +17,11 @@ from numba import njit
 
 from invprop.data.seeding import derive_seed
 
-__all__ = ["CROP_STREAM", "crop_box", "crop_epoch_key", "flip_bit", "sample_crop", "sample_crops", "sample_key",
-           "stored_size"]
+__all__ = ["CROP_RATIO", "CROP_STREAM", "crop_box", "crop_epoch_key", "flip_bit", "sample_crop", "sample_crops",
+           "sample_key", "stored_size"]
 
+# The aspect-ratio range of every training crop (both loaders and the resident batches draw with it).
+CROP_RATIO = (3 / 4, 4 / 3)
 # Stream tag mixed into the crop seed so crops never share random numbers with other users of derive_seed.
 CROP_STREAM = 0xC0FFC7
 
@@ -99,7 +101,7 @@ def sample_crop(
     height: int,
     width: int,
     scale: tuple[float, float] = (0.2, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ratio: tuple[float, float] = CROP_RATIO,
 ) -> tuple[int, int, int, int, bool]:
     """``(top, left, h, w, flip)`` of sample ``index`` (an image of ``height x width``) in ``epoch``.
     ``flip`` is the draw used when flipping is on (ignored otherwise)."""
@@ -128,7 +130,7 @@ def sample_crops(
     height: int,
     width: int,
     scale: tuple[float, float] = (0.2, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ratio: tuple[float, float] = CROP_RATIO,
 ) -> np.ndarray:
     """:func:`sample_crop` of many samples in one compiled call: an ``(n, 5)`` int64 array of
     ``(top, left, h, w, flip)`` rows, equal to the per-sample results."""

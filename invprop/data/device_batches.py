@@ -27,8 +27,7 @@ class DeviceBatches:
     """This rank's training batches ``(uint8 (B, C, S, S), labels, indices)``, all on ``images``' device."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, order: EpochOrder, *, seed: int, out_size: int,
-                 crop_scale: tuple[float, float], crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 flip: bool = False, device: torch.device | str = "cpu") -> None:
+                 crop_scale: tuple[float, float], flip: bool = False, device: torch.device | str = "cpu") -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if max(images.shape[-2:]) > out_size:
@@ -41,7 +40,6 @@ class DeviceBatches:
         self.order = order
         self.seed, self.out_size, self.flip = int(seed), int(out_size), bool(flip)
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
-        self.crop_ratio = (float(crop_ratio[0]), float(crop_ratio[1]))
 
     def epoch(self, epoch: int, start_batch: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """Batches ``start_batch ..`` of ``epoch`` for ``rank`` of ``world``."""
@@ -49,19 +47,16 @@ class DeviceBatches:
             raise ValueError(f"start_batch {start_batch} outside [0, {self.order.num_batches}]")
         for b in range(start_batch, self.order.num_batches):
             indices = self.order.local_indices(epoch, b, rank, world)
-            yield self.crops(epoch, indices), self.labels[indices.to(self.labels.device)], indices
+            here = indices.to(self.images.device)
+            boxes, flips = self.boxes(epoch, indices)
+            crops = crop_resize(self.images[here], boxes.to(here.device), flips.to(here.device), self.out_size)
+            yield crops, self.labels[here], indices
 
     def boxes(self, epoch: int, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B x 4 int64 top, left, h, w; B bool flips) of these samples in ``epoch``, on the host."""
         h, w = int(self.images.shape[-2]), int(self.images.shape[-1])
-        drawn = torch.from_numpy(sample_crops(self.seed, epoch, indices.cpu().numpy(), h, w, self.crop_scale,
-                                              self.crop_ratio))
+        drawn = torch.from_numpy(sample_crops(self.seed, epoch, indices.cpu().numpy(), h, w, self.crop_scale))
         return drawn[:, :4], (drawn[:, 4] == 1) & self.flip
-
-    def crops(self, epoch: int, indices: torch.Tensor) -> torch.Tensor:
-        boxes, flips = self.boxes(epoch, indices)
-        device = self.images.device
-        return crop_resize(self.images[indices.to(device)], boxes.to(device), flips.to(device), self.out_size)
 
 
 def _taps(start: torch.Tensor, length: torch.Tensor, out: int) -> tuple[torch.Tensor, ...]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from invprop.data.crop import sample_crop
+from invprop.data.crop import CROP_RATIO, sample_crop
 from invprop.data.geometric import resize_uint8
 from invprop.data.order import EpochOrder
 from invprop.data.seeding import derive_seed
@@ -41,7 +41,7 @@ class IndexedImageDataset(Dataset):
         seed: int = 0,
         out_size: int | None = None,
         crop_scale: tuple[float, float] = (0.2, 1.0),
-        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        crop_ratio: tuple[float, float] = CROP_RATIO,
         flip: bool = False,
     ) -> None:
         lazy = not isinstance(images, torch.Tensor)

@@ -22,7 +22,7 @@ import numpy as np
 from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
 from numba import njit
 
-from invprop.data.crop import crop_box, flip_bit, sample_key
+from invprop.data.crop import CROP_RATIO, crop_box, flip_bit, sample_key
 from invprop.data.ffcv import compat
 
 __all__ = ["SeededRandomResizedCropDecoder"]
@@ -58,7 +58,7 @@ class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
         self,
         output_size: tuple[int, int],
         scale: tuple[float, float] = (0.2, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        ratio: tuple[float, float] = CROP_RATIO,
         *,
         crop: bool | str = True,
         flip: bool = False,

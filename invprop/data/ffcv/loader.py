@@ -46,7 +46,7 @@ from ffcv.fields.decoders import IntDecoder
 from ffcv.loader import Loader
 from ffcv.transforms import ToTensor, ToTorchImage
 
-from invprop.data.crop import crop_epoch_key
+from invprop.data.crop import CROP_RATIO, crop_epoch_key
 from invprop.data.ffcv import compat
 from invprop.data.ffcv.decoder import SeededRandomResizedCropDecoder
 from invprop.data.ffcv.order import ResumableOrder, ShardOrder
@@ -191,7 +191,7 @@ class FFCVTrainLoader(_LoaderBase):
         seed: int,
         *,
         scale: tuple[float, float] = (0.2, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        ratio: tuple[float, float] = CROP_RATIO,
         crop: bool = True,
         flip: bool = False,
         batches_ahead: int = 3,
