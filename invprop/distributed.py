@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,21 +28,42 @@ class DistEnv:
     master_port: int = 29500
     source: str = "single"  # slurm | torchrun | single
     local_world_size: int = 1  # ranks on this machine
+    # SLURM: the attempt's name ('<job>.<restart count>'); rank 0 publishes its store's port under it
+    rendezvous_key: str = ""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Every host of a SLURM node list ('rack[1-2]-node[01-04],gpu7'), in SLURM's order.
+
+    SLURM's own expansion (`scontrol show hostnames`) where scontrol is on PATH; else submitit's parser of the
+    same grammar (a job step always has scontrol; the fallback serves torchrun-in-SLURM set-ups without it).
+    """
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ValueError("empty SLURM_JOB_NODELIST")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30)
+        hosts = out.stdout.split()
+        if out.returncode == 0 and hosts:
+            return hosts
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    from submitit.slurm.slurm import _parse_node_list  # noqa: PLC0415 - the fallback only
+
+    try:
+        return _parse_node_list(nodelist)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the same user-facing problem
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}") from exc
+
+
 def first_host(nodelist: str) -> str:
-    """First host of a SLURM node list such as 'gpu[003-005,9],cpu1' -> 'gpu003'."""
-    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if head is None:
-        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, _, ranges = head.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    """The first host of a SLURM node list: where rank 0 runs (SLURM places task 0 on the first node)."""
+    return expand_nodelist(nodelist)[0]
 
 
 def resolve_host(host: str) -> str:
@@ -57,11 +81,6 @@ def resolve_host(host: str) -> str:
     return found.group(1) if found else host
 
 
-def port_for_job(job_id: str) -> int:
-    """A port every task of a job derives alike; spread over 20000-39999 so jobs on one node rarely clash."""
-    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
-
-
 def read_env(environ: dict[str, str] | None = None) -> DistEnv:
     """Rank and rendezvous from torchrun-style variables, else SLURM's, else a single process."""
     env = os.environ if environ is None else environ
@@ -71,10 +90,12 @@ def read_env(environ: dict[str, str] | None = None) -> DistEnv:
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun",
                        int(env.get("LOCAL_WORLD_SIZE", world)))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
-        job = env.get("SLURM_ARRAY_JOB_ID", env.get("SLURM_JOB_ID", "0")) + env.get("SLURM_ARRAY_TASK_ID", "")
+        job = env.get("SLURM_ARRAY_JOB_ID", env.get("SLURM_JOB_ID", "0"))
+        if "SLURM_ARRAY_TASK_ID" in env:
+            job += f"_{env['SLURM_ARRAY_TASK_ID']}"
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
-                       resolve_host(first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))), port_for_job(job),
-                       "slurm", tasks_on_this_node(env))
+                       resolve_host(first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))), 0,
+                       "slurm", tasks_on_this_node(env), f"{job}.{env.get('SLURM_RESTART_COUNT', '0')}")
     return DistEnv()
 
 
@@ -111,9 +132,10 @@ def backend_for(device: torch.device, ranks_here: int, gpus_here: int) -> str:
     return "nccl" if ranks_here <= gpus_here else "gloo"
 
 
-def init(env: DistEnv, timeout_s: float = 120.0) -> Comm:
+def init(env: DistEnv, timeout_s: float = 120.0, rendezvous_dir: Path | None = None) -> Comm:
     """This process's `Comm`, built once (`backend_for` picks NCCL or gloo) for W > 1, where a dead peer ends
-    collectives after `timeout_s` instead of hanging."""
+    collectives after `timeout_s` instead of hanging. Under SLURM the ranks meet through `rendezvous_dir` (a
+    folder every node sees: the run directory), where rank 0 publishes the port its store was given."""
     device = device_for(env)
     if env.world_size == 1:
         return Comm(device=device)
@@ -125,11 +147,45 @@ def init(env: DistEnv, timeout_s: float = 120.0) -> Comm:
         # Make NCCL raise instead of hanging when a peer disappears.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                            rank=env.rank, world_size=env.world_size, timeout=timeout)
+    if env.source == "slurm":
+        if rendezvous_dir is None:
+            raise ValueError("a SLURM launch needs a rendezvous_dir that every node sees")
+        published = Path(rendezvous_dir) / f"{env.rendezvous_key}.port"
+        store = rendezvous_store(env, published, timeout_s)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+        if env.is_main:  # every rank has joined (init_process_group waited for them): the file has served
+            published.unlink(missing_ok=True)
+    else:
+        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                rank=env.rank, world_size=env.world_size, timeout=timeout)
     # A separate group keeps bank collectives apart from DDP's asynchronous gradient buckets.
     return Comm(env.rank, env.world_size, device, group=dist.new_group(backend=backend, timeout=timeout),
                 control=dist.new_group(backend="gloo", timeout=timeout), backend=backend)
+
+
+def rendezvous_store(env: DistEnv, published: Path, timeout_s: float) -> dist.TCPStore:
+    """The job's TCPStore. Rank 0 lets the OS pick a free port (so two jobs on one node can never share one,
+    whatever their ids) and writes it to `published`; the other ranks wait for that file and connect."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if env.is_main:
+        store = dist.TCPStore(env.master_addr, 0, env.world_size, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
+        published.parent.mkdir(parents=True, exist_ok=True)
+        tmp = published.with_name(f".{published.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"host": env.master_addr, "port": store.port}))
+        os.replace(tmp, published)
+        return store
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            port = int(json.loads(published.read_text())["port"])
+            return dist.TCPStore(env.master_addr, port, env.world_size, is_master=False, timeout=timeout)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            # not published yet, or a half-read file: rank 0 may still be importing; wait, up to the timeout
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {env.rank}: no rendezvous from rank 0 in {published} after "
+                                   f"{timeout_s:.0f} s ({exc})") from exc
+            time.sleep(0.2)
 
 
 def shutdown() -> None:

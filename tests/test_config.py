@@ -144,3 +144,23 @@ def test_wandb_logger_without_the_package_is_one_line() -> None:
         validate(_cfg("logger=wandb"))
     assert str(err.value).startswith("logger=wandb needs the wandb package") and "\n" not in str(err.value)
     validate(_cfg("logger=none"))
+
+
+def test_a_per_rank_batch_under_16_is_refused_with_the_batch_and_lr_that_fix_it() -> None:
+    cfg = _cfg("+experiment=imagenet_r50", "nodes=8", "gpus=8", "data=synthetic")
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    message = str(info.value)
+    assert message.startswith("train.batch_size=128 puts 2 images per rank") and "\n" not in message
+    assert "train.batch_size=2048 (32 per rank" in message and "0.48" in message
+    assert "train.allow_small_rank_batch=true" in message and "model.sync_bn=true" in message
+
+
+@pytest.mark.parametrize("extra", [["train.allow_small_rank_batch=true"],
+                                   ["train.batch_size=1024", "data.n_train=2048"]])
+def test_a_small_per_rank_batch_runs_when_asked_for_or_raised(extra) -> None:
+    validate(_cfg("data=synthetic", "nodes=8", "gpus=8", *extra))  # 128 / 64 = 2 per rank without `extra`
+
+
+def test_one_rank_may_train_on_a_small_batch() -> None:
+    validate(_cfg("data=synthetic", "train.batch_size=8"))

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from invprop.config.checks import ConfigError
-from invprop.config.schema import BANK_SELECTIONS, GROUP_SCHEMAS, Config
+from invprop.config.schema import BANK_SELECTIONS, GROUP_SCHEMAS, Config, TrainConfig
 
 __all__ = ["BANK_SELECTIONS", "ConfigError", "candidate_count", "compose_defaults", "group_section",
            "load_run_config", "n_background", "slurm_section", "tool_data_section", "typed", "validate",
@@ -127,6 +127,7 @@ def validate(cfg: DictConfig) -> None:
     if batch % world:
         raise ConfigError(f"train.batch_size={batch} must be divisible by nodes*gpus={world}; "
                           f"use a multiple of {world}")
+    check_rank_batch(batch, world, conf.train)
     n = _training_images(cfg.data)
     if batch > n:
         raise ConfigError(f"train.batch_size={batch} is larger than the {n} training images; lower it "
@@ -139,6 +140,26 @@ def validate(cfg: DictConfig) -> None:
         if wandb_missing_message():
             raise ConfigError(wandb_missing_message())
     _validate_out_dir(str(cfg.out_dir))
+
+
+# BatchNorm's batch statistics over fewer images than this are too noisy to train on (per-GPU batches of 32 are
+# what the ImageNet memory-bank recipes use); below it the user has to ask for it.
+MIN_RANK_BATCH = 16
+SUGGESTED_RANK_BATCH = 32
+
+
+def check_rank_batch(batch: int, world: int, train: TrainConfig) -> None:
+    """Refuse a per-rank batch under MIN_RANK_BATCH unless train.allow_small_rank_batch says it is meant."""
+    per_rank = batch // world
+    if per_rank >= MIN_RANK_BATCH or train.allow_small_rank_batch or world == 1:
+        return
+    suggested = SUGGESTED_RANK_BATCH * world
+    lr = train.lr * suggested / 128
+    raise ConfigError(f"train.batch_size={batch} puts {per_rank} images per rank through BatchNorm over "
+                      f"nodes*gpus={world} ranks; use train.batch_size={suggested} ({SUGGESTED_RANK_BATCH} per rank; "
+                      f"the lr then scales to {lr:g} = train.lr {train.lr:g} x {suggested}/128), add "
+                      "model.sync_bn=true for statistics over the whole batch, or set "
+                      "train.allow_small_rank_batch=true to run it anyway")
 
 
 def _training_images(data: DictConfig) -> int:

@@ -16,6 +16,7 @@ from omegaconf import MISSING
 
 from invprop.config.checks import (
     ConfigError,
+    check_bool,
     check_choice,
     check_int,
     check_number,
@@ -52,11 +53,13 @@ class TrainConfig:
     channels_last: bool
     compile: bool
     stop_at_step: int | None
+    allow_small_rank_batch: bool  # a per-rank batch under 16 is refused unless this says it is meant
 
     def validate(self) -> None:
         check_positive_int(self.epochs, "train.epochs")
         check_positive_int(self.batch_size, "train.batch_size", " (the global batch)")
         check_choice(self.precision, "train.precision", ("fp32", "bf16"))
+        check_bool(self.allow_small_rank_batch, "train.allow_small_rank_batch")
         check_number(self.lr, "train.lr", 0, low_open=True)
         check_number(self.momentum, "train.momentum", 0, 1, high_open=True)
         check_number(self.weight_decay, "train.weight_decay", 0)
@@ -164,10 +167,12 @@ class ModelConfig:
     head: str
     embedding_dim: int
     hidden_dim: int | None
+    sync_bn: bool  # BatchNorm statistics over the global batch (SyncBatchNorm) instead of each rank's part
 
     def validate(self) -> None:
         from invprop.models.resnet import BACKBONES
 
+        check_bool(self.sync_bn, "model.sync_bn")
         check_positive_int(self.embedding_dim, "model.embedding_dim", " (the embedding's size)")
         check_choice(self.arch, "model.arch", tuple(sorted(BACKBONES)))
         check_choice(self.head, "model.head", ("linear", "mlp"))

@@ -45,7 +45,7 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     env = distributed.read_env()
-    comm = distributed.init(env, float(cfg.train.dist_timeout_s))
+    comm = distributed.init(env, float(cfg.train.dist_timeout_s), rendezvous_dir=run_dir / "rendezvous")
     device = comm.device
     boundary = StepBoundary(comm, int(cfg.train.checkpoint_every_steps), float(cfg.train.checkpoint_every_min),
                             also=stop_signals, stop_at_step=cfg.train.stop_at_step)

@@ -32,6 +32,7 @@ from invprop.logger import build_logger, config_markdown, views_grid
 from invprop.loss import StepOutput, build_criterion, monitor_floats
 from invprop.metrics import MetricsLog
 from invprop.models import build_model
+from invprop.models.sync_bn import convert_sync_batchnorm
 from invprop.state import RunIdentity, Stateful, TorchRng
 from invprop.train.boundary import StepBoundary
 from invprop.train.progress import TrainProgress
@@ -135,6 +136,8 @@ class Trainer:
         self.n = int(self.labels.shape[0])
         self.label_table = self.labels.to(device)
         self.model = build_model(cfg.model).to(device)
+        if cfg.model.sync_bn and comm.world > 1:
+            self.model = convert_sync_batchnorm(self.model, device)
         self.channels_last = bool(cfg.train.channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
