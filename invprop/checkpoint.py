@@ -3,19 +3,27 @@
 A checkpoint is a dict of named parts, each an `invprop.state.Stateful` that owns its state. step_<n>/ holds
 rank 0's `state.pt` (the replicated parts: model, optimiser, train and data positions, RNG, neighbour table)
 and every rank's `<part>.<r>-of-<W>` of each sharded part (the bank). Each file goes to a temporary name and is
-os.replace'd; after a barrier rank 0 writes COMMITTED (a manifest of the files' sizes and sha256) last. Only
-committed, intact directories are loaded, and a directory is written once: a save to a step that already has an
-intact committed checkpoint changes nothing (the state of step n is the same whichever path saves it).
+os.replace'd; each rank hashes what it wrote (from the bytes in memory, in parallel with the others) and rank 0
+writes COMMITTED (a manifest of every file's size, sha256 and, for a shard, its rows) last, from what the ranks
+report. Only committed, intact directories are loaded, and a directory is written once: a save to a step that
+already has an intact committed checkpoint changes nothing (the state of step n is the same whichever path saves
+it).
+
+I/O per rank is what the rank owns (docs/SCALING.md): on resume each rank reads and verifies only state.pt and
+the saved shards that overlap its own rows, once (the verified bytes are what it loads), and the ranks agree on
+the checkpoint with one collective. `IO.bytes_read` counts what this process read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +39,40 @@ class CorruptCheckpoint(ValueError):
     """A checkpoint file that cannot be read back as what was saved."""
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary name in the same folder, then os.replace; a failed write leaves nothing."""
+@dataclass
+class ReadCounter:
+    """Bytes this process read from checkpoint files (what a resume costs the shared filesystem), and the
+    verified contents waiting to be loaded, so a file is read once however often it is checked and used."""
+
+    bytes_read: int = 0
+    verified: dict[Path, bytes] = field(default_factory=dict)
+
+    def read(self, path: Path) -> bytes:
+        data = Path(path).read_bytes()
+        self.bytes_read += len(data)
+        return data
+
+
+IO = ReadCounter()
+
+
+def save_atomic(obj: Any, path: Path) -> dict[str, Any]:
+    """torch.save to a temporary name in the same folder, then os.replace; a failed write leaves nothing.
+    Returns the manifest entry (size, sha256) hashed from the bytes written, without reading them back."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def step_dirs(root: Path) -> list[Path]:
@@ -56,14 +86,6 @@ def step_dirs(root: Path) -> list[Path]:
 
 def step_of(directory: Path) -> int:
     return int(Path(directory).name[5:])
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sharded(states: Mapping[str, Stateful]) -> list[str]:
@@ -102,10 +124,11 @@ def _from_file(saved: dict[str, Any]) -> dict[str, Any]:
 
 def save(root: Path, step: int, states: Mapping[str, Stateful], *, comm: Comm | None = None,
          keep: int = 3) -> Path:
-    """Collective over `comm` (default: one process): every rank writes its shard of each sharded part, rank 0
-    the replicated parts to state.pt, then COMMITTED after a barrier. Returns step_<step>.
+    """Collective over `comm` (default: one process): every rank writes and hashes its shard of each sharded
+    part, rank 0 the replicated parts to state.pt, then rank 0 writes COMMITTED from the entries the ranks
+    report. Returns step_<step>.
 
-    If step_<step> is already committed and intact on every rank's view, nothing is written: re-saving would
+    If step_<step> is already committed and intact in every rank's own files, nothing is written: re-saving would
     replace files a manifest vouches for. A committed but broken one loses its marker first, then is rewritten.
     """
     if keep < 1:
@@ -113,23 +136,28 @@ def save(root: Path, step: int, states: Mapping[str, Stateful], *, comm: Comm | 
     comm = comm or Comm()
     rank, world = comm.rank, comm.world
     target = Path(root) / f"step_{step}"
-    (rewrite,) = comm.host_flags_any([problem(target) is not None])
+    sharded = _sharded(states)
+    own = [f"{name}.{rank}-of-{world}" for name in sharded] + (["state.pt"] if rank == 0 else [])
+    (rewrite,) = comm.host_flags_any([problem(target, only=own, keep_bytes=False) is not None])
     if not rewrite:
         return target
     if rank == 0:
         (target / MARKER).unlink(missing_ok=True)
     target.mkdir(parents=True, exist_ok=True)
-    sharded = _sharded(states)
+    entries: dict[str, dict[str, Any]] = {}
     for name in sharded:
-        save_atomic(states[name].state_dict(), target / f"{name}.{rank}-of-{world}")
+        part = states[name]
+        file = f"{name}.{rank}-of-{world}"
+        entries[file] = save_atomic(part.state_dict(), target / file)
+        if hasattr(part, "row_range"):
+            entries[file]["rows"] = list(part.row_range())
     if rank == 0:  # the replicated parts are the same on every rank: one copy
-        save_atomic(_to_file({name: part.state_dict() for name, part in states.items() if name not in sharded}),
-                    target / "state.pt")
-    comm.barrier()
+        entries["state.pt"] = save_atomic(
+            _to_file({name: part.state_dict() for name, part in states.items() if name not in sharded}),
+            target / "state.pt")
+    reported = comm.gather_objects(entries)  # also the barrier: every rank's files are on disk
     if rank == 0:
-        # Exactly the files of this save: never the marker itself, nor a shard a save at another world left.
-        names = ["state.pt", *(f"{name}.{r}-of-{world}" for name in sharded for r in range(world))]
-        files = {name: {"size": (target / name).stat().st_size, "sha256": _sha256(target / name)} for name in names}
+        files = {name: entry for part in reported for name, entry in part.items()}
         marker = target / f".{MARKER}.tmp"
         marker.write_text(json.dumps({"step": step, "world": world, "files": files}))
         os.replace(marker, target / MARKER)
@@ -149,9 +177,10 @@ def _manifest_files(directory: Path) -> dict[str, dict[str, Any]]:
             if name != MARKER}
 
 
-def problem(directory: Path) -> str | None:
-    """None when `directory` is a committed checkpoint whose every file is the one saved and loads as data
-    (weights_only, so a pickle that would run code counts as corrupt); else what is wrong, naming the file."""
+def problem(directory: Path, only: list[str] | None = None, keep_bytes: bool = True) -> str | None:
+    """None when `directory` is a committed checkpoint whose files (all, or those named in `only`) are the ones
+    saved and load as data (weights_only, so a pickle that would run code counts as corrupt); else what is
+    wrong, naming the file. Each file is read once; with `keep_bytes` its verified bytes wait for `load`."""
     directory = Path(directory)
     if not (directory / MARKER).exists():
         return "no COMMITTED marker"
@@ -161,17 +190,41 @@ def problem(directory: Path) -> str | None:
         return f"unreadable {directory / MARKER} ({exc})"
     if "state.pt" not in files:
         return f"{directory / MARKER} does not list state.pt"
-    for name, entry in sorted(files.items()):
+    for name in sorted(files if only is None else only):
         path = directory / name
+        entry = files.get(name)
+        if entry is None:
+            return f"{directory / MARKER} does not list {name}"
         try:
-            if path.stat().st_size != entry["size"]:
-                return f"{path} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
-            if "sha256" in entry and _sha256(path) != entry["sha256"]:
+            data = IO.read(path)
+            if len(data) != entry["size"]:
+                return f"{path} has {len(data)} bytes, the manifest says {entry['size']}"
+            if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 return f"{path} does not match its sha256 in the manifest"
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any failure to read the file back makes it unusable
             return f"{path} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        if keep_bytes:
+            IO.verified[path.resolve()] = data
     return None
+
+
+def needed_files(directory: Path, states: Mapping[str, Stateful]) -> list[str]:
+    """The files of `directory` that loading `states` on this rank reads: state.pt when a replicated part is
+    asked for, and of each sharded part the saved shards that overlap this rank's rows (all of them for a part
+    that does not say which rows it owns, or a manifest that does not record them)."""
+    files = _manifest_files(directory)
+    sharded = _sharded(states)
+    names = ["state.pt"] if len(sharded) < len(states) else []
+    for name in sharded:
+        wanted = states[name].row_range() if hasattr(states[name], "row_range") else None
+        for file, entry in sorted(files.items()):
+            if not file.startswith(f"{name}.") or "-of-" not in file:
+                continue
+            rows = entry.get("rows")
+            if wanted is None or rows is None or (rows[0] < wanted[1] and wanted[0] < rows[1]):
+                names.append(file)
+    return names
 
 
 def warn(message: str) -> None:
@@ -179,24 +232,45 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def latest(root: Path, report: bool = True) -> Path | None:
+def latest(root: Path, report: bool = True, *, states: Mapping[str, Stateful] | None = None,
+           comm: Comm | None = None) -> Path | None:
     """Newest committed, intact checkpoint; each newer broken one is skipped with one warning line naming
-    the file (uncommitted directories are saves that never finished, skipped silently)."""
+    the file (uncommitted directories are saves that never finished, skipped silently).
+
+    With `states` only the files loading them on this rank needs are verified (`needed_files`), and with `comm`
+    the call is collective: a checkpoint is taken only when every rank found its own files intact (one
+    all_reduce of a flag per candidate), so the ranks never resume from different steps."""
+    comm = comm or Comm()
+    IO.verified.clear()
     for directory in step_dirs(root):
         if not (directory / MARKER).exists():
             continue
-        found = problem(directory)
-        if found is None:
+        try:
+            only = None if states is None else needed_files(directory, states)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            found: str | None = f"unreadable {directory / MARKER} ({exc})"
+        else:
+            found = problem(directory, only=only)
+        (bad,) = comm.host_flags_any([found is not None])
+        if not bad:
             return directory
+        IO.verified.clear()
+        messages = [m for m in comm.gather_objects(found) if m is not None]
         if report:
-            warn(f"skipping corrupt checkpoint {directory}: {found}; using an older one")
+            warn(f"skipping corrupt checkpoint {directory}: {messages[0]}; using an older one")
     return None
+
+
+def _read_verified(path: Path) -> io.BytesIO:
+    """The bytes `latest` verified for `path` (handed over once), else the file read now."""
+    data = IO.verified.pop(Path(path).resolve(), None)
+    return io.BytesIO(IO.read(path) if data is None else data)
 
 
 def load_state(directory: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(directory) / "state.pt"
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(_read_verified(path), map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - garbage or a pickle that is not plain data
         raise CorruptCheckpoint(f"{path} cannot be loaded as a checkpoint ({type(exc).__name__})") from exc
 
@@ -204,18 +278,18 @@ def load_state(directory: Path, map_location: str | torch.device = "cpu") -> dic
 def load(directory: Path, states: Mapping[str, Stateful]) -> None:
     """Put the committed checkpoint `directory` back into `states`, in their order (so a part that only checks,
     like the run's identity, can come first). Parts the checkpoint holds but `states` does not name are left
-    alone; a sharded part gets every shard of the world that saved it (memory-mapped: only what it reads is
-    read), so a run may resume at another world size. A part that does not fit raises ValueError naming the
-    checkpoint."""
+    alone; a sharded part gets the saved shards that overlap its rows (`needed_files`), from whatever world
+    size saved them, so a run may resume at another world size. A part that does not fit raises ValueError
+    naming the checkpoint."""
     directory = Path(directory)
     sharded = _sharded(states)
     saved = _from_file(load_state(directory)) if len(sharded) < len(states) else {}
-    saved_world = json.loads((directory / MARKER).read_text())["world"] if sharded else 0
+    needed = needed_files(directory, {name: states[name] for name in sharded}) if sharded else []
     for name, part in states.items():
         try:
             if name in sharded:
-                part.load_shards([_load_shard(directory / f"{name}.{r}-of-{saved_world}", name)
-                                  for r in range(saved_world)])
+                part.load_shards([_load_shard(directory / file, name) for file in needed
+                                  if file.startswith(f"{name}.")])
             elif name in saved:
                 part.load_state_dict(saved[name])
             else:
@@ -228,6 +302,6 @@ def load(directory: Path, states: Mapping[str, Stateful]) -> None:
 
 def _load_shard(path: Path, name: str) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(_read_verified(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - as in load_state
         raise CorruptCheckpoint(f"{path} cannot be loaded as a {name} shard ({type(exc).__name__})") from exc

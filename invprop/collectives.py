@@ -10,6 +10,7 @@ single-process path runs the very same code as W ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,15 @@ class Comm:
         values = torch.tensor([float(f) for f in flags], device="cpu" if on_host else self.device)
         dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.control if on_host else self.group)
         return [v > 0 for v in values.tolist()]
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable `obj`, in rank order, on every rank (through the control group, on the host);
+        small things only: manifest entries, messages."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.control if self.control is not None else self.group)
+        return out
 
     def gather_stack(self, x: torch.Tensor) -> torch.Tensor:
         """Non-differentiable all_gather, stacked as (world, *x.shape)."""

@@ -27,8 +27,9 @@ class Stateful(Protocol):
 
 @runtime_checkable
 class ShardedStateful(Stateful, Protocol):
-    """state_dict() is this rank's shard only; load_shards() receives every saved shard (possibly memory-mapped,
-    so a shard it does not read costs nothing) and takes what this rank owns."""
+    """state_dict() is this rank's shard only; load_shards() receives the saved shards and takes what this rank
+    owns. A part that also has `row_range() -> (start, stop)` is handed only the shards overlapping those rows
+    (and a resume reads only those files); without it, every saved shard."""
 
     def load_shards(self, shards: Sequence[dict[str, Any]]) -> None: ...
 

@@ -236,6 +236,10 @@ class ShardedBank:
         """This rank's shard, as a checkpoint's bank.<rank>-of-<world> file holds it."""
         return {"rows": self.rows.detach().cpu(), "start": self.start, "n": self.n}
 
+    def row_range(self) -> tuple[int, int]:
+        """The rows [start, stop) this rank owns: a checkpoint reads only the saved shards that overlap them."""
+        return self.start, self.stop
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Rows from one saved shard, which must cover this rank's (the same world size, or a world of one); a
         shard that does not fit raises ValueError."""

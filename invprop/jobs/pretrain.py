@@ -52,7 +52,7 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
     trainer = None
     try:
         trainer = Trainer(cfg, comm, run_dir)
-        latest = checkpoint.latest(trainer.ckpt_root, report=env.is_main)
+        latest = checkpoint.latest(trainer.ckpt_root, report=env.is_main, states=trainer.states(), comm=comm)
         if env.is_main:
             (run_dir / FINISHED).unlink(missing_ok=True)  # until this attempt writes it again
         if latest is not None:
