@@ -9,11 +9,41 @@ single-process path runs the very same code as W ranks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass
+class Traffic:
+    """Bytes this process sends through the bank group's collectives, per operation, counted at each call with
+    the ring algorithm's cost (NCCL's for large messages): an all_gather of S bytes per rank sends (W-1) S, an
+    all_reduce of S 2 (W-1)/W S, a reduce_scatter of S in all (W-1)/W S, an all_to_all what leaves this rank.
+    `tools/bench_collectives.py` reads it around a real training step."""
+
+    sent: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def record(self, op: str, nbytes: float) -> None:
+        self.sent[op] += nbytes
+        self.calls[op] += 1
+
+    def total(self) -> float:
+        return float(sum(self.sent.values()))
+
+    def reset(self) -> None:
+        self.sent.clear()
+        self.calls.clear()
+
+
+TRAFFIC = Traffic()
+
+
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
 
 
 @dataclass(frozen=True)
@@ -52,7 +82,30 @@ class Comm:
         if x.requires_grad:
             return _SumAcrossRanks.apply(x, self)
         out = x.contiguous().clone()
-        dist.all_reduce(out, group=self.group)
+        self.all_reduce_(out)
+        return out
+
+    def all_reduce_(self, x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
+        """In-place all_reduce over the bank group, counted in TRAFFIC."""
+        TRAFFIC.record("all_reduce", 2.0 * (self.world - 1) / self.world * _nbytes(x))
+        dist.all_reduce(x, op=op, group=self.group)
+
+    def reduce_scatter_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks of `x` (world * r rows), this rank's r-row slice of it only: half an all_reduce's bytes."""
+        if self.world == 1:
+            return x
+        out = x.new_empty(x.shape[0] // self.world, *x.shape[1:])
+        TRAFFIC.record("reduce_scatter", (self.world - 1) / self.world * _nbytes(x))
+        dist.reduce_scatter_tensor(out, x.contiguous(), group=self.group)
+        return out
+
+    def all_to_all_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Row block r of `x` (world equal blocks) goes to rank r; returns the blocks received, in rank order."""
+        if self.world == 1:
+            return x
+        out = torch.empty_like(x)
+        TRAFFIC.record("all_to_all", (self.world - 1) / self.world * _nbytes(x))
+        dist.all_to_all_single(out, x.contiguous(), group=self.group)
         return out
 
     def max(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +113,7 @@ class Comm:
         if self.world == 1:
             return x
         out = x.detach().contiguous().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+        self.all_reduce_(out, op=dist.ReduceOp.MAX)
         return out
 
     def host_flags_any(self, flags: list[bool]) -> list[bool]:
@@ -86,18 +139,30 @@ class Comm:
         """Non-differentiable all_gather, stacked as (world, *x.shape)."""
         if self.world == 1:
             return x.detach().unsqueeze(0)
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.detach().contiguous(), group=self.group)
-        return torch.stack(parts)
+        flat = x.detach().reshape(1, -1) if x.dim() == 0 else x.detach()
+        return self._all_gather(flat).view(self.world, *x.shape)
 
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier(group=self.group)
 
     def _all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts)
+        out = x.new_empty(self.world * x.shape[0], *x.shape[1:])
+        TRAFFIC.record("all_gather", (self.world - 1) * _nbytes(x))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        return out
+
+    def replicate_owned(self, local: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like `owner` whose entry e is rank owner[e]'s local[e], on every rank; differentiable.
+
+        `owner` (the same on every rank) says which rank computes each entry; `local` holds this rank's values
+        at its own entries (anything elsewhere). Only the owned entries travel: an all_gather of each rank's
+        packed values (padded to the largest count) instead of an all_reduce of a mostly-zero tensor, and a
+        reduce_scatter of the packed gradients back. Values arrive bit-identical on every rank.
+        """
+        if self.world == 1:
+            return local
+        return _ReplicateOwned.apply(local, owner, self)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -110,10 +175,40 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.comm.group)
-        rank = ctx.comm.rank
-        return grad[rank * ctx.rows : (rank + 1) * ctx.rows], None
+        # every rank's copy fed its own loss: this rank's rows get the sum of all copies' gradients
+        return ctx.comm.reduce_scatter_rows(grad), None
+
+
+class _ReplicateOwned(torch.autograd.Function):
+    """`Comm.replicate_owned`: pack each rank's owned entries (row-major order), all_gather, unpack."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, owner: torch.Tensor, comm: Comm) -> torch.Tensor:  # type: ignore[override]
+        flat_owner = owner.reshape(-1)
+        order = torch.argsort(flat_owner, stable=True)  # entries grouped by owner, row-major within each
+        counts = torch.bincount(flat_owner, minlength=comm.world)
+        width = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.empty_like(order)
+        slot[order] = torch.arange(order.numel(), device=order.device) - starts[flat_owner[order]]
+        mine = flat_owner == comm.rank
+        packed = local.new_zeros(width)
+        packed[slot[mine]] = local.reshape(-1)[mine]
+        gathered = comm.gather_stack(packed)  # (world, width)
+        ctx.save_for_backward(flat_owner, slot, mine)
+        ctx.comm, ctx.width, ctx.shape = comm, width, local.shape
+        return gathered[flat_owner, slot].view(local.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        flat_owner, slot, mine = ctx.saved_tensors
+        comm = ctx.comm
+        packed = grad.new_zeros(comm.world, ctx.width)
+        packed[flat_owner, slot] = grad.reshape(-1)
+        own = comm.reduce_scatter_rows(packed).reshape(-1)  # this rank's entries, summed over every copy
+        out = grad.new_zeros(flat_owner.numel())
+        out[mine] = own[slot[mine]]
+        return out.view(ctx.shape), None, None
 
 
 class _SumAcrossRanks(torch.autograd.Function):
@@ -123,11 +218,11 @@ class _SumAcrossRanks(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:  # type: ignore[override]
         ctx.comm = comm
         out = x.contiguous().clone()
-        dist.all_reduce(out, group=comm.group)
+        comm.all_reduce_(out)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.comm.group)
+        ctx.comm.all_reduce_(grad)
         return grad, None

@@ -17,7 +17,7 @@ from invprop.graph import NeighbourGraph
 from invprop.jobs.spawn import spawn_ranks
 from invprop.loss import InvPLoss, NPIDLoss
 
-N, D, Q, STEPS = 203, 16, 12, 3  # N not divisible by 2, 3 or 4; Q divisible by 1..4
+N, D, Q, STEPS = 203, 16, 48, 3  # N not divisible by 2, 3 or 4; Q divisible by 1..4, 8 and 16
 SCENARIOS = [
     dict(k=4, layers=3, m=50, p=5, propagation="concat", denominator="code"),
     dict(k=3, layers=2, m=N - 3, p=4, propagation="bfs", denominator="paper"),  # M close to N
@@ -106,7 +106,7 @@ def references() -> list[dict]:
     return [_reference(sid, sc) for sid, sc in enumerate(SCENARIOS)]
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8, pytest.param(16, marks=pytest.mark.slow)])
 def test_sharded_equals_dense_reference(world: int, tmp_path, references) -> None:
     spawn_ranks(_worker, world, (str(tmp_path),), timeout_s=200)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]

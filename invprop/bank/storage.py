@@ -94,6 +94,7 @@ class ShardedBank:
         self.comm = comm or Comm()
         self.n, self.dim = n, dim
         self.start, self.stop = shard_bounds(n, self.comm.rank, self.comm.world)
+        self._starts: torch.Tensor | None = None  # every rank's first id (owner_of)
         self.selection = selection
         self.settings = settings or SelectSettings()
         self.selections = build_selections(self.settings)
@@ -164,7 +165,14 @@ class ShardedBank:
         differentiable in z. Non-owners contribute exact zeros, so every rank receives bit-identical values."""
         own = self.owned(ids)
         picked = local_dots(self.rows, z, torch.where(own, ids - self.start, torch.zeros_like(ids))) * own
-        return self.comm.sum(picked)
+        return self.comm.replicate_owned(picked, self.owner_of(ids))
+
+    def owner_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rank that holds each global id (padding ids < 0: rank 0, which gives them 0)."""
+        if self._starts is None or self._starts.device != ids.device:
+            self._starts = torch.tensor([shard_bounds(self.n, r, self.world)[0] for r in range(1, self.world)],
+                                        dtype=ids.dtype, device=ids.device)
+        return torch.bucketize(ids.clamp(min=0), self._starts, right=True)
 
     def global_top(self, z: torch.Tensor, m: int, keep: int = 0) -> TopCandidates:
         """This rank's part of the exact global top-m of every query in `z` (Q x D).
