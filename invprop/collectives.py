@@ -41,6 +41,10 @@ class Traffic:
 
 TRAFFIC = Traffic()
 
+# torch 2.14 renamed the single-tensor collectives; older releases (the GPU machine's 2.11) have the old names only
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
 
 def _nbytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
@@ -96,7 +100,7 @@ class Comm:
             return x
         out = x.new_empty(x.shape[0] // self.world, *x.shape[1:])
         TRAFFIC.record("reduce_scatter", (self.world - 1) / self.world * _nbytes(x))
-        dist.reduce_scatter_tensor(out, x.contiguous(), group=self.group)
+        _reduce_scatter(out, x.contiguous(), group=self.group)
         return out
 
     def all_to_all_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +153,7 @@ class Comm:
     def _all_gather(self, x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty(self.world * x.shape[0], *x.shape[1:])
         TRAFFIC.record("all_gather", (self.world - 1) * _nbytes(x))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        _all_gather(out, x.contiguous(), group=self.group)
         return out
 
     def replicate_owned(self, local: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
