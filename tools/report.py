@@ -1,9 +1,11 @@
 """`python tools/report.py <run dirs or sweep dir> [--out DIR] [--json] [--html]`: compare runs in a table and plots.
 
 The table has one row per run: the config keys whose values differ across the runs, then the figures from
-results.json. Plots (losses.png, knn.png, purity.png) go into the run or sweep directory given (the first
-one if several), or into --out. --html writes report.html there instead: one self-contained page with the
-table and the plots embedded, to open in a browser.
+results.json. Runs that differ only in `seed` are also summarised per arm (mean [min, max] over the seeds), with
+knn_seeds.png and purity_seeds.png (mean curves, a band from the lowest to the highest seed). Plots (losses.png,
+knn.png, purity.png) go into the run or sweep directory given (the first one if several), or into --out. --html
+writes report.html there instead: one self-contained page with the table and the plots embedded, to open in a
+browser.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from invprop.eval.report import (
     table_rows,
     write_plots,
 )
+from invprop.eval.seeds import render_seed_markdown, seed_table, write_seed_plots
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,16 +52,24 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:  # a pipe or a file: do not fold the table to 80 columns
         console = Console(width=max(console.width, 240))
+    seed_columns, seed_rows = seed_table(runs)
     if args.markdown:
         print(render_markdown(columns, rows))
+        if seed_rows:
+            print("\nOver seeds (mean [min, max]):\n")
+            print(render_seed_markdown(seed_columns, seed_rows))
     else:
         console.print(render_table(columns, rows, title=", ".join(map(str, args.paths)), layout=args.layout))
+        if seed_rows:
+            print("\nOver seeds (mean [min, max]):\n")
+            print(render_seed_markdown(seed_columns, seed_rows))
     if args.html:
         page = write_html(runs, (args.out or default_out_dir(args.paths)) / "report.html",
                           title=f"invprop: {', '.join(map(str, args.paths))}", layout=args.layout)
         console.print(f"wrote {page}", soft_wrap=True)
     elif not args.no_plots:
         written = write_plots(runs, args.out or default_out_dir(args.paths))
+        written += write_seed_plots(runs, args.out or default_out_dir(args.paths))
         for path in written:
             console.print(f"wrote {path}")
         if not written:

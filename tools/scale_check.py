@@ -191,7 +191,8 @@ def main() -> None:
         b = result["bank"]
         table.add_row(f"W = {b['world']}: step equal to dense (max grad error)",
                       f"{b['step_equal_to_dense']['max_grad_error']:.2e}")
-        table.add_row("bank MB sent per rank per step (batch 256)", f"{b['bank_bytes_sent_per_rank_at_batch_256_mb']:.1f}")
+        table.add_row("bank MB sent per rank per step (batch 256)",
+                      f"{b['bank_bytes_sent_per_rank_at_batch_256_mb']:.1f}")
         table.add_row(f"resume at W = {b['resume_world']}: rows equal", str(b["resume"]["rows_equal_on_every_rank"]))
     if "ckpt" in result:
         c = result["ckpt"]
