@@ -19,7 +19,7 @@
 # slurm/templates/, munge key, database, spool, logs, PID files) lives under one folder:
 #   $INVPROP_SLURM_STATE (default: <this folder>/state).
 # Settings (environment variables, read by `up`):
-#   INVPROP_SLURM_NODES=2        number of nodes (node[1-N])
+#   INVPROP_SLURM_NODES=4        number of nodes (node[1-N]; 4: the multi-node requeue test runs 4 x 2 ranks)
 #   INVPROP_SLURM_CPUS=4         CPUs each node claims (oversubscribed through SlurmdParameters=config_overrides)
 #   INVPROP_SLURM_MEM_MB=16384   RealMemory of each node (sbatch rejects --mem above it; 16 GiB fits mem_gb<=16)
 #   INVPROP_SLURM_GPUS=0         fake GPUs per node (GRES gpu, device files made with mknod under state/dev)
@@ -39,7 +39,7 @@ STATE="${INVPROP_SLURM_STATE:-$SCRIPT_DIR/state}"
 mkdir -p "$STATE"
 STATE="$(cd "$STATE" && pwd -P)"
 
-NODES="${INVPROP_SLURM_NODES:-2}"
+NODES="${INVPROP_SLURM_NODES:-4}"
 CPUS="${INVPROP_SLURM_CPUS:-4}"
 MEM_MB="${INVPROP_SLURM_MEM_MB:-16384}"
 GPUS="${INVPROP_SLURM_GPUS:-0}"

@@ -91,7 +91,8 @@ def rank_pids(run: Path) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if "submitit.core._submit" in cmdline and any(str(run) in arg for arg in cmdline):
+        if ("python" in Path(cmdline[0]).name and "submitit.core._submit" in cmdline  # not srun's own line
+                and any(str(run) in arg for arg in cmdline)):
             pids.append(int(proc.name))
     return pids
 
