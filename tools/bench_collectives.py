@@ -2,6 +2,8 @@
 
     python tools/bench_collectives.py --worlds 1,2,4,8 --out docs/results/collectives_gloo.json
     python tools/bench_collectives.py --model-only          # the byte table of docs/SCALING.md, no measurement
+    python tools/bench_collectives.py --counted 8,16,64 --out docs/results/collectives_counted.json
+        # bytes each rank sends in one real InvP step (forked ranks, every collective call counted) vs the model
 
 Measures the median time of all_gather and all_reduce of float32 payloads of a few sizes per rank, fits
 t = alpha + bytes / bandwidth per (operation, W) with the ring algorithm's bytes per rank ((W-1) S for an
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,21 +29,24 @@ SIZES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)  # bytes per rank
 
 def step_collectives(world: int, batch: int = 256, dim: int = 128, k: int = 4, cands: int = 84,
                      params: int = 25_557_032) -> list[dict]:
-    """Every collective of one InvP training step (invprop/loss.py, bank, DDP) with its payload per rank in bytes
-    (`bytes`: the input of an all_gather, the tensor of an all_reduce). Q = world x batch gathered queries; the
-    defaults are ImageNet's recipe: D 128, k 4 neighbours, 3 propagation layers (84 candidates), ResNet-50
-    (25.6M float32 gradients). Histograms of the radix select are int64 (Q x 256, four rounds)."""
+    """Every collective of one InvP training step (invprop/loss.py, bank, DDP) with its payload in bytes
+    (`bytes`: the input per rank of an all_gather, the tensor of an all_reduce, the whole input of a
+    reduce_scatter or an all_to_all). Q = world x batch gathered queries; the defaults are ImageNet's recipe:
+    D 128, k 4 neighbours, 3 propagation layers (84 candidates), ResNet-50 (25.6M float32 gradients). The pair
+    scores travel packed by owner (about Q (1 + C) / W per rank; `--counted` measures the padding)."""
     q = world * batch
+    pairs = -(-q * (1 + cands) // world)
     rows = [
         ("forward", "all_gather", "embeddings z (batch x D float32)", batch * dim * 4, 1),
         ("forward", "all_gather", "bank ids (batch int64)", batch * 8, 1),
-        ("forward", "all_reduce", "exact M-th score: radix histograms (Q x 256 int64), 4 rounds", q * 256 * 8, 4),
+        ("forward", "all_reduce", "exact M-th score: radix histograms (Q x 16 int32), 8 rounds", q * 16 * 4, 8),
         ("forward", "all_reduce", "logsumexp across ranks: max and sum (Q float32), 2 terms", q * 4, 4),
-        ("forward", "all_reduce", "pair scores: self + candidates (Q x (1 + C) float32)", q * (1 + cands) * 4, 1),
-        ("forward", "all_gather", "graph update: local top-(k+1) values and ids (Q x (k+1), 4 + 8 bytes)",
+        ("forward", "all_gather", "pair scores, packed by owner (~Q (1 + C) / W float32)", pairs * 4, 1),
+        ("forward", "all_to_all", "graph update: local top-(k+1) values and ids to each query's rank",
          q * (k + 1) * 12, 1),
-        ("backward", "all_reduce", "gradient of the gathered z (Q x D float32)", q * dim * 4, 1),
-        ("backward", "all_reduce", "gradient of the pair scores (Q x (1 + C) float32)", q * (1 + cands) * 4, 1),
+        ("forward", "all_gather", "graph update: each rank's picks (batch x k int64)", batch * k * 8, 1),
+        ("backward", "reduce_scatter", "gradient of the gathered z (Q x D float32)", q * dim * 4, 1),
+        ("backward", "reduce_scatter", "gradient of the packed pair scores (W x ~Q (1 + C) / W)", world * pairs * 4, 1),
         ("backward", "all_reduce", "gradient of the logsumexp sums (Q float32), 2 terms", q * 4, 2),
         ("backward", "all_reduce", "DDP: backbone gradients (float32)", params * 4, 1),
     ]
@@ -48,10 +54,40 @@ def step_collectives(world: int, batch: int = 256, dim: int = 128, k: int = 4, c
 
 
 def ring_bytes(op: str, payload: int, world: int) -> float:
-    """Bytes each rank sends in the ring algorithm (NCCL's for large messages)."""
+    """Bytes each rank sends in the ring algorithm (NCCL's for large messages); the same formulas as the
+    counter of real calls (invprop.collectives.TRAFFIC)."""
     if world == 1:
         return 0.0
-    return (world - 1) * payload if op == "all_gather" else 2.0 * (world - 1) / world * payload
+    if op == "all_gather":
+        return (world - 1) * payload
+    if op in ("reduce_scatter", "all_to_all"):
+        return (world - 1) / world * payload
+    return 2.0 * (world - 1) / world * payload
+
+
+def bank_sent_mb(world: int, **kw) -> float:
+    """The model's bank bytes sent per rank per step, MB (DDP excluded)."""
+    return sum(c["calls"] * ring_bytes(c["op"], c["bytes"], world) for c in step_collectives(world, **kw)
+               if not c["what"].startswith("DDP")) / 1e6
+
+
+def counted(worlds: list[int], batch: int) -> dict:
+    """Bytes sent per rank in one real InvP step at each W (forked ranks, counted per call), scaled to batch 256
+    per rank, beside the model's."""
+    from invprop.testing.bank_step import StepShape, build_problem, step_rank
+    from invprop.testing.forked_ranks import run_forked
+
+    found = {}
+    for world in worlds:
+        shape = StepShape(batch=batch)
+        with tempfile.TemporaryDirectory() as ckpt:
+            steps = run_forked(step_rank, world, (build_problem(shape, world), ckpt))
+        scale = 256 / batch
+        found[str(world)] = {"counted_mb": max(sum(r["sent_bytes"].values()) for r in steps) * scale / 1e6,
+                             "model_mb": bank_sent_mb(world),
+                             "calls": steps[0]["calls"],
+                             "max_grad_error_vs_dense": max(r["errors"]["grad"] for r in steps)}
+    return found
 
 
 def memory_per_rank(world: int, n: int = 1_281_167, dim: int = 128, k: int = 4, batch: int = 256,
@@ -140,13 +176,23 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--model-only", action="store_true")
+    parser.add_argument("--counted", default="", help="W list: count the bytes of a real step at each W")
+    parser.add_argument("--counted-batch", type=int, default=4, help="per-rank batch of the counted step")
     args = parser.parse_args()
+    if args.counted:
+        found = counted([int(w) for w in args.counted.split(",")], args.counted_batch)
+        for world in (256,):
+            found.setdefault(str(world), {"model_mb": bank_sent_mb(world)})
+        text = json.dumps(found, indent=1)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
+        print(text)
+        return 0
     summary: dict = {"cpus": os.cpu_count(), "sizes_bytes": list(SIZES),
                      "step_bytes": {w: step_collectives(w) for w in (8, 16, 64, 256)},
                      "memory_per_rank": {w: memory_per_rank(w) for w in (8, 16, 64, 256)}}
     if not args.model_only:
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             summary["gloo"] = measure([int(w) for w in args.worlds.split(",")], args.reps, Path(tmp))
     text = json.dumps(summary, indent=2)
