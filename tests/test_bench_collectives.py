@@ -23,13 +23,26 @@ def test_step_bytes_follow_the_gathered_batch() -> None:
     rows = {c["what"]: c for c in tool.step_collectives(8, batch=256, dim=128, k=4, cands=84, params=1000)}
     q = 8 * 256
     assert rows["embeddings z (batch x D float32)"]["bytes"] == 256 * 128 * 4  # per rank, independent of W
-    hist = rows["exact M-th score: radix histograms (Q x 256 int64), 4 rounds"]
-    assert (hist["bytes"], hist["calls"]) == (q * 2048, 4)  # grows with the gathered batch
+    hist = rows["exact M-th score: radix histograms (Q x 16 int32), 8 rounds"]
+    assert (hist["bytes"], hist["calls"]) == (q * 64, 8)  # grows with the gathered batch
     assert rows["DDP: backbone gradients (float32)"]["bytes"] == 4000
     # ring: an all_gather sends (W-1) payloads per rank, an all_reduce 2 (W-1)/W of its tensor, none at W = 1
     assert tool.ring_bytes("all_gather", 100, 8) == 700 and tool.ring_bytes("all_reduce", 800, 8) == 1400
     assert tool.ring_bytes("all_reduce", 800, 1) == 0
+    assert tool.ring_bytes("reduce_scatter", 800, 8) == 700 == tool.ring_bytes("all_to_all", 800, 8)
     assert tool.model_ms(1, 0.1, 10.0) == {"bank_ms": 0.0, "ddp_ms": 0.0}
+
+
+@pytest.mark.timeout(300)
+def test_the_model_matches_the_bytes_counted_on_a_real_step() -> None:
+    """Every collective call of one real InvP step at W = 4 is counted (invprop.collectives.TRAFFIC); the
+    model of docs/SCALING.md must agree up to the packed pair scores' padding (the largest owner's count)."""
+    tool = _tool()
+    found = tool.counted([4], batch=8)["4"]
+    assert found["max_grad_error_vs_dense"] < 1e-6  # the counted step is the exact one
+    model = tool.bank_sent_mb(4, batch=8) * 256 / 8
+    assert model <= found["counted_mb"] <= 1.15 * model, (found, model)
+    assert found["calls"] == {"all_gather": 4, "all_reduce": 14, "all_to_all": 2, "reduce_scatter": 2}
 
 
 def test_memory_per_rank_shards_the_bank_but_not_the_table() -> None:

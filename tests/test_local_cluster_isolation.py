@@ -266,10 +266,12 @@ def test_second_checkout_on_the_same_ports_names_the_first(slurm_cluster: LocalS
     ports = cluster_ports(slurm_cluster)
     line = error_line(second_checkout.run("up", **ports))
     db_pid = (slurm_cluster.state / "run" / "mariadb.pid").read_text().strip()
+    nodes = int(slurm_cluster.run("sinfo", "-h", "-o", "%D").stdout.split()[0])
+    taken = 2 + nodes  # slurmdbd, slurmctld and one slurmd a node, besides mariadb's
     assert line.startswith(
         f"[local-cluster] ERROR: port {ports['INVPROP_SLURM_DB_PORT']} (mariadb, INVPROP_SLURM_DB_PORT) is already "
         f"in use by mariadbd (pid {db_pid}) of the local cluster of another checkout (state {slurm_cluster.state}), "
-        f"and 4 more of this cluster's ports are taken; stop that cluster ({SCRIPT} down) or give this cluster free "
+        f"and {taken} more of this cluster's ports are taken; stop that cluster ({SCRIPT} down) or give this cluster free "
         "ports: INVPROP_SLURM_DB_PORT="), line
     assert etc_snapshot() == before
     assert processes_mentioning(str(second_checkout.root)) == []
