@@ -271,8 +271,8 @@ def test_second_checkout_on_the_same_ports_names_the_first(slurm_cluster: LocalS
     assert line.startswith(
         f"[local-cluster] ERROR: port {ports['INVPROP_SLURM_DB_PORT']} (mariadb, INVPROP_SLURM_DB_PORT) is already "
         f"in use by mariadbd (pid {db_pid}) of the local cluster of another checkout (state {slurm_cluster.state}), "
-        f"and {taken} more of this cluster's ports are taken; stop that cluster ({SCRIPT} down) or give this cluster free "
-        "ports: INVPROP_SLURM_DB_PORT="), line
+        f"and {taken} more of this cluster's ports are taken; stop that cluster ({SCRIPT} down) or give this cluster "
+        "free ports: INVPROP_SLURM_DB_PORT="), line
     assert etc_snapshot() == before
     assert processes_mentioning(str(second_checkout.root)) == []
 
