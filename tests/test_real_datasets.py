@@ -4,6 +4,7 @@ training through FFCV and torchvision, and an exact resume on a folder data set.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -279,3 +280,26 @@ def test_folder_resume_after_usr2_equals_uninterrupted(files, tmp_path, fmt):
     assert proc.returncode == 0 and "resumed from" in proc.stderr and "step 2)" in proc.stderr, proc.stderr[-3000:]
     assert _results(run)["state_digest"] == _results(reference)["state_digest"]
     assert _steps(run) == list(range(1, 7))
+
+
+class _RunsCode:
+    """Pickles to a call of os.system: what a planted CIFAR batch file could do when unpickled."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("name", ["data_batch_1", "test_batch"])
+def test_a_cifar_file_that_would_run_code_is_refused_unrun(tmp_path, name):
+    release = write_cifar(tmp_path / "c10", 10)
+    marker = tmp_path / "ran"
+    with open(release / name, "wb") as fh:
+        pickle.dump({b"data": _RunsCode(f"touch {marker}"), b"labels": [0]}, fh)
+    with pytest.raises(ConfigError) as info:
+        validate(_cfg("data=cifar10", f"data.root={release}"))
+    message = str(info.value)
+    assert "is not a CIFAR batch file: it asks for posix.system" in message and "\n" not in message
+    assert not marker.exists()  # refused before the call, not after

@@ -15,9 +15,36 @@ CIFAR_STATS = {
 }
 
 
+# What the release's pickles (and numpy's own pickling of arrays) reference; anything else, os.system included,
+# is refused before it is called: a data file is data, never code.
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class UnsafeDataFile(ValueError):
+    """A data file whose pickle would import or call something other than plain data."""
+
+
+class _DataOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str):  # type: ignore[override]
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise UnsafeDataFile(f"it asks for {module}.{name}")
+
+
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        try:
+            found = _DataOnly(f, encoding="bytes").load()
+        except UnsafeDataFile as exc:
+            raise UnsafeDataFile(f"{path} is not a CIFAR batch file: {exc}, which a data file never does; "
+                                 "nothing of it was run (use the official python release)") from None
+    if not isinstance(found, dict):
+        raise UnsafeDataFile(f"{path} is not a CIFAR batch file: it holds a {type(found).__name__}, not a dict")
+    return found
 
 
 def load_cifar(root: str | os.PathLike, split: str, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
