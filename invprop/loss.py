@@ -9,6 +9,7 @@ gathers and reduces over exactly the ranks the bank is sharded across, so it tak
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -103,7 +104,8 @@ class InvPLoss:
         # This rank's scores at or above a bound of the M-th largest (never the full Q x n_local matrix),
         # with the exact global threshold; also holds the local top-(k+1) for the graph update.
         top = self.bank.global_top(zg, self.m, keep=self.graph.k + 1)
-        lse_top = logsumexp_across_ranks(masked_logsumexp(top.vals, top.in_top, tau=self.tau), self.comm)
+        lse_top = logsumexp_across_ranks(top.per_query(lambda t, rows: masked_logsumexp(t.vals, t.in_top,
+                                                                                         tau=self.tau)), self.comm)
 
         w = warmup_weight(epoch, self.warmup_epochs)
         with torch.no_grad():
@@ -123,7 +125,7 @@ class InvPLoss:
         per_anchor = loss_ins + self.lambda_inv * w * loss_inv
         neighbours = self.bank.nearest(top.vals.detach(), top.ids, idg, self.graph.k)
         positives = torch.where(pos_valid, cands.gather(1, pos_slot), torch.full_like(pos_slot, UNKNOWN))
-        own_in_top = (self_score.detach() >= top.threshold).float()
+        own_in_top = (self_score.detach() >= top.thresholds).float()
         stats = step_stats(per_anchor, loss_ins, loss_inv, has_pos, w, own_in_top)
         return StepOutput(_local_share(per_anchor, self.comm), idg, zg.detach(), neighbours, positives, stats)
 
@@ -138,30 +140,40 @@ class InvPLoss:
                      numerator: torch.Tensor) -> torch.Tensor:
         if self.denominator == "code":
             # N_M(i) without i itself, excluded only where it is actually in N_M(i).
-            keep = top.in_top & (top.ids != idg.view(-1, 1))
-            return logsumexp_across_ranks(masked_logsumexp(top.vals, keep, tau=self.tau), self.comm)
-        # paper: (N_M(i) minus all candidates) union H(i). Each candidate is looked up (binary search) in its
-        # row of ids, Q x K searches, rather than each of the Q x ~M ids among the candidates.
-        width = top.ids.shape[1]
-        with torch.no_grad():
-            ordered = torch.where(top.ids >= 0, top.ids, torch.full_like(top.ids, torch.iinfo(torch.int64).max))
-            order = None
-            if not top.ascending:
-                ordered, order = ordered.sort(dim=1)
-            slot = torch.searchsorted(ordered, cands.contiguous()).clamp(max=width - 1)
-            found = (ordered.gather(1, slot) == cands) & (cands >= 0)
-            if order is not None:
-                slot = order.gather(1, slot)
-            is_cand = torch.zeros(top.ids.shape[0], width + 1, dtype=torch.bool, device=top.ids.device)
-            is_cand.scatter_(1, torch.where(found, slot, torch.full_like(slot, width)), True)
-        rest = logsumexp_across_ranks(masked_logsumexp(top.vals, top.in_top & ~is_cand[:, :width], tau=self.tau),
-                                      self.comm)
+            def without_self(t: TopCandidates, rows: Any) -> torch.Tensor:
+                return masked_logsumexp(t.vals, t.in_top & (t.ids != idg[rows].view(-1, 1)), tau=self.tau)
+
+            return logsumexp_across_ranks(top.per_query(without_self), self.comm)
+
+        # paper: (N_M(i) minus all candidates) union H(i).
+        def without_candidates(t: TopCandidates, rows: Any) -> torch.Tensor:
+            return masked_logsumexp(t.vals, t.in_top & ~_is_candidate(t, cands[rows]), tau=self.tau)
+
+        rest = logsumexp_across_ranks(top.per_query(without_candidates), self.comm)
         return torch.logaddexp(rest, numerator)
 
     def commit(self, out: StepOutput) -> None:
         """Graph update (from this step's scores) and owner-writes bank update; call after optimizer.step()."""
         self.graph.update(out.ids, out.neighbours)
         self.bank.update(out.ids, out.embeddings, self.momentum)
+
+
+@torch.no_grad()
+def _is_candidate(top: TopCandidates, cands: torch.Tensor) -> torch.Tensor:
+    """Which of `top`'s entries are among each query's candidates: each candidate is looked up (binary search) in
+    its row of ids, Q x K searches, rather than each of the Q x ~M ids among the candidates."""
+    width = top.ids.shape[1]
+    ordered = torch.where(top.ids >= 0, top.ids, torch.full_like(top.ids, torch.iinfo(torch.int64).max))
+    order = None
+    if not top.ascending:
+        ordered, order = ordered.sort(dim=1)
+    slot = torch.searchsorted(ordered, cands.contiguous()).clamp(max=width - 1)
+    found = (ordered.gather(1, slot) == cands) & (cands >= 0)
+    if order is not None:
+        slot = order.gather(1, slot)
+    is_cand = torch.zeros(top.ids.shape[0], width + 1, dtype=torch.bool, device=top.ids.device)
+    is_cand.scatter_(1, torch.where(found, slot, torch.full_like(slot, width)), True)
+    return is_cand[:, :width]
 
 
 def build_criterion(method_cfg, bank: ShardedBank, graph: NeighbourGraph | None,

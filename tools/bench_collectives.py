@@ -41,6 +41,8 @@ def step_collectives(world: int, batch: int = 256, dim: int = 128, k: int = 4, c
         ("forward", "all_gather", "bank ids (batch int64)", batch * 8, 1),
         ("forward", "all_reduce", "exact M-th score: radix histograms (Q x 16 int32), 8 rounds", q * 16 * 4, 8),
         ("forward", "all_reduce", "logsumexp across ranks: max and sum (Q float32), 2 terms", q * 4, 4),
+        ("forward", "all_reduce", "narrow selection: the queries to select again (Q int32)", q * 4,
+         1 if world > 2 else 0),
         ("forward", "all_gather", "pair scores, packed by owner (~Q (1 + C) / W float32)", pairs * 4, 1),
         ("forward", "all_to_all", "graph update: local top-(k+1) values and ids to each query's rank",
          q * (k + 1) * 12, 1),
@@ -93,11 +95,13 @@ def counted(worlds: list[int], batch: int) -> dict:
 def memory_per_rank(world: int, n: int = 1_281_167, dim: int = 128, k: int = 4, batch: int = 256,
                     m: int = 4096) -> dict:
     """Bytes each rank holds for the bank: its float32 shard and float16 mirror, the replicated int32 neighbour
-    table, and the selection's output (every gathered query's local top-M values and ids)."""
+    table, and the selection's output: every gathered query's first, narrow candidates (about 2M / W scores
+    and ids a query; `ShardedBank.narrow_width`), queries selected again in full not counted."""
     shard = -(-n // world)
     q = world * batch
+    width = min(max(k + 1, -(-2 * m // world)), m, shard) if world > 2 else min(m, shard)
     return {"bank_shard_float32": shard * dim * 4, "bank_mirror_float16": shard * dim * 2,
-            "neighbour_table_int32": n * k * 4, "local_top_m": q * min(m, shard) * 12}
+            "neighbour_table_int32": n * k * 4, "local_top_m": q * width * 12}
 
 
 def model_ms(world: int, alpha_ms: float, gb_s: float, **kw) -> dict:

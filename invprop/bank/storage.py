@@ -7,7 +7,7 @@ local shard and for exact global reductions over those scores.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +43,13 @@ def init_rows(start: int, stop: int, dim: int, seed: int) -> torch.Tensor:
 class TopCandidates:
     """This rank's share of the global top-M, per query (Q x C, padded with score -inf and id -1).
 
-    Holds a superset of the local top-M (with `bound`: every local score at or above a per-query lower bound of
-    the local M-th largest); `in_top` marks those in the exact global top-M (score >= `threshold`, the global
-    M-th largest). Global ids ascend along each row where `ascending`.
+    Holds every score of this shard that is in the exact global top-M (and the local top-`keep`), possibly more
+    (with `bound`: every local score at or above a per-query lower bound); `in_top` marks those in the global
+    top-M (score >= `threshold`, the global M-th largest). Global ids ascend along each row where `ascending`.
+
+    With W > 2 ranks each shard first keeps only ~2M / W scores per query (`ShardedBank.global_top`); the few
+    queries for which some shard held more of their top-M than that (`redo_rows`) were selected again in full,
+    and `redo` holds their candidates: for those rows, `redo` supersedes the fields above (`per_query`).
     """
 
     vals: torch.Tensor  # scores, differentiable in the queries
@@ -53,6 +57,26 @@ class TopCandidates:
     in_top: torch.Tensor
     threshold: torch.Tensor  # (Q,)
     ascending: bool = True
+    redo: TopCandidates | None = None
+    redo_rows: torch.Tensor | None = None
+
+    def per_query(self, fn: Callable[[TopCandidates, Any], torch.Tensor]) -> torch.Tensor:
+        """fn(candidates, rows) -> one value per query, for every query: `rows` indexes the queries the
+        candidates are for (a full slice, then `redo_rows` with `redo`, whose values replace those rows')."""
+        out = fn(self, slice(None))
+        if self.redo is None:
+            return out
+        return out.index_put((self.redo_rows,), fn(self.redo, self.redo_rows))
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """The global M-th largest score of every query (the redone queries' from their full selection)."""
+        return self.per_query(lambda top, rows: top.threshold)
+
+    @property
+    def size(self) -> int:
+        """Scores held, the redone queries' included (what the narrow selection bounds)."""
+        return self.vals.numel() + (self.redo.vals.numel() if self.redo is not None else 0)
 
 
 class _SelectedScores(torch.autograd.Function):
@@ -95,6 +119,7 @@ class ShardedBank:
         self.n, self.dim = n, dim
         self.start, self.stop = shard_bounds(n, self.comm.rank, self.comm.world)
         self._starts: torch.Tensor | None = None  # every rank's first id (owner_of)
+        self.last_candidates = 0  # scores the latest global_top kept on this rank
         self.selection = selection
         self.settings = settings or SelectSettings()
         self.selections = build_selections(self.settings)
@@ -177,22 +202,53 @@ class ShardedBank:
     def global_top(self, z: torch.Tensor, m: int, keep: int = 0) -> TopCandidates:
         """This rank's part of the exact global top-m of every query in `z` (Q x D).
 
-        The candidates always include the local top-max(m, keep) (so `nearest` can use them too); how they are
-        found is `selection`: with `bound` the ids ascend along each row, otherwise they are in no particular
-        order. The full Q x n_local score matrix is never held by `bound`.
+        The candidates always include the local top-max(m, keep) scores that can be in the global top-m, and the
+        local top-`keep` (so `nearest` can use them too); how they are found is `selection`: with `bound` the ids
+        ascend along each row, otherwise they are in no particular order. The full Q x n_local score matrix is
+        never held by `bound`.
+
+        With more than two ranks each shard first keeps its top ~2m / W per query (`narrow_width`), so the
+        candidates of a rank stay near 2 x batch x m whatever W (instead of W x batch x m). That is exact unless a
+        shard's last kept score reaches the global m-th largest (it may have dropped one that belongs): those
+        queries, flagged on any rank and agreed with one all_reduce, are selected again in full (`redo`).
         """
-        m_sel = min(max(m, keep), self.n_local)
+        m_full = min(max(m, keep), self.n_local)
+        narrow = self.narrow_width(m, keep)
         # Selection in full precision whatever autocast region the caller is in: the result must be exact.
         with torch.no_grad(), torch.autocast(z.device.type, enabled=False), float32_matmul():
             zq = z.detach().to(self.rows.dtype)
-            if self.selection == "auto":  # timed while `auto` measures, over real calls
-                vals, ids, ascending = self.auto.select(zq, lambda name: self.select_local(zq, m_sel, name))
-            else:
-                vals, ids, ascending = self.select_local(zq, m_sel, self.selection)
-            threshold = kth_largest(vals, m, self.comm)
-            in_top = vals >= threshold.unsqueeze(1)
-        return TopCandidates(_SelectedScores.apply(z, self.rows, ids, vals, self.start), ids, in_top, threshold,
-                             ascending)
+            top = self._candidates(z, zq, m, min(narrow, m_full))
+            if narrow >= min(max(m, keep), -(-self.n // self.world)):  # no rank narrows: exact as it is
+                self.last_candidates = top.size
+                return top
+            truncated = narrow < self.n_local
+            real = top.vals > float("-inf")
+            floor = torch.where(real, top.vals, torch.full_like(top.vals, float("inf"))).amin(1)
+            short = (floor >= top.threshold) & truncated
+            rows = (self.comm.max(short.to(torch.int32)) > 0).nonzero().squeeze(1)
+            if rows.numel():
+                top.redo = self._candidates(z, zq[rows], m, m_full, rows)
+                top.redo_rows = rows
+        self.last_candidates = top.size
+        return top
+
+    def narrow_width(self, m: int, keep: int = 0) -> int:
+        """Scores per query each shard keeps at first: about twice its share of the top-m, at least `keep`."""
+        return max(keep, -(-2 * m // self.world))
+
+    def _candidates(self, z: torch.Tensor, zq: torch.Tensor, m: int, width: int,
+                    rows: torch.Tensor | None = None) -> TopCandidates:
+        """Every query's local top-`width` (or a superset), the global m-th largest over all ranks' candidates
+        and which candidates reach it (called under no_grad on the detached queries `zq`, which are z's `rows`)."""
+        if self.selection == "auto":  # timed while `auto` measures, over real calls
+            vals, ids, ascending = self.auto.select(zq, lambda name: self.select_local(zq, width, name))
+        else:
+            vals, ids, ascending = self.select_local(zq, width, self.selection)
+        threshold = kth_largest(vals, m, self.comm)
+        in_top = vals >= threshold.unsqueeze(1)
+        with torch.enable_grad():  # the scores stay differentiable in z (its `rows`)
+            scores = _SelectedScores.apply(z if rows is None else z[rows], self.rows, ids, vals, self.start)
+        return TopCandidates(scores, ids, in_top, threshold, ascending)
 
     def strategy(self, zq: torch.Tensor, m_sel: int) -> str:
         """The selection this call uses: the configured one, or what `auto` picks for this device."""

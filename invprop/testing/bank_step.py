@@ -105,14 +105,9 @@ def step_rank(rank: int, world: int, problem: Problem, ckpt_dir: str) -> dict[st
         checkpoint.save(Path(ckpt_dir), 1, {"bank": bank, "graph": graph}, comm=comm)
         save_s = time.perf_counter() - start
         return {"errors": errors, "sent_bytes": sent, "calls": calls, "step_s": step_s, "save_s": save_s,
-                "private_rss_mb": private_rss_mb(), "local_candidates": _local_candidates(bank, shape, world)}
+                "private_rss_mb": private_rss_mb(), "local_candidates": bank.last_candidates}
     finally:
         distributed.shutdown()
-
-
-def _local_candidates(bank: ShardedBank, shape: StepShape, world: int) -> int:
-    """Scores each rank keeps per step in its selection's output: every gathered query's local top-M."""
-    return world * shape.batch * min(shape.m, bank.n_local)
 
 
 def resume_rank(rank: int, world: int, problem: Problem, ckpt_dir: str) -> dict[str, Any]:

@@ -1,0 +1,71 @@
+"""The narrow first selection of the sharded bank (about 2M / W scores per query and rank): exact against the
+dense single-process step both when it suffices and when a shard holds more of a query's top-M than it kept
+(those queries are selected again in full), and the candidates a rank holds stay near 2 x batch x M."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from invprop import distributed
+from invprop.bank import ShardedBank
+from invprop.graph import NeighbourGraph
+from invprop.loss import InvPLoss
+from invprop.testing.dense_reference import DenseInvP
+from invprop.testing.forked_ranks import run_forked
+
+pytestmark = pytest.mark.timeout(180)
+N, D, W, B, M, K = 400, 16, 4, 6, 60, 3
+SETTINGS = dict(tau=0.1, n_background=M, n_pos=5, layers=2, lambda_inv=0.6, warmup_epochs=0, bank_momentum=0.5)
+
+
+def _problem(clustered: bool, denominator: str) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.nn.functional.normalize(torch.randn(N, D, generator=gen), dim=1)
+    z = torch.nn.functional.normalize(torch.randn(W * B, D, generator=gen), dim=1)
+    if clustered:  # shard 0 (rows 0..99) sits around the queries: every query's top-60 is all in it
+        base = torch.nn.functional.normalize(torch.randn(D, generator=gen), dim=0)
+        rows[:100] = torch.nn.functional.normalize(base + 0.05 * torch.randn(100, D, generator=gen), dim=1)
+        z = torch.nn.functional.normalize(base + 0.05 * torch.randn(W * B, D, generator=gen), dim=1)
+    ids = torch.randperm(N, generator=gen)[: W * B]
+    table = torch.randint(0, N, (N, K), generator=gen)
+    dense = DenseInvP(rows.clone(), table.clone(), denominator=denominator, **SETTINGS)
+    zr = z.clone().requires_grad_()
+    out = dense(zr, ids, epoch=1)
+    out.loss.backward()
+    return {"rows": rows, "z": z, "ids": ids, "table": table, "loss": out.loss.item(), "grad": zr.grad,
+            "neighbours": out.neighbours, "denominator": denominator}
+
+
+def _rank(rank: int, world: int, problem: dict) -> dict:
+    comm = distributed.init(distributed.read_env(), timeout_s=60)
+    try:
+        bank = ShardedBank(N, D, comm=comm, selection="topk")
+        bank.load_state_dict({"rows": problem["rows"][bank.start:bank.stop].clone(), "start": bank.start, "n": N})
+        graph = NeighbourGraph(N, K)
+        graph.table[:] = problem["table"].to(graph.table.dtype)
+        crit = InvPLoss(bank, graph, denominator=problem["denominator"], **SETTINGS)
+        z = problem["z"][rank * B:(rank + 1) * B].clone().requires_grad_()
+        out = crit(z, problem["ids"][rank * B:(rank + 1) * B], epoch=1)
+        out.loss.backward()
+        top = bank.global_top(problem["z"], M, keep=K + 1)
+        return {"loss": out.stats["loss"], "grad": z.grad, "neighbours": out.neighbours,
+                "redone": 0 if top.redo_rows is None else int(top.redo_rows.numel()),
+                "main_width": top.vals.shape[1], "candidates": bank.last_candidates}
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.parametrize(("clustered", "denominator"), [(False, "code"), (True, "code"), (True, "paper")])
+def test_narrow_selection_equals_the_dense_step(clustered: bool, denominator: str) -> None:
+    problem = _problem(clustered, denominator)
+    found = run_forked(_rank, W, (problem,))
+    for got in found:
+        assert got["loss"] == pytest.approx(problem["loss"], rel=1e-5, abs=1e-6)
+        assert torch.equal(got["neighbours"].long(), problem["neighbours"].long())
+        assert got["main_width"] == 2 * M // W  # the first selection keeps 30 of each shard's 100 rows
+    torch.testing.assert_close(torch.cat([g["grad"] for g in found]), problem["grad"], rtol=1e-4, atol=1e-6)
+    if clustered:  # shard 0 held all 60 of every query's top-M: every query was selected again in full
+        assert all(g["redone"] == W * B for g in found)
+    else:  # spread rows: the narrow selection sufficed, 2 x batch x M candidates per rank
+        assert all(g["redone"] == 0 and g["candidates"] == 2 * B * M for g in found)
