@@ -69,3 +69,24 @@ def test_narrow_selection_equals_the_dense_step(clustered: bool, denominator: st
         assert all(g["redone"] == W * B for g in found)
     else:  # spread rows: the narrow selection sufficed, 2 x batch x M candidates per rank
         assert all(g["redone"] == 0 and g["candidates"] == 2 * B * M for g in found)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_w32_forked_step_equals_dense_then_resumes_at_w16() -> None:
+    """The scale check's bank part at W = 32 (tools/scale_check.py runs 64 and 128): ImageNet's M, D, k, l, P on
+    32 forked ranks, one step equal to the dense reference, a committed save, a resume at 16 ranks."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import scale_check
+
+    from invprop.testing.bank_step import StepShape
+
+    found = scale_check.bank_part(32, 16, StepShape(rows=32768, batch=2))
+    equal = found["step_equal_to_dense"]
+    assert equal["max_loss_error"] < 1e-5 and equal["max_grad_error"] < 1e-6 and equal["max_bank_row_error"] == 0
+    assert equal["graph_equal_on_every_rank"]
+    assert found["resume"]["rows_equal_on_every_rank"] and found["resume"]["graph_equal_on_every_rank"]
+    assert found["local_candidates_per_rank_at_batch_256"] == 2 * 256 * 4096
