@@ -150,9 +150,9 @@ def main() -> None:
     wait("steps after the resume", lambda: steps(run) and steps(run)[-1]["step"] >= stop_step + 4, 900)
     rows = steps(run)
     result["seconds_per_step_16_ranks"] = (rows[-1]["time"] - rows[-4]["time"]) / (rows[-1]["step"] - rows[-4]["step"])
-    sh("scancel", job)
-    wait("the cancelled job's ranks to end", lambda: not rank_pids(run) and sacct_state(job) not in
-         ("RUNNING", "REQUEUED", "PENDING", ""), 300)
+    sh("scancel", job, jobs["eval_knn"])  # the chained kNN job would be cancelled by its dependency anyway
+    wait("the cancelled jobs to leave the queue", lambda: not rank_pids(run) and not sh(
+        "squeue", "-h", "-j", f"{job},{jobs['eval_knn']}", check=False).strip(), 300)
     result["cancelled_at_step"] = steps(run)[-1]["step"]
     log(f"cancelled at step {result['cancelled_at_step']}; resuming with {args.gpus // 2 or 1} rank(s) per node")
 

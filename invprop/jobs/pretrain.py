@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from invprop import checkpoint, config, distributed
-from invprop.config import slurm_section
+from invprop.config import ConfigError, slurm_section
 from invprop.eval.knn_eval import evaluate_knn, evaluate_pixels_knn
+from invprop.jobs.runlock import RunLock
 from invprop.metrics import read_jsonl, update_results, write_json_atomic
 from invprop.train.boundary import StepBoundary
 from invprop.train.trainer import Trainer
@@ -46,6 +47,7 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
     cfg = load_run_config(run_dir)
     env = distributed.read_env()
     comm = distributed.init(env, float(cfg.train.dist_timeout_s), rendezvous_dir=run_dir / "rendezvous")
+    lock = _hold_run_dir(run_dir, env, comm)
     device = comm.device
     boundary = StepBoundary(comm, int(cfg.train.checkpoint_every_steps), float(cfg.train.checkpoint_every_min),
                             also=stop_signals, stop_at_step=cfg.train.stop_at_step)
@@ -95,6 +97,26 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
             trainer.close()
         boundary.close()
         distributed.shutdown()
+        if lock is not None:
+            lock.release()
+
+
+def _hold_run_dir(run_dir: Path, env: distributed.DistEnv, comm) -> RunLock | None:
+    """Under SLURM, rank 0 holds the run directory for the job's life (a local launch already holds it); when
+    another writer has it, every rank stops with the holder's one line before anything is written."""
+    if env.source != "slurm":
+        return None
+    lock, refused = None, ""
+    if env.is_main:
+        try:
+            lock = RunLock(run_dir).acquire(f"SLURM job {env.rendezvous_key.split('.')[0]}")
+        except ConfigError as exc:
+            refused = str(exc)
+    (busy,) = comm.host_flags_any([bool(refused)])
+    if busy:
+        distributed.shutdown()
+        raise ConfigError(refused or f"out_dir={run_dir} is in use by another writer (rank 0 says why)")
+    return lock
 
 
 def _untrained_baseline(cfg: DictConfig, trainer: Trainer, device, env: distributed.DistEnv) -> None:

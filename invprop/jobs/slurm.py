@@ -80,6 +80,41 @@ def jobs_record(jobs: dict[str, str], logs: Path) -> dict:
     return record
 
 
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
+
+
+def active_jobs(run_dir: Path) -> dict[str, str]:
+    """{job id: state} of the jobs jobs.json records for this run directory that SLURM still has queued or
+    running (a second launch must not write beside them)."""
+    record = Path(run_dir) / "jobs.json"
+    if not record.exists() or shutil.which("squeue") is None:
+        return {}
+    try:
+        ids = [str(j) for j in json.loads(record.read_text())["jobs"].values()]
+    except (OSError, ValueError, KeyError, AttributeError):
+        return {}
+    out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)], capture_output=True, text=True,
+                         timeout=30)
+    found = {}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1] in ACTIVE_STATES:
+            found[parts[0]] = parts[1]
+    return found
+
+
+def check_submission(cluster: DictConfig, run_dir: Path) -> None:
+    """What a SLURM launch checks before it writes anything: the cluster's settings, and that no job of an
+    earlier launch on this run directory is still queued or running."""
+    check_cluster(cluster)
+    busy = active_jobs(run_dir)
+    if busy:
+        listed = ", ".join(f"{job} {state}" for job, state in busy.items())
+        raise ConfigError(f"out_dir={run_dir} has SLURM jobs of an earlier launch still queued or running "
+                          f"({listed}); wait for them or scancel them, or choose another out_dir")
+
+
 def max_gpus_per_node(partition: str | None) -> int | None:
     """The most GPUs (gres gpu[:type]:n) any node of `partition` (or of the cluster) offers; None if unknown."""
     if shutil.which("sinfo") is None:
@@ -164,11 +199,6 @@ def run_array_element(cfg: DictConfig, run_dir: Path) -> int:
 
 def submit_run(cfg: DictConfig, run_dir: Path, console: Console) -> int:
     """Submit pretraining and its chained evaluation; print the jobs and return without waiting."""
-    try:
-        check_cluster(cfg.cluster)
-    except ConfigError as exc:
-        console.print(f"[bold red]config error:[/] {exc}", soft_wrap=True)
-        return 2
     logs = run_dir / "submitit"
     gpus_per_node = int(cfg.cluster.gpus_per_node) if cfg.cluster.gpus_per_node else 0
     pre = _executor(cfg, logs, f"invprop-pretrain-{run_dir.name}", int(cfg.nodes), int(cfg.gpus), gpus_per_node,

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from invprop.config import ConfigError, validate
 from invprop.jobs import rundir
+from invprop.jobs.runlock import RunLock
 
 console = Console()
 
@@ -70,13 +71,28 @@ def _sweep_element_on_slurm() -> bool:
 
 def main(cfg: DictConfig) -> int:
     """Validate before anything runs or is submitted; then run locally or submit to SLURM."""
+    lock = None
     try:
         validate(cfg)
         run_dir = resolve_run_dir(cfg)
+        if not _sweep_element_on_slurm():  # inside a SLURM job its rank 0 holds the run directory (pretrain)
+            if cfg.cluster.name == "slurm":
+                from invprop.jobs.slurm import check_submission
+
+                check_submission(cfg.cluster, run_dir)
+            lock = RunLock(run_dir).acquire("launch")
         prepare_run_dir(cfg, run_dir)
     except ConfigError as exc:
         console.print(f"[bold red]config error:[/] {exc}", soft_wrap=True)
         return 2
+    try:
+        return _launch(cfg, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _launch(cfg: DictConfig, run_dir: Path) -> int:
     if _sweep_element_on_slurm():
         from invprop.jobs.slurm import run_array_element
 

@@ -1,0 +1,63 @@
+"""One writer per run directory (issue 30): a second launch on an out_dir that a launch or a queued SLURM job
+still writes to is refused in one line, before it writes anything."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from invprop.config import ConfigError
+from invprop.jobs.runlock import RunLock
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(180)
+SMALL = ["data=synthetic", "data.n_train=96", "data.n_test=32", "train.batch_size=32", "train.epochs=1",
+         "train.num_workers=0", "method.n_pos=5", "eval.untrained_baseline=false", "logger=none"]
+
+
+def _launch(run: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launchers/submit.py"), *SMALL, *extra, f"out_dir={run}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=150, env=env)
+
+
+def test_a_second_launch_is_refused_while_the_first_holds_the_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with RunLock(run).acquire("launch"):  # this process stands for a launch that is training there
+        proc = _launch(run)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    out = " ".join(proc.stdout.split())
+    assert f"config error: out_dir={run} is in use by another launch (pid " in out and "choose another out_dir" in out
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == [".writer.lock"]  # nothing of the refused launch written
+    # released (as when the first launch ends, however it ends): the same command trains
+    proc = _launch(run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run / "FINISHED").exists()
+
+
+def test_the_lock_is_one_holder_at_a_time_and_names_it(tmp_path: Path) -> None:
+    first = RunLock(tmp_path).acquire("SLURM job 42")
+    with pytest.raises(ConfigError, match=r"in use by another SLURM job 42 \(pid \d+ on "):
+        RunLock(tmp_path).acquire("launch")
+    first.release()
+    RunLock(tmp_path).acquire("launch").release()
+
+
+@pytest.mark.slurm
+def test_a_slurm_launch_is_refused_while_an_earlier_job_is_queued(slurm_cluster, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    held = slurm_cluster.sbatch("--hold", "--wrap", "true")  # PENDING until released: an earlier launch's job
+    try:
+        (run / "jobs.json").write_text(json.dumps({"jobs": {"pretrain": held}}))
+        proc = _launch(run, "cluster=slurm", env=slurm_cluster.env)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        out = " ".join(proc.stdout.split())
+        assert f"has SLURM jobs of an earlier launch still queued or running ({held} PENDING)" in out
+        assert sorted(p.name for p in run.iterdir()) == ["jobs.json"]  # refused before anything was written
+    finally:
+        slurm_cluster.run("scancel", held, check=False)
