@@ -29,8 +29,12 @@ class RunLock:
 
     def acquire(self, role: str) -> RunLock:
         """Take the lock or raise ConfigError naming the holder (one line, before anything is written)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"out_dir={self.path.parent}: cannot write there ({exc.strerror or exc}); choose "
+                              "another out_dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -80,6 +80,7 @@ def main(cfg: DictConfig) -> int:
                 from invprop.jobs.slurm import check_submission
 
                 check_submission(cfg.cluster, run_dir)
+            rundir.check_resume(cfg, run_dir)  # a refused resume leaves the run directory as it was, lock included
             lock = RunLock(run_dir).acquire("launch")
         prepare_run_dir(cfg, run_dir)
     except ConfigError as exc:
