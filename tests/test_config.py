@@ -164,3 +164,26 @@ def test_a_small_per_rank_batch_runs_when_asked_for_or_raised(extra) -> None:
 
 def test_one_rank_may_train_on_a_small_batch() -> None:
     validate(_cfg("data=synthetic", "train.batch_size=8"))
+
+
+@pytest.mark.parametrize("override", ["cluster.account='a\nsrun evil'", "cluster.qos='q\rx'",
+                                      "cluster.constraint='c\tx'", "out_dir='runs/x\ny'"])
+def test_control_characters_never_reach_the_submission_script(override) -> None:
+    field = override.split("=")[0]
+    cfg = _cfg("cluster=slurm", "data=synthetic") if field != "out_dir" else _cfg("data=synthetic")
+    from omegaconf import OmegaConf
+
+    key, value = override.split("=", 1)
+    OmegaConf.update(cfg, key, value.strip("'"), merge=False)  # as an experiment YAML could set it
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert str(info.value).startswith(f"{field}=") and "contains a control character" in str(info.value)
+
+
+def test_markup_in_user_text_is_printed_as_is(tmp_path) -> None:
+    bad = tmp_path / "[bold]x" / "file"
+    bad.parent.mkdir()
+    bad.write_text("a file, not a folder")
+    proc = subprocess.run([sys.executable, str(ROOT / "launchers/submit.py"), "data=synthetic", f"out_dir='{bad}'"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"out_dir={bad} is a file" in " ".join(proc.stdout.split())

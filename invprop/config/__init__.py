@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from invprop.config.checks import ConfigError
+from invprop.config.checks import ConfigError, check_plain_text
 from invprop.config.schema import BANK_SELECTIONS, GROUP_SCHEMAS, Config, TrainConfig
 
 __all__ = ["BANK_SELECTIONS", "ConfigError", "candidate_count", "compose_defaults", "group_section",
@@ -214,7 +214,9 @@ def _check_method_against_data(method: Any, n: int) -> None:
 
 
 def _validate_out_dir(out: str) -> None:
-    """out_dir must be a folder or creatable as one: not a file, not below a file, and writable."""
+    """out_dir must be a folder or creatable as one: not a file, not below a file, and writable; and plain text
+    (it reaches the SLURM script's log paths)."""
+    check_plain_text(out, "out_dir")
     path = os.path.abspath(out)
     if os.path.isfile(path):
         raise ConfigError(f"out_dir={out} is a file; give a directory path")

@@ -45,3 +45,14 @@ def check_number(value: Any, field: str, low: float | None = None, high: float |
 def check_bool(value: Any, field: str) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{field}={value!r} must be true or false")
+
+
+def check_plain_text(value: str | None, field: str) -> None:
+    """Text that reaches a generated script (the sbatch header): no newline or other control character, which
+    would end the directive and run the rest as a command."""
+    if value is None:
+        return
+    bad = [c for c in str(value) if ord(c) < 32 or ord(c) == 127]
+    if bad:
+        raise ConfigError(f"{field}={str(value)!r} contains a control character ({bad[0]!r}); SLURM settings and "
+                          "paths must be plain text: remove it")

@@ -20,6 +20,7 @@ from invprop.config.checks import (
     check_choice,
     check_int,
     check_number,
+    check_plain_text,
     check_positive_int,
 )
 from invprop.config.data_schema import (
@@ -257,6 +258,11 @@ class SlurmClusterConfig:
         check_int(self.gpus_per_node, "cluster.gpus_per_node", 0)
         check_positive_int(self.eval_timeout_min, "cluster.eval_timeout_min", " (minutes)")
         check_number(self.requeue_wait_s, "cluster.requeue_wait_s", 0)
+        for key in ("partition", "account", "qos", "constraint"):
+            check_plain_text(getattr(self, key), f"cluster.{key}")
+        for key, value in (self.additional_parameters or {}).items():
+            check_plain_text(str(key), "cluster.additional_parameters")
+            check_plain_text(str(value), f"cluster.additional_parameters.{key}")
 
 
 @dataclass

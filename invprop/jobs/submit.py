@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from invprop.config import ConfigError, validate
@@ -84,7 +85,7 @@ def main(cfg: DictConfig) -> int:
             lock = RunLock(run_dir).acquire("launch")
         prepare_run_dir(cfg, run_dir)
     except ConfigError as exc:
-        console.print(f"[bold red]config error:[/] {exc}", soft_wrap=True)
+        console.print(f"[bold red]config error:[/] {escape(str(exc))}", soft_wrap=True)  # user text: no markup
         return 2
     try:
         return _launch(cfg, run_dir)
@@ -108,7 +109,8 @@ def _launch(cfg: DictConfig, run_dir: Path) -> int:
     if "preempted_at_step" in results:
         step = results["preempted_at_step"]
         where = f"at step {step} with a committed checkpoint" if step >= 0 else "before the first checkpoint"
-        console.print(f"stopped {where} in {run_dir}; run the same command again to resume", soft_wrap=True)
+        console.print(f"stopped {where} in {escape(str(run_dir))}; run the same command again to resume",
+                      soft_wrap=True)
         return 3
     console.print(summary_table(results, run_dir, cfg))
     return 0
