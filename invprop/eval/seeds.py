@@ -17,7 +17,6 @@ from invprop.eval.report import (
     BASELINE_KEYS,
     KNN_KEYS,
     PURITY_KEYS,
-    baselines,
     differing_keys,
     load_config,
     load_results,
@@ -70,7 +69,29 @@ def seed_groups(run_dirs: list[Path]) -> tuple[list[str], list[tuple[dict[str, A
     found = list(groups.values())
     if all(len(runs) == 1 for _, runs in found):
         return [], []
-    return keys, found
+    shown = _distinguishing(keys, [values for values, _ in found])
+    return shown, [({k: values[k] for k in shown}, runs) for values, runs in found]
+
+
+def _distinguishing(keys: list[str], settings: list[dict[str, Any]]) -> list[str]:
+    """A few keys that tell every group from every other (for short labels): greedily the key that separates the
+    most pairs not yet separated, and `method.name` whenever it differs."""
+    pairs = {(i, j) for i in range(len(settings)) for j in range(i + 1, len(settings))}
+    chosen: list[str] = []
+
+    def separated(key: str) -> set[tuple[int, int]]:
+        return {(i, j) for i, j in pairs if repr(settings[i][key]) != repr(settings[j][key])}
+
+    named = "method.name" in keys and bool(separated("method.name"))
+    while pairs:
+        best = max((k for k in keys if k not in chosen), key=lambda k: len(separated(k)), default=None)
+        if best is None or not separated(best):
+            break
+        chosen.append(best)
+        pairs -= separated(best)
+    if named and "method.name" not in chosen:
+        chosen.append("method.name")
+    return [k for k in keys if k in chosen]
 
 
 def group_label(values: dict[str, Any]) -> str:
@@ -118,6 +139,18 @@ def curve_spread(runs: list[Path], key: str, which: int) -> tuple[list[float], l
     return common, [statistics.fmean(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
 
 
+def _shared_baselines(run_dirs: list[Path]) -> list[tuple[str, float, str]]:
+    """(label, value, style) of each results.json baseline that has one value over all the runs."""
+    found = []
+    for key, (label, style) in BASELINE_KEYS.items():
+        values = {round(float(load_results(r)[key]), 4) for r in run_dirs
+                  if isinstance(load_results(r).get(key), (int, float))}
+        if len(values) == 1:
+            value = values.pop()
+            found.append((f"{label} {value:.1%}", value, style))
+    return found
+
+
 def write_seed_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     """knn_seeds.png (backbone and head kNN) and purity_seeds.png: each arm's mean over its seeds, a band from
     the lowest to the highest seed. Nothing when the runs have no seed groups."""
@@ -143,10 +176,9 @@ def write_seed_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
                 ax.plot(xs, mean, color=f"C{i}", marker="." if len(xs) < 30 else None,
                         label=f"{group_label(values)} (n={len(runs)})")
                 ax.fill_between(xs, low, high, color=f"C{i}", alpha=0.2, linewidth=0)
-            if bars:
-                for label, value, style in baselines(run_dirs):
-                    if label.split(" ")[0] in {v[0].split(" ")[0] for v in BASELINE_KEYS.values()}:
-                        ax.axhline(value, color="grey", linestyle=style, linewidth=1.0, label=label)
+            if bars:  # the bars every seed shares (raw pixels); the untrained network differs by seed
+                for label, value, style in _shared_baselines(run_dirs):
+                    ax.axhline(value, color="grey", linestyle=style, linewidth=1.0, label=label)
             ax.set_title(f"{key}: mean over seeds, band = min..max")
             ax.set_xlabel("epoch")
             ax.grid(True, alpha=0.3)
