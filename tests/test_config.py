@@ -36,6 +36,9 @@ def _cfg(*overrides: str):
         (["method.propagation=dfs"], "method.propagation"),
         (["method.denominator=other"], "method.denominator"),
         (["method.tau=0"], "method.tau"),
+        (["train.lr=inf"], "train.lr"),
+        (["method.tau=nan"], "method.tau"),
+        (["nodes=2"], "nodes"),  # cluster=local: one machine
         (["data.subset=-5"], "data.subset"),
         # issue 19: each of these was a traceback or silently accepted
         (["model.embedding_dim=0"], "model.embedding_dim"),
@@ -147,7 +150,7 @@ def test_wandb_logger_without_the_package_is_one_line() -> None:
 
 
 def test_a_per_rank_batch_under_16_is_refused_with_the_batch_and_lr_that_fix_it() -> None:
-    cfg = _cfg("+experiment=imagenet_r50", "nodes=8", "gpus=8", "data=synthetic")
+    cfg = _cfg("+experiment=imagenet_r50", "cluster=slurm", "nodes=8", "gpus=8", "data=synthetic")
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     message = str(info.value)
@@ -159,7 +162,7 @@ def test_a_per_rank_batch_under_16_is_refused_with_the_batch_and_lr_that_fix_it(
 @pytest.mark.parametrize("extra", [["train.allow_small_rank_batch=true"],
                                    ["train.batch_size=1024", "data.n_train=2048"]])
 def test_a_small_per_rank_batch_runs_when_asked_for_or_raised(extra) -> None:
-    validate(_cfg("data=synthetic", "nodes=8", "gpus=8", *extra))  # 128 / 64 = 2 per rank without `extra`
+    validate(_cfg("data=synthetic", "cluster=slurm", "nodes=8", "gpus=8", *extra))  # 128 / 64 = 2 per rank
 
 
 def test_one_rank_may_train_on_a_small_batch() -> None:

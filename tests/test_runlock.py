@@ -61,3 +61,15 @@ def test_a_slurm_launch_is_refused_while_an_earlier_job_is_queued(slurm_cluster,
         assert sorted(p.name for p in run.iterdir()) == ["jobs.json"]  # refused before anything was written
     finally:
         slurm_cluster.run("scancel", held, check=False)
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_in_one_line(tmp_path: Path) -> None:
+    """lr 1e10 makes the loss NaN within a few steps: the run stops there, names the step, the terms and the
+    settings in force, and does not mark the run finished (issue 30, item 5)."""
+    run = tmp_path / "run"
+    proc = _launch(run, "train.lr=1e10", "train.log_every=1", "train.epochs=2")
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: training diverged: loss nan at step ")
+    assert "method.tau=" in lines[0] and "lower train.lr or raise method.tau" in lines[0]
+    assert not (run / "FINISHED").exists() and "Traceback" not in proc.stderr

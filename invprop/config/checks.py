@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -29,7 +30,7 @@ def check_int(value: Any, field: str, minimum: int, hint: str = "") -> int:
 def check_number(value: Any, field: str, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> float:
     """A real number in the given range; the message spells the range as an interval."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -37,8 +38,8 @@ def check_number(value: Any, field: str, low: float | None = None, high: float |
     if not ok:
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
-        raise ConfigError(f"{field}={value!r} must be a number in {'(' if low_open or low is None else '['}{lo}, "
-                          f"{hi}{')' if high_open or high is None else ']'}")
+        raise ConfigError(f"{field}={value!r} must be a finite number in {'(' if low_open or low is None else '['}"
+                          f"{lo}, {hi}{')' if high_open or high is None else ']'}")
     return float(value)
 
 

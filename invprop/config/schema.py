@@ -313,6 +313,9 @@ class Config:
     def validate(self) -> None:
         check_positive_int(self.nodes, "nodes", " (machines to run on)")
         check_positive_int(self.gpus, "gpus", " (ranks per machine)")
+        if self.cluster.name == "local" and self.nodes > 1:
+            raise ConfigError(f"nodes={self.nodes} with cluster=local: a local run has this one machine; use "
+                              f"gpus={self.nodes * self.gpus} for as many ranks here, or cluster=slurm")
         check_int(self.seed, "seed", 0)
         for section in (self.train, self.bank, self.model, self.data, self.method, self.eval, self.logger,
                         self.cluster):

@@ -59,6 +59,10 @@ def window_means(window: list[dict[str, torch.Tensor | float]]) -> dict[str, flo
     return {k: means[k] for k in keys}
 
 
+class Diverged(RuntimeError):
+    """The loss became NaN or inf: the run stops with what it has committed."""
+
+
 def warmup_cosine_lr(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0) -> float:
     """Linear warm-up to `base_lr` over the first `warmup_steps`, then cosine to 0 at `total_steps`."""
     if step < warmup_steps:
@@ -358,7 +362,18 @@ class Trainer:
         record.update(step=self.state.step, epoch=self.state.epoch + self.state.batch / self.order.num_batches,
                       img_s=img_s, time=time.time())
         self.metrics.write(record)
+        if not math.isfinite(float(record.get("loss", 0.0))):
+            raise Diverged(self._divergence(record))
         return record
+
+    def _divergence(self, record: dict[str, Any]) -> str:
+        """One line for a loss that became NaN or inf: where, the terms, the settings in force, what is kept."""
+        terms = ", ".join(f"{k} {record[k]:.4g}" for k in ("loss_ins", "loss_inv") if k in record)
+        latest = checkpoint.latest(self.ckpt_root, report=False)
+        kept = f"checkpoint step {checkpoint.step_of(latest)} is kept" if latest else "no checkpoint was written yet"
+        return (f"training diverged: loss {record['loss']} at step {self.state.step} ({terms}) with lr "
+                f"{record.get('lr', float('nan')):.4g} and method.tau={self.cfg.method.tau}; {kept}; lower train.lr "
+                "or raise method.tau")
 
     def evaluate_epoch(self) -> None:
         """kNN accuracy over training (eval.every_epochs > 0) into metrics.jsonl, for the curves in reports."""
