@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,22 @@ def test_folder_layout_errors_are_one_line(tmp_path):
     (tmp_path / "c" / "train" / "y").mkdir(parents=True)
     (tmp_path / "c" / "train" / "y" / "notes.txt").write_text("no image")
     assert "no images" in _folder_error(tmp_path / "c")
+
+
+def test_symlinked_folders_inside_a_class_are_not_entered_and_empty_classes_are_named(files, tmp_path):
+    """A link to '.' would repeat a class's images, one to '..' would file every class under it (issue 30)."""
+    root = tmp_path / "linked"
+    shutil.copytree(files["folder"], root, symlinks=True)
+    first = sorted(p for p in (root / "train").iterdir())[0]
+    (first / "loop").symlink_to(".")
+    (first / "up").symlink_to("..")
+    classes, paths, labels = scan_split(str(root), "train")
+    want_classes, want_paths, want_labels = scan_split(str(files["folder"]), "train")
+    assert classes == want_classes and len(paths) == len(want_paths)
+    assert np.array_equal(labels, want_labels)
+    (root / "train" / "zz_empty").mkdir()
+    with pytest.raises(FolderDataError, match=r"class folder .*zz_empty has no images"):
+        scan_split.__wrapped__(str(root), "train")
 
 
 @pytest.mark.parametrize(("make", "expect"), [

@@ -33,16 +33,24 @@ def class_folders(folder: Path) -> list[str]:
 
 
 def list_images(folder: Path, classes: Sequence[str]) -> tuple[list[str], list[int]]:
-    """Image paths under ``folder/<class>`` (any depth, sorted) and their labels (the class's position)."""
+    """Image paths under ``folder/<class>`` (any depth, sorted) and their labels (the class's position).
+
+    Symlinked folders inside a class folder are not entered (a link to '.' or '..' would repeat images or file
+    every class under one; a class folder that is itself a link is read). A class folder without images is an
+    error naming it: skipping it would shift every later label, keeping it would add a class no image has."""
     paths: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(folder / name, followlinks=True):
+        before = len(paths)
+        for dirpath, dirnames, filenames in os.walk(folder / name, followlinks=False):
             dirnames.sort()
             for fn in sorted(filenames):
                 if fn.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(os.path.join(dirpath, fn))
                     labels.append(label)
+        if len(paths) == before:
+            raise FolderDataError(f"class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                                  "remove it or put its images in")
     return paths, labels
 
 
