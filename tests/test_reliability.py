@@ -159,6 +159,31 @@ def test_signal_to_local_launcher_stops_its_ranks_with_a_checkpoint(tmp_path: Pa
         assert (run / "FINISHED").exists() and _steps(run) == list(range(1, 8 * epochs + 1))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_ctrl_c_saves_like_usr2_and_says_where_it_stopped(tmp_path: Path, gpus: int) -> None:
+    """SIGINT to the launcher's whole process group, as a terminal's Ctrl-C sends it (ranks included): a
+    committed checkpoint at the next step, exit 3 with "stopped at step n", no traceback (issue 30, item 6)."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(run, f"gpus={gpus}", "train.epochs=40"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 200
+        while not ((run / "metrics.jsonl").exists() and _steps(run)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never logged a step"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=200)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 3, (out + err)[-3000:]
+    _no_traceback(subprocess.CompletedProcess([], 3, out, err))
+    stopped = checkpoint.step_of(checkpoint.latest(run / "checkpoints"))
+    assert f"stopped at step {stopped} with a committed checkpoint" in out
+    assert _steps(run) == list(range(1, stopped + 1)) and not (run / "FINISHED").exists()
+
+
 # -- 3. one line for bad input ------------------------------------------------------------------------------
 def _cfg(*overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):

@@ -18,13 +18,14 @@ from invprop.jobs.spawn import spawn_ranks
 def run_local(cfg: DictConfig, run_dir: Path) -> dict:
     """Pretrain (kNN evaluated in the training processes), then the other eval.protocols in this process.
 
-    USR2 or SIGTERM stops training at the next step boundary with a committed checkpoint; with W ranks this
-    process forwards them. A run that did not finish returns {"preempted_at_step": n} (-1: no checkpoint yet).
+    USR2, SIGTERM or SIGINT (Ctrl-C) stops training at the next step boundary with a committed checkpoint; with
+    W ranks this process forwards them. A second Ctrl-C stops at once (the last committed checkpoint is kept).
+    A run that did not finish returns {"preempted_at_step": n} (-1: no checkpoint yet).
     """
     world = world_size(cfg)
-    stops = (signal.SIGUSR2, signal.SIGTERM)
+    stops = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
     if world == 1:
-        results = pretrain(run_dir, stop_signals=(signal.SIGTERM,))
+        results = pretrain(run_dir, stop_signals=(signal.SIGTERM, signal.SIGINT))
     else:
         spawn_ranks(pretrain_rank, world, (str(run_dir),), timeout_s=3600.0 * float(cfg.cluster.run_timeout_h),
                     forward=stops)

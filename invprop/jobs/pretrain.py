@@ -144,7 +144,7 @@ def _preempted(trainer: Trainer, boundary: StepBoundary, env: distributed.DistEn
 def pretrain_rank(rank: int, world: int, run_dir: str) -> None:
     """Entry for spawned local ranks (environment already set by spawn_ranks): a failure is one line."""
     try:
-        pretrain(Path(run_dir))
+        pretrain(Path(run_dir), stop_signals=(signal.SIGINT,))  # Ctrl-C: save at the next step like USR2
     except Exception as exc:  # noqa: BLE001 - the rank's top level
         from invprop.jobs.submit import fail
 

@@ -16,7 +16,7 @@ def _enter(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
     # From here on a stop signal waits for the rank's next step boundary (the launcher forwards its own).
     from invprop.train.boundary import defer
 
-    defer(signal.SIGUSR2)
+    defer(signal.SIGUSR2, signal.SIGINT)  # SIGINT: a Ctrl-C reaches the whole process group, ranks included
     ready.set()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -120,6 +120,9 @@ def run(cfg: DictConfig) -> None:
     """The launcher's body: any failure is one line on stderr (INVPROP_VERBOSE=1 adds the traceback)."""
     try:
         code = main(cfg)
+    except KeyboardInterrupt:  # Ctrl-C before training installed its handler (or after it ended)
+        print("interrupted before training started or after it ended: nothing to save", file=sys.stderr)
+        sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the top level: a user sees one line, not a traceback
         fail(exc)
     if code:

@@ -10,6 +10,7 @@ committed checkpoint and the requeue or rerun happen at a known step through the
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ class StepBoundary:
         self.comm, self.every_steps, self.every_s = comm, every_steps, every_min * 60
         self.sig, self.stop_at_step = sig, stop_at_step
         self.preempted = bool(_pending & {sig, *also})
+        self.interrupted = signal.SIGINT in _pending and signal.SIGINT in also
         _pending.difference_update({sig, *also})
         self.last_save = time.monotonic()
         self.previous: Callable[..., Any] | int | None = signal.signal(sig, self._on_signal)
@@ -46,6 +48,10 @@ class StepBoundary:
         self.also = {s: signal.signal(s, self._on_signal) for s in also}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.interrupted:  # a second Ctrl-C: stop at once, keep what is committed
+            os.write(2, b"interrupted again: stopping now without a save; the last committed checkpoint is kept\n")
+            os._exit(130)
+        self.interrupted = self.interrupted or signum == signal.SIGINT
         self.preempted = True  # nothing else: we may be inside a collective or an optimiser step
 
     def poll(self, step: int) -> tuple[bool, bool]:
