@@ -320,3 +320,13 @@ def test_a_cifar_file_that_would_run_code_is_refused_unrun(tmp_path, name):
     message = str(info.value)
     assert "is not a CIFAR batch file: it asks for posix.system" in message and "\n" not in message
     assert not marker.exists()  # refused before the call, not after
+
+
+def test_a_truncated_cifar_file_is_named_in_one_line(tmp_path):
+    release = write_cifar(tmp_path / "c10", 10)
+    data = (release / "data_batch_3").read_bytes()
+    (release / "data_batch_3").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError) as info:
+        validate(_cfg("data=cifar10", f"data.root={release}"))
+    message = str(info.value)
+    assert "data_batch_3 cannot be read as a CIFAR batch file" in message and "\n" not in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -189,3 +190,20 @@ def test_dead_rank_fails_peers_instead_of_hanging(tmp_path) -> None:
         time.sleep(0.2)
     elapsed, kind = (tmp_path / "survivor.txt").read_text().split()
     assert float(elapsed) < 15, kind
+
+
+def _stopping_worker(rank: int, world: int, out_dir: str) -> None:
+    comm = distributed.init(distributed.read_env(), timeout_s=5)
+    comm.barrier()
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # stops answering (as a rank stuck in I/O), without dying
+    comm.barrier()  # rank 0 waits for the stopped rank until the collective timeout
+
+
+def test_a_rank_that_stops_responding_is_killed_and_named(tmp_path) -> None:
+    """The survivor's collective times out and fails; the stopped rank, which SIGTERM cannot end, is killed
+    and named, and the launcher's wait ends (issue 30, item 7)."""
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 1 stopped responding \(killed\)"):
+        spawn_ranks(_stopping_worker, 2, (str(tmp_path),), timeout_s=120, grace_s=2)
+    assert time.monotonic() - start < 90

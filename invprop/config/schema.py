@@ -317,6 +317,8 @@ class Config:
             raise ConfigError(f"nodes={self.nodes} with cluster=local: a local run has this one machine; use "
                               f"gpus={self.nodes * self.gpus} for as many ranks here, or cluster=slurm")
         check_int(self.seed, "seed", 0)
+        if self.seed >= 2**32:  # numpy's and the data order's generators take 32-bit seeds
+            raise ConfigError(f"seed={self.seed} must be below 2^32 (4294967296)")
         for section in (self.train, self.bank, self.model, self.data, self.method, self.eval, self.logger,
                         self.cluster):
             section.validate()

@@ -42,6 +42,9 @@ def _unpickle(path: Path) -> dict:
         except UnsafeDataFile as exc:
             raise UnsafeDataFile(f"{path} is not a CIFAR batch file: {exc}, which a data file never does; "
                                  "nothing of it was run (use the official python release)") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"{path} cannot be read as a CIFAR batch file ({type(exc).__name__}: {exc}); it may "
+                             "be truncated: extract the official python release again") from None
     if not isinstance(found, dict):
         raise UnsafeDataFile(f"{path} is not a CIFAR batch file: it holds a {type(found).__name__}, not a dict")
     return found

@@ -67,10 +67,16 @@ def spawn_ranks(fn: Callable[..., Any], world: int, args: tuple = (), timeout_s:
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
-        for proc in procs:
+        stuck = []
+        for r, proc in enumerate(procs):
             proc.join(10)
+            if proc.is_alive():  # stopped (SIGSTOP) or stuck where SIGTERM cannot act: SIGKILL always ends it
+                stuck.append(r)
+                proc.kill()
+                proc.join(10)
     if timed_out:
         raise TimeoutError(f"ranks did not finish within {timeout_s:.0f}s")
-    failed = [f"rank {r} exited with {p.exitcode}" for r, p in enumerate(procs) if p.exitcode != 0]
+    failed = [f"rank {r} stopped responding (killed)" if r in stuck else f"rank {r} exited with {p.exitcode}"
+              for r, p in enumerate(procs) if p.exitcode != 0]
     if failed:
         raise RuntimeError("distributed run failed: " + "; ".join(failed))
