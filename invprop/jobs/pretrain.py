@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from invprop import checkpoint, config, distributed
+from invprop.collectives import Comm
 from invprop.config import ConfigError, slurm_section
 from invprop.eval.knn_eval import evaluate_knn, evaluate_pixels_knn
 from invprop.jobs.runlock import RunLock
@@ -101,15 +102,15 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
             lock.release()
 
 
-def _hold_run_dir(run_dir: Path, env: distributed.DistEnv, comm) -> RunLock | None:
-    """Under SLURM, rank 0 holds the run directory for the job's life (a local launch already holds it); when
-    another writer has it, every rank stops with the holder's one line before anything is written."""
-    if env.source != "slurm":
+def _hold_run_dir(run_dir: Path, env: distributed.DistEnv, comm: Comm) -> RunLock | None:
+    """In a SLURM job, rank 0 holds the run directory for the job's life (a local launch already holds it);
+    when another writer has it, every rank stops with the holder's one line before anything is written."""
+    if "SLURM_JOB_ID" not in os.environ:
         return None
     lock, refused = None, ""
     if env.is_main:
         try:
-            lock = RunLock(run_dir).acquire(f"SLURM job {env.rendezvous_key.split('.')[0]}")
+            lock = RunLock(run_dir).acquire(f"SLURM job {os.environ['SLURM_JOB_ID']}")
         except ConfigError as exc:
             refused = str(exc)
     (busy,) = comm.host_flags_any([bool(refused)])
