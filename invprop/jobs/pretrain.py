@@ -36,19 +36,21 @@ def finished(run_dir: Path) -> bool:
     return (Path(run_dir) / FINISHED).exists()
 
 
-def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Signals, ...] = ()) -> dict:
+def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Signals, ...] = (),
+             hold_run_dir: bool = False) -> dict:
     """Train (this rank's part) from the newest committed checkpoint if any, save, then optionally evaluate.
 
     On USR2 (or one of `stop_signals`, or at `train.stop_at_step`) the ranks save a committed checkpoint at
     the next step boundary and hand over to submitit (rank 0), which requeues the job; the requeued job lands
     here again and resumes from that step. The FINISHED marker is written last, when everything else is on disk.
+    `hold_run_dir`: take the run directory's writer lock (a SLURM job; a local launch already holds it).
     """
     start = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     env = distributed.read_env()
     comm = distributed.init(env, float(cfg.train.dist_timeout_s), rendezvous_dir=run_dir / "rendezvous")
-    lock = _hold_run_dir(run_dir, env, comm)
+    lock = _hold_run_dir(run_dir, env, comm) if hold_run_dir else None
     device = comm.device
     boundary = StepBoundary(comm, int(cfg.train.checkpoint_every_steps), float(cfg.train.checkpoint_every_min),
                             also=stop_signals, stop_at_step=cfg.train.stop_at_step)
@@ -103,14 +105,12 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
 
 
 def _hold_run_dir(run_dir: Path, env: distributed.DistEnv, comm: Comm) -> RunLock | None:
-    """In a SLURM job, rank 0 holds the run directory for the job's life (a local launch already holds it);
-    when another writer has it, every rank stops with the holder's one line before anything is written."""
-    if "SLURM_JOB_ID" not in os.environ:
-        return None
+    """A SLURM job's rank 0 holds the run directory for the job's life (a local launch holds it itself); when
+    another writer has it, every rank stops with the holder's one line before anything is written."""
     lock, refused = None, ""
     if env.is_main:
         try:
-            lock = RunLock(run_dir).acquire(f"SLURM job {os.environ['SLURM_JOB_ID']}")
+            lock = RunLock(run_dir).acquire(f"SLURM job {os.environ.get('SLURM_JOB_ID', '?')}")
         except ConfigError as exc:
             refused = str(exc)
     (busy,) = comm.host_flags_any([bool(refused)])

@@ -29,7 +29,7 @@ class PretrainJob:
         self.run_dir = run_dir
 
     def __call__(self) -> dict:
-        return pretrain(Path(self.run_dir), evaluate=False)
+        return pretrain(Path(self.run_dir), evaluate=False, hold_run_dir=True)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         # The restarted job resumes from the newest committed checkpoint in the run directory.
@@ -193,7 +193,7 @@ def run_array_element(cfg: DictConfig, run_dir: Path) -> int:
                 evals = submit_evaluations(cfg, run_dir, after=me)
             jobs = {"pretrain": me, **{role: job.job_id for role, job in evals.items()}}
             write_json_atomic(run_dir / "jobs.json", jobs_record(jobs, run_dir / "submitit"))
-    pretrain(run_dir, evaluate=False)
+    pretrain(run_dir, evaluate=False, hold_run_dir=True)
     return 0
 
 
