@@ -130,3 +130,20 @@ def test_bad_sweep_element_submits_nothing(slurm_cluster, tmp_path: Path) -> Non
                    f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert proc.returncode == 2 and "method.n_pos=20" in proc.stderr and "method.k=2" in proc.stderr
     assert slurm_cluster.run("sacct", "-X", "-n", "-o", "JobID").stdout.split() == before
+
+
+def test_a_slurm_launch_is_refused_while_an_earlier_job_is_queued(slurm_cluster, tmp_path: Path) -> None:
+    """One writer per run directory (issue 30): here, because squeue is shared with the other tests of this
+    module, which run one at a time."""
+    run = tmp_path / "run"
+    run.mkdir()
+    held = slurm_cluster.sbatch("--hold", "--wrap", "true")  # PENDING until released: an earlier launch's job
+    try:
+        (run / "jobs.json").write_text(json.dumps({"jobs": {"pretrain": held}}))
+        proc = _launch(slurm_cluster, "cluster=slurm", *SMALL, f"out_dir={run}")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        out = " ".join(proc.stdout.split())
+        assert f"has SLURM jobs of an earlier launch still queued or running ({held} PENDING)" in out
+        assert sorted(p.name for p in run.iterdir()) == ["jobs.json"]  # refused before anything was written
+    finally:
+        slurm_cluster.run("scancel", held, check=False)

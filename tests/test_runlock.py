@@ -3,7 +3,6 @@ still writes to is refused in one line, before it writes anything."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,22 +44,6 @@ def test_the_lock_is_one_holder_at_a_time_and_names_it(tmp_path: Path) -> None:
         RunLock(tmp_path).acquire("launch")
     first.release()
     RunLock(tmp_path).acquire("launch").release()
-
-
-@pytest.mark.slurm
-def test_a_slurm_launch_is_refused_while_an_earlier_job_is_queued(slurm_cluster, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    run.mkdir()
-    held = slurm_cluster.sbatch("--hold", "--wrap", "true")  # PENDING until released: an earlier launch's job
-    try:
-        (run / "jobs.json").write_text(json.dumps({"jobs": {"pretrain": held}}))
-        proc = _launch(run, "cluster=slurm", env=slurm_cluster.env)
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        out = " ".join(proc.stdout.split())
-        assert f"has SLURM jobs of an earlier launch still queued or running ({held} PENDING)" in out
-        assert sorted(p.name for p in run.iterdir()) == ["jobs.json"]  # refused before anything was written
-    finally:
-        slurm_cluster.run("scancel", held, check=False)
 
 
 def test_a_loss_that_becomes_nan_stops_the_run_in_one_line(tmp_path: Path) -> None:
