@@ -10,9 +10,9 @@ import torch
 from invprop import distributed
 from invprop.bank import ShardedBank
 from invprop.graph import NeighbourGraph
+from invprop.jobs.spawn import spawn_ranks
 from invprop.loss import InvPLoss
 from invprop.testing.dense_reference import DenseInvP
-from invprop.testing.forked_ranks import run_forked
 
 pytestmark = pytest.mark.timeout(180)
 N, D, W, B, M, K = 400, 16, 4, 6, 60, 3
@@ -37,7 +37,7 @@ def _problem(clustered: bool, denominator: str) -> dict:
             "neighbours": out.neighbours, "denominator": denominator}
 
 
-def _rank(rank: int, world: int, problem: dict) -> dict:
+def _rank(rank: int, world: int, problem: dict, out_dir: str) -> None:
     comm = distributed.init(distributed.read_env(), timeout_s=60)
     try:
         bank = ShardedBank(N, D, comm=comm, selection="topk")
@@ -49,17 +49,18 @@ def _rank(rank: int, world: int, problem: dict) -> dict:
         out = crit(z, problem["ids"][rank * B:(rank + 1) * B], epoch=1)
         out.loss.backward()
         top = bank.global_top(problem["z"], M, keep=K + 1)
-        return {"loss": out.stats["loss"], "grad": z.grad, "neighbours": out.neighbours,
-                "redone": 0 if top.redo_rows is None else int(top.redo_rows.numel()),
-                "main_width": top.vals.shape[1], "candidates": bank.last_candidates}
+        torch.save({"loss": out.stats["loss"], "grad": z.grad, "neighbours": out.neighbours,
+                    "redone": 0 if top.redo_rows is None else int(top.redo_rows.numel()),
+                    "main_width": top.vals.shape[1], "candidates": bank.last_candidates}, f"{out_dir}/{rank}.pt")
     finally:
         distributed.shutdown()
 
 
 @pytest.mark.parametrize(("clustered", "denominator"), [(False, "code"), (True, "code"), (True, "paper")])
-def test_narrow_selection_equals_the_dense_step(clustered: bool, denominator: str) -> None:
+def test_narrow_selection_equals_the_dense_step(clustered: bool, denominator: str, tmp_path) -> None:
     problem = _problem(clustered, denominator)
-    found = run_forked(_rank, W, (problem,))
+    spawn_ranks(_rank, W, (problem, str(tmp_path)), timeout_s=150)
+    found = [torch.load(tmp_path / f"{r}.pt") for r in range(W)]
     for got in found:
         assert got["loss"] == pytest.approx(problem["loss"], rel=1e-5, abs=1e-6)
         assert torch.equal(got["neighbours"].long(), problem["neighbours"].long())
@@ -73,18 +74,22 @@ def test_narrow_selection_equals_the_dense_step(clustered: bool, denominator: st
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_w32_forked_step_equals_dense_then_resumes_at_w16() -> None:
+def test_w32_forked_step_equals_dense_then_resumes_at_w16(tmp_path) -> None:
     """The scale check's bank part at W = 32 (tools/scale_check.py runs 64 and 128): ImageNet's M, D, k, l, P on
-    32 forked ranks, one step equal to the dense reference, a committed save, a resume at 16 ranks."""
+    32 forked ranks, one step equal to the dense reference, a committed save, a resume at 16 ranks. In a fresh
+    interpreter: ranks forked from a process whose autograd engine has started threads cannot run backward."""
+    import json
+    import subprocess
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import scale_check
-
-    from invprop.testing.bank_step import StepShape
-
-    found = scale_check.bank_part(32, 16, StepShape(rows=32768, batch=2))
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(root / "tools/scale_check.py"), "--out", str(out), "--parts", "bank",
+                           "--world", "32", "--resume-world", "16", "--batch", "2", "--rows", "32768"],
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(out.read_text())["bank"]
     equal = found["step_equal_to_dense"]
     assert equal["max_loss_error"] < 1e-5 and equal["max_grad_error"] < 1e-6 and equal["max_bank_row_error"] == 0
     assert equal["graph_equal_on_every_rank"]

@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=64)
     parser.add_argument("--resume-world", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4, help="per-rank batch of the counted step")
+    parser.add_argument("--rows", type=int, default=65536, help="bank rows of the counted step")
     parser.add_argument("--ckpt-rows", type=int, default=1_281_167)
     parser.add_argument("--ckpt-world", type=int, default=8)
     parser.add_argument("--slurm-result", type=Path, help="the slurm part's JSON (tools/scale_check.sh)")
@@ -174,7 +175,7 @@ def main() -> None:
         result = json.loads(args.out.read_text())
     if "bank" in parts:
         console.print(f"bank: one InvP step at W = {args.world} (forked ranks), resume at W = {args.resume_world}")
-        result["bank"] = bank_part(args.world, args.resume_world, StepShape(batch=args.batch))
+        result["bank"] = bank_part(args.world, args.resume_world, StepShape(rows=args.rows, batch=args.batch))
     if "ckpt" in parts:
         console.print(f"ckpt: ImageNet-shaped checkpoint, W = 1 and W = {args.ckpt_world}")
         result["ckpt"] = ckpt_part(args.ckpt_rows, 128, 25_557_032, args.ckpt_world)
