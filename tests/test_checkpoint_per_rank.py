@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_checkpoint import Box  # the replicated part the single-process checkpoint tests use
 
 from invprop import checkpoint, distributed
 from invprop.bank import ShardedBank, shard_bounds
@@ -19,16 +20,6 @@ pytestmark = pytest.mark.timeout(180)
 
 N, D = 1003, 8
 
-
-class Box:
-    def __init__(self, **values) -> None:
-        self.values = values
-
-    def state_dict(self) -> dict:
-        return dict(self.values)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.values = dict(state)
 
 
 def _rows(step: int) -> torch.Tensor:

@@ -105,14 +105,18 @@ def test_hand_edited_batch_size_is_refused_not_a_hang(tmp_path: Path) -> None:
     assert "stopped at batch 7 of an epoch, but this run has 4 batches per epoch" in proc.stdout, proc.stderr
 
 
-def _signal_once_training(proc: subprocess.Popen, run: Path, sig: signal.Signals) -> None:
-    """Send `sig` once the run has logged a step (its handlers are installed by then). The runs here are far
-    longer than the wait, so the signal always lands mid-run; where exactly is left open and not asserted."""
+def _signal_once_training(proc: subprocess.Popen, run: Path, sig: signal.Signals, group: bool = False) -> None:
+    """Send `sig` once the run has logged a step (its handlers are installed by then), to the launcher or (as a
+    terminal's Ctrl-C) to its whole process group. The runs here are far longer than the wait, so the signal
+    always lands mid-run; where exactly is left open and not asserted."""
     deadline = time.monotonic() + 200
     while not ((run / "metrics.jsonl").exists() and _steps(run)):
         assert proc.poll() is None and time.monotonic() < deadline, "the run never logged a step"
         time.sleep(0.02)
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
 
 
 @pytest.mark.slow
@@ -134,15 +138,20 @@ def test_sigkill_before_first_checkpoint_then_rerun_has_no_repeated_steps(tmp_pa
 
 # -- 4. local ranks: the launcher forwards stop signals and only FINISHED means finished ---------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM], ids=["USR2", "TERM"])
-def test_signal_to_local_launcher_stops_its_ranks_with_a_checkpoint(tmp_path: Path, sig: signal.Signals) -> None:
-    """A real signal from outside, to the launcher: the point is the forwarding, so only what holds at any step
-    is asserted (the step-exact stop and resume: train.stop_at_step in test_train and test_preemption_slurm)."""
+@pytest.mark.parametrize(("sig", "gpus", "group"), [(signal.SIGUSR2, 2, False), (signal.SIGTERM, 2, False),
+                                                    (signal.SIGINT, 1, True), (signal.SIGINT, 2, True)],
+                         ids=["USR2", "TERM", "ctrl-c", "ctrl-c-2-ranks"])
+def test_signal_to_local_launcher_stops_its_ranks_with_a_checkpoint(tmp_path: Path, sig: signal.Signals, gpus: int,
+                                                                    group: bool) -> None:
+    """A real signal from outside, to the launcher (or, as a terminal's Ctrl-C, to its whole process group, ranks
+    included): a committed checkpoint at the next step, exit 3 with "stopped at step n", no traceback. The point
+    is the forwarding, so only what holds at any step is asserted (the step-exact stop and resume:
+    train.stop_at_step in test_train and test_preemption_slurm)."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(run, "gpus=2", "train.epochs=40"), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cmd(run, f"gpus={gpus}", "train.epochs=40"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=group)
     try:
-        _signal_once_training(proc, run, sig)
+        _signal_once_training(proc, run, sig, group=group)
         out, err = proc.communicate(timeout=200)
     finally:
         proc.kill()
@@ -157,31 +166,6 @@ def test_signal_to_local_launcher_stops_its_ranks_with_a_checkpoint(tmp_path: Pa
         again = _launch(run, "gpus=2", f"train.epochs={epochs}")
         assert again.returncode == 0, again.stderr[-3000:]
         assert (run / "FINISHED").exists() and _steps(run) == list(range(1, 8 * epochs + 1))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("gpus", [1, 2])
-def test_ctrl_c_saves_like_usr2_and_says_where_it_stopped(tmp_path: Path, gpus: int) -> None:
-    """SIGINT to the launcher's whole process group, as a terminal's Ctrl-C sends it (ranks included): a
-    committed checkpoint at the next step, exit 3 with "stopped at step n", no traceback (issue 30, item 6)."""
-    run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(run, f"gpus={gpus}", "train.epochs=40"), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 200
-        while not ((run / "metrics.jsonl").exists() and _steps(run)):
-            assert proc.poll() is None and time.monotonic() < deadline, "the run never logged a step"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=200)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 3, (out + err)[-3000:]
-    _no_traceback(subprocess.CompletedProcess([], 3, out, err))
-    stopped = checkpoint.step_of(checkpoint.latest(run / "checkpoints"))
-    assert f"stopped at step {stopped} with a committed checkpoint" in out
-    assert _steps(run) == list(range(1, stopped + 1)) and not (run / "FINISHED").exists()
 
 
 # -- 3. one line for bad input ------------------------------------------------------------------------------

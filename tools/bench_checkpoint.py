@@ -21,19 +21,7 @@ from rich.table import Table
 from invprop import checkpoint
 from invprop.bank import ShardedBank
 from invprop.graph import NeighbourGraph
-
-
-class Weights:
-    """A stand-in for the model and the optimiser: a dict of tensors."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.tensors
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.tensors = dict(state)
+from invprop.testing.stand_ins import Weights
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ from invprop import checkpoint, distributed  # noqa: E402
 from invprop.bank import ShardedBank  # noqa: E402
 from invprop.testing.bank_step import StepShape, build_problem, resume_rank, step_rank  # noqa: E402
 from invprop.testing.forked_ranks import run_forked  # noqa: E402
+from invprop.testing.stand_ins import Weights  # noqa: E402
 
 console = Console(stderr=True)
 FULL_BATCH = 256
@@ -79,18 +80,6 @@ def bank_part(world: int, resume_world: int, shape: StepShape) -> dict[str, Any]
                    "bytes_read_per_rank_max": max(r["bytes_read"] for r in resumed)},
     }
 
-
-class Weights:
-    """A model / optimiser stand-in: a dict of tensors (replicated: state.pt)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.tensors
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.tensors = dict(state)
 
 
 _CKPT: dict[str, Any] = {}  # the parent's tensors, shared with the forked ranks
