@@ -250,7 +250,7 @@ def latest(root: Path, report: bool = True, *, states: Mapping[str, Stateful] | 
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             found: str | None = f"unreadable {directory / MARKER} ({exc})"
         else:
-            found = problem(directory, only=only)
+            found = problem(directory, only=only, keep_bytes=states is not None)  # kept: what load will read
         (bad,) = comm.host_flags_any([found is not None])
         if not bad:
             return directory

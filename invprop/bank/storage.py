@@ -187,7 +187,8 @@ class ShardedBank:
 
     def pair_scores(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Global scores z_q . V_ids[q, c] (ids < 0 give 0) from the owner shards, without a full score matrix;
-        differentiable in z. Non-owners contribute exact zeros, so every rank receives bit-identical values."""
+        differentiable in z. Each value comes from its owner only (`Comm.replicate_owned`), so every rank receives
+        bit-identical values."""
         own = self.owned(ids)
         picked = local_dots(self.rows, z, torch.where(own, ids - self.start, torch.zeros_like(ids))) * own
         return self.comm.replicate_owned(picked, self.owner_of(ids))
@@ -219,19 +220,23 @@ class ShardedBank:
             zq = z.detach().to(self.rows.dtype)
             if narrow >= min(max(m, keep), -(-self.n // self.world)):  # no rank narrows: exact as it is
                 top = self._candidates(z, zq, m, m_full)
-                self.last_candidates = top.size
-                return top
-            top = self._candidates(z, zq, m, min(narrow, m_full), trim=True)
-            truncated = narrow < self.n_local
-            real = top.vals > float("-inf")
-            floor = torch.where(real, top.vals, torch.full_like(top.vals, float("inf"))).amin(1)
-            short = (floor >= top.threshold) & truncated
-            rows = (self.comm.max(short.to(torch.int32)) > 0).nonzero().squeeze(1)
-            if rows.numel():
-                top.redo = self._candidates(z, zq[rows], m, m_full, rows)
-                top.redo_rows = rows
+            else:
+                top = self._candidates(z, zq, m, min(narrow, m_full), trim=True)
+                self._redo_short_queries(top, z, zq, m, m_full, truncated=narrow < self.n_local)
         self.last_candidates = top.size
         return top
+
+    def _redo_short_queries(self, top: TopCandidates, z: torch.Tensor, zq: torch.Tensor, m: int, m_full: int,
+                            truncated: bool) -> None:
+        """Select again in full the queries for which some shard's last kept score reaches the global m-th
+        largest (it may have dropped one that belongs); every rank agrees on them with one all_reduce."""
+        real = top.vals > float("-inf")
+        floor = torch.where(real, top.vals, torch.full_like(top.vals, float("inf"))).amin(1)
+        short = (floor >= top.threshold) & truncated
+        rows = (self.comm.max(short.to(torch.int32)) > 0).nonzero().squeeze(1)  # a host sync, once a step
+        if rows.numel():
+            top.redo = self._candidates(z, zq[rows], m, m_full, rows)
+            top.redo_rows = rows
 
     def narrow_width(self, m: int, keep: int = 0) -> int:
         """Scores per query each shard keeps at first: about twice its share of the top-m, at least `keep`."""
