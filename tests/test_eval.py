@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import multiprocessing as mp
+import re
 import tempfile
 
 import pytest
 import torch
 from composed import compose_config
 from omegaconf import OmegaConf
+from rich.console import Console
 
 from invprop.bank import ShardedBank
 from invprop.data import load_split
@@ -36,6 +39,7 @@ from invprop.eval.subsets import (
 )
 from invprop.metrics import update_results
 from invprop.models import build_model
+from invprop.progress import Reporter
 
 CPU = torch.device("cpu")
 
@@ -281,3 +285,35 @@ def test_pixel_vectors_drop_replicated_grey_and_find_exact_copies() -> None:
     assert knn_top1(vec, labels, vec, labels, 5, k=1) == 1.0  # each image's nearest reference is itself
     colour = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=gen)
     assert pixel_vectors(colour, torch.device("cpu")).shape == (4, 192)
+
+
+# -- progress in a job log ----------------------------------------------------------------------------------
+
+
+def test_each_protocol_reports_its_passes_and_epochs_without_changing_its_results(tmp_path):
+    """Plain lines (no terminal) for kNN's feature passes, the probe's features and epochs, the fine-tune's
+    epochs and test pass; a still clock, so every line is its loop's last (or an epoch's end)."""
+    cfg = _cfg(linear={"epochs": 3, "batch_size": 64, "lr": 0.1},
+               semisup={"epochs": 2, "batch_size": 16, "fractions": [0.2], "augment": "none"})
+    model = _model(cfg)
+    out = io.StringIO()
+    report = Reporter(console=Console(file=out, force_terminal=False, width=200), clock=lambda: 0.0)
+    images, labels = load_split(cfg.data, "train")
+    bank = ShardedBank(len(labels), 16)
+    assert evaluate_knn(cfg, model, bank, images, labels, CPU, report=report)["knn_top1"] == evaluate_knn(
+        cfg, model, bank, images, labels, CPU)["knn_top1"]
+    assert linear_probe(cfg, model, CPU, report=report)["linear_top1"] == linear_probe(cfg, model, CPU)["linear_top1"]
+    told, silent = semisup_eval(cfg, model, CPU, tmp_path, report=report), semisup_eval(cfg, model, CPU, tmp_path)
+    assert told["semisup_20pct_top1"] == silent["semisup_20pct_top1"]
+    lines = [re.sub(r"loss \d+\.\d{4}$", "loss L", line) for line in out.getvalue().splitlines()]
+    assert lines == [
+        "knn features test img 100/100 100.0%  ? img/s  done in 0s",
+        "knn features train img 200/200 100.0%  ? img/s  done in 0s",
+        "linear features train img 200/200 100.0%  ? img/s  done in 0s",
+        "linear features test img 100/100 100.0%  ? img/s  done in 0s",
+        "linear probe epoch 3/3 100.0%  ? epoch/s  done in 0s  loss L",
+        # 40 labels (10 per class) in batches of 16: 3 steps per epoch, the last of 8
+        "semisup 20pct step 3/6 (epoch 1/2) 50.0%  ? step/s  ETA ?  loss L",
+        "semisup 20pct step 6/6 (epoch 2/2) 100.0%  ? step/s  done in 0s  loss L",
+        "semisup 20pct test img 100/100 100.0%  ? img/s  done in 0s",
+    ]

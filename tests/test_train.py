@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +24,10 @@ SMALL = ["data=synthetic", "data.n_train=384", "data.n_test=128", "train.batch_s
 
 
 def _launch(run: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """stdout piped, as in a job log (and no environment telling rich it is a terminal anyway)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
     return subprocess.run([sys.executable, str(ROOT / "launchers/submit.py"), *SMALL, *overrides, f"out_dir={run}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+                          cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
 
 
 def _results(run: Path) -> dict:
@@ -40,6 +44,7 @@ def reference_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("ref") / "run"
     proc = _launch(run)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (run.parent / "stdout.log").write_text(proc.stdout)  # for the log-format test
     return run
 
 
@@ -55,6 +60,22 @@ def test_same_seed_same_digest_other_seed_differs(reference_run: Path, tmp_path:
     assert _steps(reference_run) == list(range(1, 17))  # 384 / 48 = 8 steps per epoch, 2 epochs
     # what the bank's top-M ran: `auto` on the CPU is `bound`, and it measured nothing
     assert (_results(reference_run)["bank_selection"], _results(reference_run)["bank_selection_ms"]) == ("bound", {})
+
+
+def test_piped_stdout_gets_plain_progress_lines_with_rate_and_eta(reference_run: Path) -> None:
+    """A job log: a line at each epoch's end (8 steps per epoch here) with rate, ETA and monitors, the kNN feature
+    passes too, and no rich bar squeezed into the log."""
+    lines = (reference_run.parent / "stdout.log").read_text().splitlines()
+    rate, took = r"\d+(\.\d+)?", r"\d+[smhd](\d\d[smh])?"
+    training = [line for line in lines if line.startswith("pretrain")]
+    assert len(training) == 2, training
+    assert re.fullmatch(rf"pretrain step 8/16 \(epoch 1/2\) 50\.0%  {rate} step/s  ETA {took}  "
+                        r"loss \d+\.\d{3}  ins \d+\.\d{3}  inv \d+\.\d{3}  lr \d\.\d{4}  \d+ img/s", training[0])
+    assert re.fullmatch(rf"pretrain step 16/16 \(epoch 2/2\) 100\.0%  {rate} step/s  done in {took}  loss .* img/s",
+                        training[1])
+    assert any(re.fullmatch(rf"knn features train img 384/384 100\.0%  {rate} img/s  done in {took}", line)
+               for line in lines)
+    assert not [line for line in lines if "━" in line and ("pretrain" in line or "knn" in line)]
 
 
 def test_stop_mid_epoch_then_rerun_equals_uninterrupted(reference_run: Path, tmp_path: Path) -> None:

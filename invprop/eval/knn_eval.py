@@ -12,14 +12,17 @@ from invprop.bank import ShardedBank
 from invprop.data import eval_split, is_lazy, load_split, num_classes
 from invprop.eval.features import embed_and_pool
 from invprop.eval.knn import knn_top1
+from invprop.progress import SILENT, Reporter
 
 
 def evaluate_knn(cfg: DictConfig, model: torch.nn.Module, bank: ShardedBank, train_images: torch.Tensor,
-                 train_labels: torch.Tensor, device: torch.device, max_test: int | None = None) -> dict[str, float]:
+                 train_labels: torch.Tensor, device: torch.device, max_test: int | None = None,
+                 report: Reporter = SILENT) -> dict[str, float]:
     """knn_top1 (head embeddings; reference = train images recomputed with the test transform),
     knn_backbone_top1 (the backbone's pooled features, L2-normalised: what users fine-tune) and knn_bank_top1.
 
-    Each rank holds the rows of its bank shard; test features are computed on every rank.
+    Each rank holds the rows of its bank shard; test features are computed on every rank. `report` tells the
+    progress of the two feature passes (silent by default: the per-epoch curves run inside training's).
     """
     start = time.perf_counter()
     test_images, test_labels = load_split(cfg.data, eval_split(cfg.data))
@@ -27,9 +30,12 @@ def evaluate_knn(cfg: DictConfig, model: torch.nn.Module, bank: ShardedBank, tra
         test_images, test_labels = test_images[:max_test], test_labels[:max_test]
     classes = num_classes(cfg.data)
     k, sigma, bs = int(cfg.eval.knn_k), float(cfg.eval.knn_sigma), int(cfg.eval.batch_size)
-    queries, pooled_queries = embed_and_pool(model, test_images, cfg.data, device, bs)
+    with report.track("knn features test", len(test_images), unit="img") as progress:
+        queries, pooled_queries = embed_and_pool(model, test_images, cfg.data, device, bs, progress)
     shard_labels = train_labels[bank.start : bank.stop].to(device)
-    shard_feats, pooled_shard = embed_and_pool(model, train_images[bank.start : bank.stop], cfg.data, device, bs)
+    with report.track("knn features train", bank.stop - bank.start, unit="img") as progress:
+        shard_feats, pooled_shard = embed_and_pool(model, train_images[bank.start : bank.stop], cfg.data, device,
+                                                   bs, progress)
     pooled_queries, pooled_shard = F.normalize(pooled_queries, dim=1), F.normalize(pooled_shard, dim=1)
     return {
         "knn_top1": knn_top1(queries, test_labels, shard_feats, shard_labels, classes, k, sigma, comm=bank.comm),

@@ -20,6 +20,7 @@ from torch import nn
 from invprop.data import eval_split, geometric_augment, is_lazy, load_split, num_classes
 from invprop.data.seeding import derive_seed
 from invprop.eval.features import embed
+from invprop.progress import SILENT, Reporter, Tracker
 
 
 def eval_section(cfg: Any, name: str) -> dict[str, Any]:
@@ -61,16 +62,18 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
 @torch.no_grad()
 def pooled_features(model: nn.Module, images: torch.Tensor, data_cfg: Any, device: torch.device,
                     batch_size: int = 512, *, view: int | None = None, seed: int = 0,
-                    crop_scale: tuple[float, float] = (0.2, 1.0), flip: bool = False) -> torch.Tensor:
+                    crop_scale: tuple[float, float] = (0.2, 1.0), flip: bool = False,
+                    progress: Tracker | None = None) -> torch.Tensor:
     """Pooled backbone features of uint8 images with the test transform (``view=None``), or of random
-    resized crops: view ``v`` of image ``i`` is cropped with a generator seeded from (seed, v, i)."""
+    resized crops: view ``v`` of image ``i`` is cropped with a generator seeded from (seed, v, i).
+    ``progress`` advances by the images done."""
     if view is None:
-        return embed(model, images, data_cfg, device, batch_size, pooled=True)
+        return embed(model, images, data_cfg, device, batch_size, pooled=True, progress=progress)
     out = []
     for lo in range(0, len(images), batch_size):
         idx = list(range(lo, min(lo + batch_size, len(images))))
         crops = crop_batch(images, idx, [derive_seed(seed, 0x11FEA7, view, i) for i in idx], crop_scale, flip)
-        out.append(embed(model, crops, data_cfg, device, batch_size, pooled=True))
+        out.append(embed(model, crops, data_cfg, device, batch_size, pooled=True, progress=progress))
     return torch.cat(out)
 
 
@@ -93,21 +96,24 @@ SMALL_STEP_MACS = 1 << 25
 
 def fit_linear_head(train_feats: torch.Tensor, train_labels: torch.Tensor, n_classes: int, epochs: int,
                     lr: float, *, batch_size: int = 256, weight_decay: float = 0.0, momentum: float = 0.9,
-                    seed: int = 0) -> LinearClassifier:
+                    seed: int = 0, report: Reporter = SILENT) -> LinearClassifier:
     """Train a :class:`LinearClassifier` on ``(N, D)`` features, or ``(V, N, D)`` views of them (each epoch
-    uses one randomly chosen view per sample). SGD with momentum, cosine lr to 0 over all steps."""
+    uses one randomly chosen view per sample). SGD with momentum, cosine lr to 0 over all steps. ``report``
+    tells the epochs' progress and mean loss."""
     if train_feats.ndim == 2:
         train_feats = train_feats.unsqueeze(0)
     n_views, n, dim = train_feats.shape
     if train_labels.shape[0] != n:
         raise ValueError(f"{n} training features but {train_labels.shape[0]} labels")
     small = train_feats.device.type == "cpu" and batch_size * dim * n_classes <= SMALL_STEP_MACS
-    with single_thread() if small else contextlib.nullcontext():
-        return _fit(train_feats, train_labels, n_classes, epochs, lr, batch_size, weight_decay, momentum, seed)
+    with single_thread() if small else contextlib.nullcontext(), \
+            report.track("linear probe", epochs, unit="epoch") as progress:
+        return _fit(train_feats, train_labels, n_classes, epochs, lr, batch_size, weight_decay, momentum, seed,
+                    progress)
 
 
 def _fit(train_feats: torch.Tensor, train_labels: torch.Tensor, n_classes: int, epochs: int, lr: float,
-         batch_size: int, weight_decay: float, momentum: float, seed: int) -> LinearClassifier:
+         batch_size: int, weight_decay: float, momentum: float, seed: int, progress: Tracker) -> LinearClassifier:
     n_views, n, dim = train_feats.shape
     device = train_feats.device
     labels = train_labels.to(device)
@@ -122,6 +128,7 @@ def _fit(train_feats: torch.Tensor, train_labels: torch.Tensor, n_classes: int, 
     total = max(1, epochs * steps_per_epoch)
     step = 0
     for _ in range(epochs):
+        loss_sum = torch.zeros((), device=device)  # summed on the device: read once per epoch, when shown
         order = torch.randperm(n, generator=gen).to(device)
         views = torch.randint(n_views, (n,), generator=gen).to(device) if n_views > 1 else None
         for b in range(steps_per_epoch):
@@ -133,7 +140,9 @@ def _fit(train_feats: torch.Tensor, train_labels: torch.Tensor, n_classes: int, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            loss_sum += loss.detach()
             step += 1
+        progress.advance(1, lambda s=loss_sum: f"loss {s.item() / steps_per_epoch:.4f}")
     return head.eval()
 
 
@@ -149,11 +158,11 @@ def predict(head: nn.Module, feats: torch.Tensor, chunk: int = 4096) -> torch.Te
 def train_linear_head(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                       test_labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 0.1, *,
                       batch_size: int = 256, weight_decay: float = 0.0, momentum: float = 0.9,
-                      seed: int = 0) -> dict[str, float]:
+                      seed: int = 0, report: Reporter = SILENT) -> dict[str, float]:
     """Fit the probe on precomputed features and report ``linear_top1`` / ``linear_top5`` (0..1) on the test
     features. ``train_feats`` is ``(N, D)`` or ``(V, N, D)`` (augmented views)."""
     head = fit_linear_head(train_feats, train_labels, num_classes, epochs, lr, batch_size=batch_size,
-                           weight_decay=weight_decay, momentum=momentum, seed=seed)
+                           weight_decay=weight_decay, momentum=momentum, seed=seed, report=report)
     top1, top5 = topk_accuracy(predict(head, test_feats.to(train_feats.device)), test_labels)
     return {"linear_top1": top1, "linear_top5": top5}
 
@@ -162,10 +171,12 @@ def linear_probe(cfg: Any, model: nn.Module, device: torch.device, *, epochs: in
                  lr: float | None = None, batch_size: int | None = None, weight_decay: float | None = None,
                  aug_views: int | None = None, seed: int | None = None,
                  train_split: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 test_split: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+                 test_split: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 report: Reporter = SILENT) -> dict[str, float]:
     """The linear-probe evaluation of ``model`` (an EmbeddingModel; only ``.features`` is used, frozen).
 
-    Settings come from ``cfg.eval.linear``; keyword arguments override them.
+    Settings come from ``cfg.eval.linear``; keyword arguments override them. ``report`` tells the progress of
+    the feature passes and of the probe's epochs.
     ``train_split`` / ``test_split`` (uint8 images, labels) default to ``load_split(cfg.data, ...)``.
     Returns ``linear_top1``, ``linear_top5`` (fractions) and ``linear_eval_s``.
     """
@@ -180,17 +191,20 @@ def linear_probe(cfg: Any, model: nn.Module, device: torch.device, *, epochs: in
     crop_scale = tuple(float(v) for v in cfg.data.augment.crop_scale)
     flip = bool(cfg.data.augment.flip)
 
-    feats = [pooled_features(model, train_images, cfg.data, device, embed_bs)]
-    for view in range(int(opts["aug_views"])):
-        feats.append(pooled_features(model, train_images, cfg.data, device, embed_bs, view=view,
-                                     seed=int(opts["seed"]), crop_scale=crop_scale, flip=flip))
+    views = int(opts["aug_views"])
+    with report.track("linear features train", len(train_images) * (1 + views), unit="img") as progress:
+        feats = [pooled_features(model, train_images, cfg.data, device, embed_bs, progress=progress)]
+        for view in range(views):
+            feats.append(pooled_features(model, train_images, cfg.data, device, embed_bs, view=view,
+                                         seed=int(opts["seed"]), crop_scale=crop_scale, flip=flip, progress=progress))
     train_feats = torch.stack(feats) if len(feats) > 1 else feats[0]
-    test_feats = pooled_features(model, test_images, cfg.data, device, embed_bs)
+    with report.track("linear features test", len(test_images), unit="img") as progress:
+        test_feats = pooled_features(model, test_images, cfg.data, device, embed_bs, progress=progress)
     features_s = time.perf_counter() - start
     results = train_linear_head(train_feats, train_labels, test_feats, test_labels, num_classes(cfg.data),
                                 int(opts["epochs"]), float(opts["lr"]), batch_size=int(opts["batch_size"]),
                                 weight_decay=float(opts["weight_decay"]), momentum=float(opts["momentum"]),
-                                seed=int(opts["seed"]))
+                                seed=int(opts["seed"]), report=report)
     results["linear_features_s"] = features_s
     results["linear_eval_s"] = time.perf_counter() - start
     return results

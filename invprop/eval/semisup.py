@@ -20,6 +20,7 @@ from invprop.data import eval_batches, eval_split, load_split, materialize, norm
 from invprop.data.seeding import derive_seed
 from invprop.eval.linear import crop_batch, eval_section, topk_accuracy
 from invprop.eval.subsets import fraction_tag, load_or_create_subset
+from invprop.progress import SILENT, Reporter, Tracker
 
 
 def scaled_milestones(milestones: list[float], written_for: float | None, epochs: int) -> list[float]:
@@ -61,22 +62,25 @@ def _normalise(x: torch.Tensor, mean_t: torch.Tensor, std_t: torch.Tensor) -> to
 
 @torch.no_grad()
 def _logits(net: nn.Module, images: torch.Tensor, mean_t: torch.Tensor, std_t: torch.Tensor,
-            device: torch.device, batch_size: int) -> torch.Tensor:
+            device: torch.device, batch_size: int, progress: Tracker) -> torch.Tensor:
     net.eval()
-    return torch.cat([net(_normalise(batch.to(device), mean_t, std_t)).float()
-                      for batch in eval_batches(images, batch_size)])
+    out = []
+    for batch in eval_batches(images, batch_size):
+        out.append(net(_normalise(batch.to(device), mean_t, std_t)).float())
+        progress.advance(batch.shape[0])
+    return torch.cat(out)
 
 
 def finetune_subset(cfg: Any, model: nn.Module, device: torch.device, run_dir: Path, fraction: float, *,
                     train_split: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    test_split: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    test_split: tuple[torch.Tensor, torch.Tensor] | None = None, report: Reporter = SILENT,
                     **overrides: Any) -> dict[str, float]:
     """Fine-tune a copy of ``model.backbone`` + a new classifier on the ``fraction`` label subset of the run
     (list file reused if present) and return ``semisup_<pct>_top1`` / ``_top5`` (0..1) on the test split.
 
     Settings come from ``cfg.eval.semisup``; ``overrides`` (same names) win,
     ``None`` included (``milestones_epochs=None``: milestones as written).
-    ``model`` itself is not modified.
+    ``model`` itself is not modified. ``report`` tells the progress of the steps and of the test pass.
     """
     start = time.perf_counter()
     opts = eval_section(cfg, "semisup")
@@ -113,25 +117,31 @@ def finetune_subset(cfg: Any, model: nn.Module, device: torch.device, run_dir: P
     gen = torch.Generator().manual_seed(derive_seed(seed, 0x0DE7, subset.numel()))
     # A trailing batch of one is dropped: BatchNorm cannot train on it.
     steps = max(1, n // bs + (1 if n % bs > 1 else 0))
-    for epoch in range(epochs):
-        net.train()
-        order = torch.randperm(n, generator=gen)
-        for b in range(steps):
-            factor = lr_factor(epoch + b / steps, milestones, gamma)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            idx = order[b * bs : (b + 1) * bs]
-            if opts["augment"] == "crop":
-                ids = idx.tolist()
-                x = crop_batch(images, ids, [derive_seed(seed, 0xF17E, epoch, i) for i in ids], crop_scale, flip)
-            else:
-                x = materialize(images[idx])
-            loss = nn.functional.cross_entropy(net(_normalise(x.to(device), mean_t, std_t)), labels[idx.to(device)])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    with report.track(f"semisup {tag}", epochs * steps, unit="step", epoch_steps=steps) as progress:
+        for epoch in range(epochs):
+            net.train()
+            order = torch.randperm(n, generator=gen)
+            loss_sum = torch.zeros((), device=device)  # summed on the device: read only when a line shows it
+            for b in range(steps):
+                factor = lr_factor(epoch + b / steps, milestones, gamma)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+                idx = order[b * bs : (b + 1) * bs]
+                if opts["augment"] == "crop":
+                    ids = idx.tolist()
+                    x = crop_batch(images, ids, [derive_seed(seed, 0xF17E, epoch, i) for i in ids], crop_scale, flip)
+                else:
+                    x = materialize(images[idx])
+                loss = nn.functional.cross_entropy(net(_normalise(x.to(device), mean_t, std_t)), labels[idx.to(device)])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach()
+                progress.advance(1, lambda s=loss_sum, k=b + 1: f"loss {s.item() / k:.4f}")
     eval_bs = int(cfg.eval.batch_size)
-    top1, top5 = topk_accuracy(_logits(net, test_images, mean_t, std_t, device, eval_bs), test_labels)
+    with report.track(f"semisup {tag} test", len(test_images), unit="img") as progress:
+        logits = _logits(net, test_images, mean_t, std_t, device, eval_bs, progress)
+    top1, top5 = topk_accuracy(logits, test_labels)
     return {f"semisup_{tag}_top1": top1, f"semisup_{tag}_top5": top5, f"semisup_{tag}_labels": int(n),
             f"semisup_{tag}_s": time.perf_counter() - start}
 
@@ -139,7 +149,7 @@ def finetune_subset(cfg: Any, model: nn.Module, device: torch.device, run_dir: P
 def semisup_eval(cfg: Any, model: nn.Module, device: torch.device, run_dir: Path, *,
                  fractions: list[float] | None = None,
                  train_split: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 test_split: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 test_split: tuple[torch.Tensor, torch.Tensor] | None = None, report: Reporter = SILENT,
                  **overrides: Any) -> dict[str, float]:
     """:func:`finetune_subset` for every fraction (default ``cfg.eval.semisup.fractions``: 1% and 10%)."""
     start = time.perf_counter()
@@ -150,6 +160,6 @@ def semisup_eval(cfg: Any, model: nn.Module, device: torch.device, run_dir: Path
     results: dict[str, float] = {}
     for fraction in fractions:
         results.update(finetune_subset(cfg, model, device, run_dir, float(fraction), train_split=train_split,
-                                       test_split=test_split, **overrides))
+                                       test_split=test_split, report=report, **overrides))
     results["semisup_eval_s"] = time.perf_counter() - start
     return results

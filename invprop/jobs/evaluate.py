@@ -16,12 +16,15 @@ from invprop.eval.semisup import semisup_eval
 from invprop.jobs.pretrain import load_run_config
 from invprop.metrics import update_results
 from invprop.models import build_model
+from invprop.progress import Reporter
 
 PROTOCOLS = ("knn", "linear", "semisup")
 
 
-def evaluate_run(run_dir: Path, protocol: str = "knn") -> dict:
-    """Run `protocol` (knn | linear | semisup) on the committed checkpoint, single process."""
+def evaluate_run(run_dir: Path, protocol: str = "knn", report: Reporter | None = None) -> dict:
+    """Run `protocol` (knn | linear | semisup) on the committed checkpoint, single process; its progress goes to
+    `report` (default: stdout, a bar on a terminal, a line every 30 s in a job log)."""
+    report = report or Reporter()
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown evaluation {protocol!r}; expected one of {PROTOCOLS}")
     start = time.perf_counter()
@@ -38,11 +41,11 @@ def evaluate_run(run_dir: Path, protocol: str = "knn") -> dict:
     if protocol == "knn":
         bank = ShardedBank(len(labels), int(cfg.model.embedding_dim), device=device)
         checkpoint.load(latest, {"bank": bank})  # every saved shard, whatever world size trained
-        results = evaluate_knn(cfg, model, bank, images, labels, device)
+        results = evaluate_knn(cfg, model, bank, images, labels, device, report=report)
     elif protocol == "linear":
-        results = linear_probe(cfg, model, device, train_split=(images, labels))
+        results = linear_probe(cfg, model, device, train_split=(images, labels), report=report)
     else:
-        results = semisup_eval(cfg, model, device, run_dir, train_split=(images, labels))
+        results = semisup_eval(cfg, model, device, run_dir, train_split=(images, labels), report=report)
     # per-protocol bookkeeping keys: concurrent evaluation jobs must not overwrite each other's
     results[f"eval_{protocol}_checkpoint"] = latest.name
     results[f"eval_{protocol}_wall_s"] = time.perf_counter() - start

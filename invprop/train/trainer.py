@@ -294,7 +294,8 @@ class Trainer:
         epochs = int(self.cfg.train.epochs)
         if self.state.step == 0:
             self.evaluate_epoch()  # the curve starts at the untrained network (and the initial bank)
-        with TrainProgress(self.total_steps, self.state.step, enabled=self.comm.is_main) as progress:
+        with TrainProgress(self.total_steps, self.state.step, enabled=self.comm.is_main,
+                           epoch_steps=self.order.num_batches) as progress:
             while self.state.epoch < epochs:
                 loader = self.batches()
                 window, tick = [], time.perf_counter()
