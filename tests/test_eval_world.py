@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from invprop.jobs.evaluate import evaluate_rank, evaluate_run
 from invprop.jobs.spawn import spawn_ranks
@@ -45,3 +47,45 @@ def test_knn_of_four_and_two_ranks_equals_one_rank(trained_run: Path) -> None:
     for key in KNN_KEYS:
         assert four[key] == one[key] == launched[key], key
     assert 0.3 < one["knn_top1"] <= 1.0  # 10 classes: a trained network is well above chance
+
+
+def _set_eval(run: Path, **values) -> None:
+    """Change the run's recorded eval settings (what every evaluation rank reads)."""
+    cfg = OmegaConf.load(run / "config.yaml")
+    for key, value in values.items():
+        OmegaConf.update(cfg, f"eval.{key}", value, force_add=True)
+    OmegaConf.save(cfg, run / "config.yaml")
+
+
+LINEAR = {"linear.epochs": 4, "linear.batch_size": 64, "linear.lr": 0.5, "linear.aug_views": 1,
+          "checkpoint_every_steps": 0, "stop_at_step": None}
+
+
+def test_linear_probe_stopped_and_resumed_equals_uninterrupted_and_four_ranks_agree(trained_run: Path) -> None:
+    _set_eval(trained_run, **LINEAR)
+    whole = evaluate_run(trained_run, "linear")
+    assert whole["linear_top1"] > 0.3  # 10 classes
+    # stopped through the real USR2 handler at step 7 of 24 (6 batches of 64 per epoch), resumed from it
+    _set_eval(trained_run, stop_at_step=7, checkpoint_every_steps=5)
+    stopped = evaluate_run(trained_run, "linear")
+    assert stopped == {"preempted_at_step": 7}
+    saved = trained_run / "eval/linear/from_step_16"
+    assert sorted(p.name for p in saved.iterdir()) == ["step_5", "step_7"]
+    _set_eval(trained_run, stop_at_step=None)
+    resumed = evaluate_run(trained_run, "linear")
+    assert resumed["linear_head_digest"] == whole["linear_head_digest"]  # bit for bit: no step repeated/skipped
+    assert resumed["linear_top1"] == whole["linear_top1"]
+    assert not (trained_run / "eval/linear").exists()  # a finished probe leaves no checkpoint to resume
+    # other settings never resume a stopped probe's checkpoint
+    _set_eval(trained_run, stop_at_step=3)
+    assert evaluate_run(trained_run, "linear") == {"preempted_at_step": 3}
+    _set_eval(trained_run, stop_at_step=None, **{"linear.lr": 0.25})
+    with pytest.raises(ValueError, match="lr: checkpoint 0.5 vs run 0.25"):
+        evaluate_run(trained_run, "linear")
+    _set_eval(trained_run, **LINEAR)
+    shutil.rmtree(trained_run / "eval")
+    # four gloo ranks, each featuring a quarter: within 0.1 point of one rank
+    spawn_ranks(evaluate_rank, 4, (str(trained_run), "linear"), timeout_s=300)
+    four = _results(trained_run)
+    assert four["eval_linear_world_size"] == 4
+    assert abs(four["linear_top1"] - whole["linear_top1"]) <= 0.001

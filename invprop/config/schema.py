@@ -151,6 +151,7 @@ class EvalConfig:
     nodes: int | None
     gpus: int | None
     checkpoint_every_steps: int  # linear / semisup: a committed evaluation checkpoint every n steps (0 = off)
+    stop_at_step: int | None  # linear / semisup: stop as if preempted at this step (drills and tests)
 
     def validate(self) -> None:
         if self.nodes is not None:
@@ -158,6 +159,8 @@ class EvalConfig:
         if self.gpus is not None:
             check_positive_int(self.gpus, "eval.gpus", " (evaluation ranks per machine) or null")
         check_int(self.checkpoint_every_steps, "eval.checkpoint_every_steps", 0, " (0 = off)")
+        if self.stop_at_step is not None:
+            check_positive_int(self.stop_at_step, "eval.stop_at_step", " (the step to stop at as if preempted) or null")
         for protocol in self.protocols:
             check_choice(protocol, "eval.protocols", EVAL_PROTOCOLS)
         check_positive_int(self.knn_k, "eval.knn_k")

@@ -8,6 +8,7 @@ environment, like pretraining). Rank 0 alone writes results.json.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import time
@@ -19,10 +20,10 @@ from invprop.collectives import Comm
 from invprop.config.schema import Config
 from invprop.data import eval_split, load_split
 from invprop.eval.knn_eval import evaluate_knn_world
-from invprop.eval.linear import linear_probe
+from invprop.eval.linear_world import linear_eval
 from invprop.eval.semisup import semisup_eval
 from invprop.jobs.pretrain import load_run_config
-from invprop.metrics import update_results
+from invprop.metrics import update_results, write_json_atomic
 from invprop.models import build_model
 
 PROTOCOLS = ("knn", "linear", "semisup")
@@ -31,6 +32,16 @@ PROTOCOLS = ("knn", "linear", "semisup")
 def eval_world(cfg: Config) -> tuple[int, int]:
     """(nodes, ranks per node) of the evaluation world; null means 1."""
     return cfg.eval.nodes or 1, cfg.eval.gpus or 1
+
+
+STOPPED = "stopped.json"  # an evaluation stopped at a step boundary (its checkpoint committed) says where
+
+
+def eval_root(run_dir: Path, protocol: str, evaluated: Path | None = None) -> Path:
+    """Where `protocol`'s evaluation checkpoints go: one folder per pretraining checkpoint evaluated, so a
+    newer pretraining checkpoint never resumes an evaluation of an older one."""
+    root = Path(run_dir) / "eval" / protocol
+    return root if evaluated is None else root / f"from_{evaluated.name}"
 
 
 def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None) -> dict:
@@ -59,11 +70,17 @@ def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None)
         checkpoint.load(latest, {"bank": bank})  # the saved shards overlapping this rank's rows
         results = evaluate_knn_world(cfg, model, bank, train_split, load_split(cfg.data, eval_split(cfg.data)))
     elif protocol == "linear":
-        results = linear_probe(cfg, model, device, train_split=train_split)
+        results = linear_eval(cfg, model, comm, train_split, load_split(cfg.data, eval_split(cfg.data)),
+                              root=eval_root(run_dir, protocol, latest))
     else:
         results = semisup_eval(cfg, model, device, run_dir, train_split=train_split)
+    stopped = eval_root(run_dir, protocol) / STOPPED
     if "preempted_at_step" in results:
+        if comm.is_main:
+            write_json_atomic(stopped, results)
         return results
+    if comm.is_main:  # done: a later evaluation (other settings perhaps) starts afresh
+        shutil.rmtree(eval_root(run_dir, protocol), ignore_errors=True)
     # per-protocol bookkeeping keys: concurrent evaluation jobs must not overwrite each other's
     results[f"eval_{protocol}_checkpoint"] = latest.name
     results[f"eval_{protocol}_wall_s"] = time.perf_counter() - start
@@ -105,4 +122,7 @@ def evaluate_local(run_dir: Path, protocol: str, timeout_s: float = 3600.0) -> d
 
     spawn_ranks(evaluate_rank, nodes * ranks, (str(run_dir), protocol), timeout_s=timeout_s,
                 forward=(signal.SIGUSR2, signal.SIGTERM, signal.SIGINT))
+    stopped = eval_root(run_dir, protocol) / STOPPED
+    if stopped.exists():
+        return json.loads(stopped.read_text())
     return json.loads((Path(run_dir) / "results.json").read_text())
