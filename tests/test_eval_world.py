@@ -89,3 +89,23 @@ def test_linear_probe_stopped_and_resumed_equals_uninterrupted_and_four_ranks_ag
     four = _results(trained_run)
     assert four["eval_linear_world_size"] == 4
     assert abs(four["linear_top1"] - whole["linear_top1"]) <= 0.001
+
+
+SEMISUP = {"semisup.fractions": [0.1], "semisup.epochs": 3, "semisup.milestones": [2], "semisup.milestones_epochs": 3,
+           "semisup.batch_size": 16, "semisup.lr": 0.05, "checkpoint_every_steps": 0, "stop_at_step": None}
+
+
+def test_semisup_stopped_and_resumed_equals_uninterrupted_and_four_ranks_agree(trained_run: Path) -> None:
+    _set_eval(trained_run, **SEMISUP)
+    whole = evaluate_run(trained_run, "semisup")
+    assert whole["semisup_10pct_labels"] == 40  # 4 per class, 10 classes: 2 batches of 16 per epoch
+    _set_eval(trained_run, stop_at_step=3)
+    assert evaluate_run(trained_run, "semisup") == {"preempted_at_step": 3}
+    _set_eval(trained_run, stop_at_step=None)
+    resumed = evaluate_run(trained_run, "semisup")
+    assert resumed["semisup_10pct_digest"] == whole["semisup_10pct_digest"]
+    assert resumed["semisup_10pct_top1"] == whole["semisup_10pct_top1"]
+    spawn_ranks(evaluate_rank, 4, (str(trained_run), "semisup"), timeout_s=300)
+    four = _results(trained_run)
+    assert four["eval_semisup_world_size"] == 4
+    assert abs(four["semisup_10pct_top1"] - whole["semisup_10pct_top1"]) <= 0.001

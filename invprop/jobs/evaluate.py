@@ -21,7 +21,7 @@ from invprop.config.schema import Config
 from invprop.data import eval_split, load_split
 from invprop.eval.knn_eval import evaluate_knn_world
 from invprop.eval.linear_world import linear_eval
-from invprop.eval.semisup import semisup_eval
+from invprop.eval.semisup_world import semisup_world
 from invprop.jobs.pretrain import load_run_config
 from invprop.metrics import update_results, write_json_atomic
 from invprop.models import build_model
@@ -73,7 +73,8 @@ def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None)
         results = linear_eval(cfg, model, comm, train_split, load_split(cfg.data, eval_split(cfg.data)),
                               root=eval_root(run_dir, protocol, latest))
     else:
-        results = semisup_eval(cfg, model, device, run_dir, train_split=train_split)
+        results = semisup_world(cfg, model, comm, run_dir, train_split, load_split(cfg.data, eval_split(cfg.data)),
+                                root=eval_root(run_dir, protocol, latest))
     stopped = eval_root(run_dir, protocol) / STOPPED
     if "preempted_at_step" in results:
         if comm.is_main:
