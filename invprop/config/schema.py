@@ -147,8 +147,20 @@ class EvalConfig:
     every_epochs_test_images: int
     linear: LinearProbeConfig
     semisup: SemisupConfig
+    # The evaluation world: eval.nodes x eval.gpus ranks (null: 1 node, 1 rank)
+    nodes: int | None
+    gpus: int | None
+    checkpoint_every_steps: int  # linear / semisup: a committed evaluation checkpoint every n steps (0 = off)
+    stop_at_step: int | None  # linear / semisup: stop as if preempted at this step (drills and tests)
 
     def validate(self) -> None:
+        if self.nodes is not None:
+            check_positive_int(self.nodes, "eval.nodes", " (machines the evaluation runs on) or null")
+        if self.gpus is not None:
+            check_positive_int(self.gpus, "eval.gpus", " (evaluation ranks per machine) or null")
+        check_int(self.checkpoint_every_steps, "eval.checkpoint_every_steps", 0, " (0 = off)")
+        if self.stop_at_step is not None:
+            check_positive_int(self.stop_at_step, "eval.stop_at_step", " (the step to stop at as if preempted) or null")
         for protocol in self.protocols:
             check_choice(protocol, "eval.protocols", EVAL_PROTOCOLS)
         check_positive_int(self.knn_k, "eval.knn_k")
@@ -316,6 +328,9 @@ class Config:
         if self.cluster.name == "local" and self.nodes > 1:
             raise ConfigError(f"nodes={self.nodes} with cluster=local: a local run has this one machine; use "
                               f"gpus={self.nodes * self.gpus} for as many ranks here, or cluster=slurm")
+        if self.cluster.name == "local" and (self.eval.nodes or 1) > 1:
+            raise ConfigError(f"eval.nodes={self.eval.nodes} with cluster=local: a local evaluation has this one "
+                              "machine; use eval.gpus for more ranks here, or cluster=slurm")
         check_int(self.seed, "seed", 0)
         if self.seed >= 2**32:  # numpy's and the data order's generators take 32-bit seeds
             raise ConfigError(f"seed={self.seed} must be below 2^32 (4294967296)")

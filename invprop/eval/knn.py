@@ -45,3 +45,43 @@ def knn_top1(queries: torch.Tensor, query_labels: torch.Tensor, ref_feats: torch
     """Top-1 accuracy (fraction in 0..1) of weighted kNN (references sharded over the ranks of `comm`)."""
     votes = knn_predict(queries, ref_feats, ref_labels, num_classes, k, sigma, comm=comm)
     return (votes.argmax(1).cpu() == query_labels.cpu()).float().mean().item()
+
+
+@torch.no_grad()
+def knn_correct(queries: torch.Tensor, query_labels: torch.Tensor, ref_feats: torch.Tensor,
+                ref_labels: torch.Tensor, num_classes: int, k: int = 200, sigma: float = 0.07, chunk: int = 1024,
+                comm: Comm | None = None) -> tuple[int, int]:
+    """(correct, total) of weighted kNN over every rank's queries: queries AND references sharded over `comm`.
+
+    Each round every rank contributes up to `chunk` of its own queries; all of them are gathered, every rank
+    finds its local top-K of each against its reference shard and sends rank r the candidates of rank r's
+    queries (all_to_all), where the K x W candidates are merged into the exact global top-K and voted on. The
+    counts are summed over the ranks. Each rank compares every query with its shard only: Q x N / W work.
+    """
+    comm = comm or Comm()
+    device = ref_feats.device
+    rounds = int(comm.max(torch.tensor([-(-queries.shape[0] // chunk)], device=device)).item())
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for i in range(rounds):
+        q = queries[i * chunk : (i + 1) * chunk].to(device)
+        mine = q.shape[0]
+        q = torch.nn.functional.pad(q, (0, 0, 0, chunk - mine))  # every rank sends `chunk` rows
+        all_q = comm.gather_rows(q)
+        sims = all_q @ ref_feats.t()
+        take = min(k, sims.shape[1])
+        vals, cols = sims.topk(take, dim=1)
+        labels = ref_labels[cols]
+        if take < k:  # a shard smaller than K: pad so every rank sends the same shape
+            vals = torch.nn.functional.pad(vals, (0, k - take), value=float("-inf"))
+            labels = torch.nn.functional.pad(labels, (0, k - take), value=0)
+        # row block r of vals holds rank r's queries: send it there; receive every rank's candidates for ours
+        got_vals = comm.all_to_all_rows(vals).view(comm.world, chunk, k).permute(1, 0, 2).reshape(chunk, -1)
+        got_labels = comm.all_to_all_rows(labels).view(comm.world, chunk, k).permute(1, 0, 2).reshape(chunk, -1)
+        best_vals, best = got_vals[:mine].topk(min(k, got_vals.shape[1]), dim=1)
+        votes = torch.zeros(mine, num_classes, dtype=torch.float64, device=device)
+        votes.scatter_add_(1, got_labels[:mine].gather(1, best), torch.exp(best_vals.double() / sigma))
+        correct += (votes.argmax(1) == query_labels[i * chunk : (i + 1) * chunk].to(device)).sum()
+    counts = torch.stack([correct, torch.tensor(queries.shape[0], device=device)])
+    if comm.world > 1:
+        comm.all_reduce_(counts)
+    return int(counts[0].item()), int(counts[1].item())

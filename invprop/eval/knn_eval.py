@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from invprop.bank import ShardedBank
+from invprop.config.schema import Config
 from invprop.data import eval_split, is_lazy, load_split, num_classes
+from invprop.data.order import shard_bounds
 from invprop.eval.features import embed_and_pool
-from invprop.eval.knn import knn_top1
+from invprop.eval.knn import knn_correct, knn_top1
 from invprop.progress import SILENT, Reporter
 
 
@@ -44,6 +46,31 @@ def evaluate_knn(cfg: DictConfig, model: torch.nn.Module, bank: ShardedBank, tra
         "knn_bank_top1": knn_top1(queries, test_labels, bank.rows, shard_labels, classes, k, sigma, comm=bank.comm),
         "knn_eval_s": time.perf_counter() - start,
     }
+
+
+def evaluate_knn_world(cfg: Config, model: torch.nn.Module, bank: ShardedBank,
+                       train_split: tuple[torch.Tensor, torch.Tensor],
+                       test_split: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """The keys of :func:`evaluate_knn` from the ranks of `bank.comm`, each featuring only its part of the
+    train split (the bank's rows) and its part of the test split, once; exact global top-K over the sharded
+    references (:func:`invprop.eval.knn.knn_correct`). Every rank calls it and gets the same numbers."""
+    start = time.perf_counter()
+    comm, device = bank.comm, bank.comm.device
+    (train_images, train_labels), (test_images, test_labels) = train_split, test_split
+    lo, hi = shard_bounds(len(test_labels), comm.rank, comm.world)
+    classes, k, sigma, bs = num_classes(cfg.data), cfg.eval.knn_k, cfg.eval.knn_sigma, cfg.eval.batch_size
+    queries, pooled_queries = embed_and_pool(model, test_images[lo:hi], cfg.data, device, bs)
+    refs, pooled_refs = embed_and_pool(model, train_images[bank.start : bank.stop], cfg.data, device, bs)
+    ref_labels, query_labels = train_labels[bank.start : bank.stop].to(device), test_labels[lo:hi]
+
+    def top1(q: torch.Tensor, r: torch.Tensor) -> float:
+        correct, total = knn_correct(q, query_labels, r, ref_labels, classes, k, sigma, comm=comm)
+        return correct / total
+
+    return {"knn_top1": top1(queries, refs),
+            "knn_backbone_top1": top1(F.normalize(pooled_queries, dim=1), F.normalize(pooled_refs, dim=1)),
+            "knn_bank_top1": top1(queries, bank.rows),
+            "knn_eval_s": time.perf_counter() - start}
 
 
 def pixel_vectors(images: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -63,16 +63,18 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
 def pooled_features(model: nn.Module, images: torch.Tensor, data_cfg: Any, device: torch.device,
                     batch_size: int = 512, *, view: int | None = None, seed: int = 0,
                     crop_scale: tuple[float, float] = (0.2, 1.0), flip: bool = False,
-                    progress: Tracker | None = None) -> torch.Tensor:
+                    offset: int = 0, progress: Tracker | None = None) -> torch.Tensor:
     """Pooled backbone features of uint8 images with the test transform (``view=None``), or of random
-    resized crops: view ``v`` of image ``i`` is cropped with a generator seeded from (seed, v, i).
-    ``progress`` advances by the images done."""
+    resized crops: view ``v`` of image ``i`` is cropped with a generator seeded from (seed, v, i), where ``i``
+    counts from ``offset`` (a rank's shard: its first row's index in the split). ``progress`` advances by the
+    images done."""
     if view is None:
         return embed(model, images, data_cfg, device, batch_size, pooled=True, progress=progress)
     out = []
     for lo in range(0, len(images), batch_size):
         idx = list(range(lo, min(lo + batch_size, len(images))))
-        crops = crop_batch(images, idx, [derive_seed(seed, 0x11FEA7, view, i) for i in idx], crop_scale, flip)
+        crops = crop_batch(images, idx, [derive_seed(seed, 0x11FEA7, view, offset + i) for i in idx], crop_scale,
+                           flip)
         out.append(embed(model, crops, data_cfg, device, batch_size, pooled=True, progress=progress))
     return torch.cat(out)
 

@@ -1,52 +1,129 @@
-"""Evaluation job body: load a run's newest committed checkpoint, run one protocol, merge into results.json."""
+"""Evaluation job body: load a run's newest committed checkpoint, run one protocol, merge into results.json.
+
+The same body runs on every rank of an evaluation world of eval.nodes x eval.gpus ranks: under cluster=local
+as spawned processes (one rank: this process), under SLURM as the eval job's tasks (ranks from SLURM's
+environment, like pretraining). Rank 0 alone writes results.json.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-from invprop import checkpoint
+from invprop import checkpoint, distributed
 from invprop.bank import ShardedBank
-from invprop.data import load_split
-from invprop.eval.knn_eval import evaluate_knn
-from invprop.eval.linear import linear_probe
-from invprop.eval.semisup import semisup_eval
+from invprop.collectives import Comm
+from invprop.config.schema import Config
+from invprop.data import eval_split, load_split
+from invprop.eval.knn_eval import evaluate_knn_world
+from invprop.eval.linear_world import linear_eval
+from invprop.eval.semisup_world import semisup_world
 from invprop.jobs.pretrain import load_run_config
-from invprop.metrics import update_results
+from invprop.metrics import update_results, write_json_atomic
 from invprop.models import build_model
-from invprop.progress import Reporter
 
 PROTOCOLS = ("knn", "linear", "semisup")
 
 
-def evaluate_run(run_dir: Path, protocol: str = "knn", report: Reporter | None = None) -> dict:
-    """Run `protocol` (knn | linear | semisup) on the committed checkpoint, single process; its progress goes to
-    `report` (default: stdout, a bar on a terminal, a line every 30 s in a job log)."""
-    report = report or Reporter()
+def eval_world(cfg: Config) -> tuple[int, int]:
+    """(nodes, ranks per node) of the evaluation world; null means 1."""
+    return cfg.eval.nodes or 1, cfg.eval.gpus or 1
+
+
+STOPPED = "stopped.json"  # an evaluation stopped at a step boundary (its checkpoint committed) says where
+
+
+def eval_root(run_dir: Path, protocol: str, evaluated: Path | None = None) -> Path:
+    """Where `protocol`'s evaluation checkpoints go: one folder per pretraining checkpoint evaluated, so a
+    newer pretraining checkpoint never resumes an evaluation of an older one."""
+    root = Path(run_dir) / "eval" / protocol
+    return root if evaluated is None else root / f"from_{evaluated.name}"
+
+
+def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None) -> dict:
+    """Run `protocol` (knn | linear | semisup) on the committed checkpoint; every rank of `comm` (default: this
+    process alone) calls it and gets the same results back."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown evaluation {protocol!r}; expected one of {PROTOCOLS}")
     start = time.perf_counter()
+    comm = comm or Comm()
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    latest = checkpoint.latest(run_dir / "checkpoints")
+    cfg: Config = load_run_config(run_dir)
+    if cfg.deterministic:
+        from invprop.train.trainer import seed_everything
+
+        seed_everything(cfg.seed, True)
+    device = comm.device
+    model = build_model(cfg.model).to(device)
+    latest = checkpoint.latest(run_dir / "checkpoints", report=comm.is_main, states={"model": model}, comm=comm)
     if latest is None:
         raise FileNotFoundError(f"no committed checkpoint under {run_dir / 'checkpoints'}; did pretraining finish?")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg.model).to(device)
     checkpoint.load(latest, {"model": model})
     model.eval()
-    images, labels = load_split(cfg.data, "train")
+    train_split = load_split(cfg.data, "train")
     if protocol == "knn":
-        bank = ShardedBank(len(labels), int(cfg.model.embedding_dim), device=device)
-        checkpoint.load(latest, {"bank": bank})  # every saved shard, whatever world size trained
-        results = evaluate_knn(cfg, model, bank, images, labels, device, report=report)
+        bank = ShardedBank(len(train_split[1]), cfg.model.embedding_dim, comm=comm, device=device)
+        checkpoint.load(latest, {"bank": bank})  # the saved shards overlapping this rank's rows
+        results = evaluate_knn_world(cfg, model, bank, train_split, load_split(cfg.data, eval_split(cfg.data)))
     elif protocol == "linear":
-        results = linear_probe(cfg, model, device, train_split=(images, labels), report=report)
+        results = linear_eval(cfg, model, comm, train_split, load_split(cfg.data, eval_split(cfg.data)),
+                              root=eval_root(run_dir, protocol, latest))
     else:
-        results = semisup_eval(cfg, model, device, run_dir, train_split=(images, labels), report=report)
+        results = semisup_world(cfg, model, comm, run_dir, train_split, load_split(cfg.data, eval_split(cfg.data)),
+                                root=eval_root(run_dir, protocol, latest))
+    stopped = eval_root(run_dir, protocol) / STOPPED
+    if "preempted_at_step" in results:
+        if comm.is_main:
+            write_json_atomic(stopped, results)
+        return results
+    if comm.is_main:  # done: a later evaluation (other settings perhaps) starts afresh
+        shutil.rmtree(eval_root(run_dir, protocol), ignore_errors=True)
     # per-protocol bookkeeping keys: concurrent evaluation jobs must not overwrite each other's
     results[f"eval_{protocol}_checkpoint"] = latest.name
     results[f"eval_{protocol}_wall_s"] = time.perf_counter() - start
-    return update_results(run_dir, results)
+    results[f"eval_{protocol}_world_size"] = comm.world
+    merged = update_results(run_dir, results) if comm.is_main else {}
+    return comm.gather_objects(merged)[0]  # rank 0's merged results on every rank
+
+
+def evaluate_job(run_dir: Path, protocol: str) -> dict:
+    """One rank of an evaluation world started by SLURM or spawn_ranks: join the world, evaluate, leave."""
+    cfg = load_run_config(Path(run_dir))
+    env = distributed.read_env()
+    comm = distributed.init(env, cfg.train.dist_timeout_s, rendezvous_dir=Path(run_dir) / "rendezvous")
+    try:
+        return evaluate_run(Path(run_dir), protocol, comm)
+    finally:
+        distributed.shutdown()
+
+
+def evaluate_rank(rank: int, world: int, run_dir: str, protocol: str) -> None:
+    """Entry for spawned local evaluation ranks: a failure is one line."""
+    try:
+        evaluate_job(Path(run_dir), protocol)
+    except Exception as exc:  # noqa: BLE001 - the rank's top level
+        from invprop.jobs.submit import fail
+
+        print(f"rank {rank}:", end=" ", file=sys.stderr)
+        fail(exc)
+
+
+def evaluate_local(run_dir: Path, protocol: str, timeout_s: float = 3600.0) -> dict:
+    """cluster=local: the evaluation world on this machine (eval.gpus spawned ranks; one rank: this process);
+    returns results.json afterwards."""
+    cfg = load_run_config(Path(run_dir))
+    nodes, ranks = eval_world(cfg)
+    if nodes * ranks == 1:
+        return evaluate_run(Path(run_dir), protocol)
+    from invprop.jobs.spawn import spawn_ranks
+
+    spawn_ranks(evaluate_rank, nodes * ranks, (str(run_dir), protocol), timeout_s=timeout_s,
+                forward=(signal.SIGUSR2, signal.SIGTERM, signal.SIGINT))
+    stopped = eval_root(run_dir, protocol) / STOPPED
+    if stopped.exists():
+        return json.loads(stopped.read_text())
+    return json.loads((Path(run_dir) / "results.json").read_text())

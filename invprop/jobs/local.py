@@ -10,13 +10,14 @@ from omegaconf import DictConfig
 
 from invprop import checkpoint
 from invprop.config import world_size
-from invprop.jobs.evaluate import evaluate_run
+from invprop.jobs.evaluate import evaluate_local
 from invprop.jobs.pretrain import finished, pretrain, pretrain_rank
 from invprop.jobs.spawn import spawn_ranks
 
 
 def run_local(cfg: DictConfig, run_dir: Path) -> dict:
-    """Pretrain (kNN evaluated in the training processes), then the other eval.protocols in this process.
+    """Pretrain, then each of eval.protocols in the evaluation world (jobs/evaluate.py: eval.gpus ranks here),
+    the same body the SLURM evaluation job runs.
 
     USR2, SIGTERM or SIGINT (Ctrl-C) stops training at the next step boundary with a committed checkpoint; with
     W ranks this process forwards them. A second Ctrl-C stops at once (the last committed checkpoint is kept).
@@ -25,10 +26,10 @@ def run_local(cfg: DictConfig, run_dir: Path) -> dict:
     world = world_size(cfg)
     stops = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
     if world == 1:
-        results = pretrain(run_dir, stop_signals=(signal.SIGTERM, signal.SIGINT))
+        results = pretrain(run_dir, evaluate=False, stop_signals=(signal.SIGTERM, signal.SIGINT))
     else:
-        spawn_ranks(pretrain_rank, world, (str(run_dir),), timeout_s=3600.0 * float(cfg.cluster.run_timeout_h),
-                    forward=stops)
+        spawn_ranks(pretrain_rank, world, (str(run_dir), False),
+                    timeout_s=3600.0 * float(cfg.cluster.run_timeout_h), forward=stops)
         if finished(run_dir):
             results = json.loads((Path(run_dir) / "results.json").read_text())
         else:
@@ -37,6 +38,7 @@ def run_local(cfg: DictConfig, run_dir: Path) -> dict:
     if "preempted_at_step" in results:
         return results
     for protocol in cfg.eval.protocols:
-        if protocol != "knn":
-            results = evaluate_run(run_dir, protocol)
+        results = evaluate_local(run_dir, protocol, timeout_s=3600.0 * float(cfg.cluster.run_timeout_h))
+        if "preempted_at_step" in results:
+            return results
     return results

@@ -145,10 +145,11 @@ def _preempted(trainer: Trainer, boundary: StepBoundary, env: distributed.DistEn
     return {"preempted_at_step": trainer.state.step}
 
 
-def pretrain_rank(rank: int, world: int, run_dir: str) -> None:
+def pretrain_rank(rank: int, world: int, run_dir: str, evaluate: bool = True) -> None:
     """Entry for spawned local ranks (environment already set by spawn_ranks): a failure is one line."""
     try:
-        pretrain(Path(run_dir), stop_signals=(signal.SIGINT,))  # Ctrl-C: save at the next step like USR2
+        # Ctrl-C: save at the next step like USR2
+        pretrain(Path(run_dir), evaluate=evaluate, stop_signals=(signal.SIGINT,))
     except Exception as exc:  # noqa: BLE001 - the rank's top level
         from invprop.jobs.submit import fail
 

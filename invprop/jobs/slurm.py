@@ -17,7 +17,7 @@ from rich.table import Table
 
 from invprop.config import ConfigError, slurm_section
 from invprop.distributed import read_env
-from invprop.jobs.evaluate import evaluate_run
+from invprop.jobs.evaluate import eval_world, evaluate_job
 from invprop.jobs.pretrain import pretrain
 from invprop.metrics import write_json_atomic
 
@@ -37,21 +37,29 @@ class PretrainJob:
 
 
 class EvalJob:
+    """One task of the evaluation world (eval.nodes x eval.gpus tasks); ranks come from SLURM's environment.
+    On USR2 the linear and semisup bodies save a committed evaluation checkpoint and submitit requeues."""
+
     def __init__(self, run_dir: str, protocol: str = "knn") -> None:
         self.run_dir, self.protocol = run_dir, protocol
 
     def __call__(self) -> dict:
-        return evaluate_run(Path(self.run_dir), self.protocol)
+        return evaluate_job(Path(self.run_dir), self.protocol)
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        # The requeued job resumes from <run>/eval/<protocol>/'s newest committed checkpoint.
+        return submitit.helpers.DelayedSubmission(EvalJob(self.run_dir, self.protocol))
 
 
 def submit_evaluations(cfg: DictConfig, run_dir: Path, after: str) -> dict[str, submitit.Job]:
-    """One job per protocol in eval.protocols, each afterok on pretraining (cancelled if it fails)."""
+    """One job per protocol in eval.protocols, each afterok on pretraining (cancelled if it fails), with
+    eval.nodes x eval.gpus tasks (one GPU each where the cluster has GPUs)."""
     cluster = slurm_section(cfg)
-    gpus_per_node = int(cluster.gpus_per_node)
+    nodes, ranks = eval_world(cfg)
     jobs = {}
     for protocol in cfg.eval.protocols:
-        ev = _executor(cfg, run_dir / "submitit", f"invprop-{protocol}-{run_dir.name}", 1, 1,
-                       min(gpus_per_node, 1), int(cluster.eval_timeout_min),
+        ev = _executor(cfg, run_dir / "submitit", f"invprop-{protocol}-{run_dir.name}", nodes, ranks,
+                       ranks if cluster.gpus_per_node else 0, cluster.eval_timeout_min,
                        dependency=f"afterok:{after}")
         jobs[f"eval_{protocol}"] = ev.submit(EvalJob(str(run_dir), protocol))
     return jobs
