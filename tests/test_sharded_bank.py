@@ -153,15 +153,18 @@ def test_owner_update_writes_exactly_the_owned_rows(owned: str) -> None:
     """The update has no boolean-mask indexing (a GPU host sync); non-owned entries must still change nothing."""
     bank = ShardedBank(N, D, comm=Comm(1, 2), seed=5)  # rows [101, 203)
     before = bank.rows.clone()
-    ids = {"mixed": torch.tensor([3, 101, 150, 7, 202, 100]), "none": torch.tensor([0, 5, 100]),
-           "all": torch.tensor([120, 101, 202])}[owned]
+    ids, owned_rows = {"mixed": ([3, 101, 150, 7, 202, 100], [101, 150, 202]), "none": ([0, 5, 100], []),
+                       "all": ([120, 101, 202], [120, 101, 202])}[owned]
+    ids = torch.tensor(ids)
     z = torch.nn.functional.normalize(torch.randn(len(ids), D, generator=torch.Generator().manual_seed(1)), dim=1)
     bank.update(ids, z, MOMENTUM)
+    # the rows that changed are exactly this case's owned ids (none for "none"), each to the reference's value
+    changed = (bank.rows != before).any(dim=1).nonzero().flatten() + bank.start
+    assert sorted(changed.tolist()) == sorted(owned_rows)
     own = (ids >= bank.start) & (ids < bank.stop)
     full = torch.cat([torch.zeros(bank.start, D), before])
     want = reference_bank_update(full, ids[own], z[own], MOMENTUM)[bank.start :]
     assert torch.equal(bank.rows, want)
-    assert torch.equal(bank.rows[0], before[0]) or owned != "none"
 
 
 def _dying_worker(rank: int, world: int, out_dir: str) -> None:
