@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import bfs_candidates, concat_candidates
 
 from invprop import distributed
 from invprop.bank import SelectSettings, ShardedBank, masked_logsumexp, shard_bounds
@@ -23,7 +24,7 @@ from invprop.graph import NeighbourGraph
 from invprop.jobs.spawn import spawn_ranks
 from invprop.kernels import topm
 from invprop.loss import InvPLoss
-from invprop.testing.dense_reference import DenseInvP
+from invprop.testing.dense_reference import DenseInvP, candidates
 
 ROOT = Path(__file__).resolve().parents[1]
 D, Q, STEPS, TAU, LAM, MOMENTUM = 32, 24, 3, 0.1, 0.6, 0.5
@@ -102,6 +103,23 @@ def _assert_same(got: tuple, want: tuple, grads_from: int = 0) -> None:
         assert g["positives"] == w["positives"]
     torch.testing.assert_close(g_bank, w_bank, rtol=1e-5, atol=1e-6)
     assert torch.equal(g_table.long(), w_table.long())
+
+
+@pytest.mark.parametrize("mode", ["concat", "bfs"])
+def test_dense_reference_propagates_as_the_one_anchor_walk(mode: str) -> None:
+    """The dense reference's own vectorised propagation against tests/reference.py's walk, one anchor at a time
+    (rows of unknown neighbours included); neither uses invprop.graph."""
+    _, table = _setup(SCENARIOS["small"])
+    table = table.long()
+    ids = torch.arange(0, 400, 7)
+    got = candidates(table, ids, 3, mode)
+    assert got.shape == (len(ids), 3 + 9 + 27)
+    for row, anchor in zip(got.tolist(), ids.tolist(), strict=True):
+        if mode == "concat":
+            assert row == concat_candidates(table, anchor, 3)
+        else:
+            kept = [c for c in row if c != -1]
+            assert len(kept) == len(set(kept)) and sorted(kept) == bfs_candidates(table, anchor, 3)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
