@@ -8,11 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from reference import bfs_candidates, concat_candidates
 
 from invprop import distributed
 from invprop.bank import SelectSettings, ShardedBank, masked_logsumexp, shard_bounds
@@ -23,7 +24,7 @@ from invprop.graph import NeighbourGraph
 from invprop.jobs.spawn import spawn_ranks
 from invprop.kernels import topm
 from invprop.loss import InvPLoss
-from invprop.testing.dense_reference import DenseInvP
+from invprop.testing.dense_reference import DenseInvP, candidates
 
 ROOT = Path(__file__).resolve().parents[1]
 D, Q, STEPS, TAU, LAM, MOMENTUM = 32, 24, 3, 0.1, 0.6, 0.5
@@ -104,6 +105,23 @@ def _assert_same(got: tuple, want: tuple, grads_from: int = 0) -> None:
     assert torch.equal(g_table.long(), w_table.long())
 
 
+@pytest.mark.parametrize("mode", ["concat", "bfs"])
+def test_dense_reference_propagates_as_the_one_anchor_walk(mode: str) -> None:
+    """The dense reference's own vectorised propagation against tests/reference.py's walk, one anchor at a time
+    (rows of unknown neighbours included); neither uses invprop.graph."""
+    _, table = _setup(SCENARIOS["small"])
+    table = table.long()
+    ids = torch.arange(0, 400, 7)
+    got = candidates(table, ids, 3, mode)
+    assert got.shape == (len(ids), 3 + 9 + 27)
+    for row, anchor in zip(got.tolist(), ids.tolist(), strict=True):
+        if mode == "concat":
+            assert row == concat_candidates(table, anchor, 3)
+        else:
+            kept = [c for c in row if c != -1]
+            assert len(kept) == len(set(kept)) and sorted(kept) == bfs_candidates(table, anchor, 3)
+
+
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_dense_reference_equals_sharded_at_w1(name: str) -> None:
     sc = SCENARIOS[name]
@@ -153,14 +171,38 @@ def test_float16_scores_stay_within_the_filter_error_bound() -> None:
     assert (err > 0.05 * delta.double()).any()  # and not vacuously loose
 
 
-def test_autotune_keeps_the_fastest_it_measured() -> None:
+class PacedClock:
+    """The autotuner's clock (seconds), moved only by the strategies it times: each run of `name` advances it by
+    `cost(name)`, so every timing the autotuner takes is exactly the cost given, whatever the machine's load."""
+
+    def __init__(self, cost: Callable[[str], float]) -> None:
+        self.cost, self.now = cost, 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def pace(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        select_local = ShardedBank.select_local
+
+        def paced(bank: ShardedBank, zq: torch.Tensor, m: int, name: str):
+            self.now += self.cost(name)
+            return select_local(bank, zq, m, name)
+
+        monkeypatch.setattr(ShardedBank, "select_local", paced)
+
+
+@pytest.mark.parametrize("fastest", ["topk", "bound", "filter"])
+def test_autotune_keeps_the_fastest_it_measured(fastest: str, monkeypatch) -> None:
     bank = ShardedBank(3000, D, seed=3, selection="auto")
     z = torch.nn.functional.normalize(torch.randn(Q, D, generator=torch.Generator().manual_seed(0)), dim=1)
     assert bank.strategy(z, 64) == "bound" and bank.tuned is None  # the CPU does not tune
-    chosen = bank.autotune(z, 64, repeats=1)
-    assert set(bank.tuning_ms) == {"topk", "bound", "filter"}
-    assert chosen == bank.tuned == min(bank.tuning_ms, key=bank.tuning_ms.get)
-    assert (bank.selections["filter"].mirror is not None) == (chosen == "filter")  # kept only when used
+    costs = {name: 0.125 for name in ("topk", "bound", "filter")} | {fastest: 0.0625}  # exact in binary
+    clock = PacedClock(costs.__getitem__)
+    clock.pace(monkeypatch)
+    bank.auto.clock = clock
+    assert bank.autotune(z, 64, repeats=1) == fastest == bank.tuned
+    assert bank.tuning_ms == {name: cost * 1000 for name, cost in costs.items()}
+    assert (bank.selections["filter"].mirror is not None) == (fastest == "filter")  # kept only when used
     with pytest.raises(ValueError, match="bank.selection must be one of"):
         ShardedBank(10, D, selection="fastest")
 
@@ -411,19 +453,19 @@ def test_auto_decides_on_steady_state_not_first_calls(monkeypatch) -> None:
     bank = ShardedBank(3000, D, seed=3, selection="auto", settings=settings)
     z = torch.nn.functional.normalize(torch.randn(Q, D, generator=torch.Generator().manual_seed(0)), dim=1)
     seen = {"topk": 0, "bound": 0, "filter": 0}
-    select_local = ShardedBank.select_local
 
-    def paced(self, zq, m, name):
+    def cost(name: str) -> float:  # seconds, exact in binary; filter: fast on its first two calls only
         seen[name] += 1
-        slow = {"topk": 0.03, "bound": 0.06, "filter": 0.0 if seen[name] <= 2 else 0.12}[name]
-        time.sleep(slow)
-        return select_local(self, zq, m, name)
+        return {"topk": 0.03125, "bound": 0.0625, "filter": 0.0 if seen[name] <= 2 else 0.125}[name]
 
-    monkeypatch.setattr(ShardedBank, "select_local", paced)
+    clock = PacedClock(cost)
+    clock.pace(monkeypatch)
+    bank.auto.clock = clock
     for _ in range(12):
         bank.global_top(z, 64)
-    assert bank.tuned == "topk" and set(bank.tuning_ms) == {"topk", "bound", "filter"}
-    assert bank.tuning_ms["filter"] > 100 and bank.tuning_ms["topk"] < bank.tuning_ms["bound"]
+    # filter's timed calls are its 2nd-4th (0, 125, 125 ms): median 125; the least or the first would pick it
+    assert bank.tuning_ms == {"topk": 31.25, "bound": 62.5, "filter": 125.0}
+    assert bank.tuned == "topk"
 
 
 def test_new_rows_drop_the_float16_copy() -> None:

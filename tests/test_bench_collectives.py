@@ -64,13 +64,33 @@ def test_memory_per_rank_shards_the_bank_but_not_the_table() -> None:
     assert small["local_top_m"] == 8 * 256 * 1024 * 12
 
 
+class StepClock:
+    """A clock (seconds) that advances by exactly `step` at every reading: every timed call lasts `step`."""
+
+    def __init__(self, step: float) -> None:
+        self.step, self.now = step, 0.0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
 @pytest.mark.timeout(300)
-def test_gloo_measurement_fits_a_positive_bandwidth(tmp_path: Path) -> None:
+def test_gloo_measurement_keeps_the_median_ms_of_every_payload(tmp_path: Path) -> None:
+    """Real gloo collectives at W = 2, timed by a clock under the test's control: each op and payload gets the
+    median of its timed calls in ms, and equal times fit no bandwidth (a flat line) with alpha = that time."""
     tool = _tool()
-    found = tool.measure([2], reps=3, tmp=tmp_path)
+    found = tool.measure([2], reps=3, tmp=tmp_path, clock=StepClock(0.5))
     for op in ("all_gather", "all_reduce"):
-        times = found["2"][op]["ms"]
-        assert set(times) == {str(s) for s in tool.SIZES} and min(times.values()) > 0
-        assert found["2"][op]["gb_s"] is None or found["2"][op]["gb_s"] > 0
-    # the largest payload costs more than the smallest: the fit has something to fit
-    assert times[str(tool.SIZES[-1])] > times[str(tool.SIZES[0])]
+        assert found["2"][op] == {"ms": {str(s): 500.0 for s in tool.SIZES}, "alpha_ms": 500.0, "gb_s": None}
+
+
+def test_fit_recovers_latency_and_bandwidth() -> None:
+    """t = alpha + ring bytes / bandwidth, exactly: the least-squares fit gives back alpha and the bandwidth."""
+    tool = _tool()
+    for op, world in (("all_gather", 2), ("all_reduce", 4)):
+        times = {str(s): 0.25 + tool.ring_bytes(op, s, world) / 2e9 * 1e3 for s in tool.SIZES}
+        fitted = tool.fit(times, op, world)
+        assert fitted["alpha_ms"] == pytest.approx(0.25, rel=1e-9) and fitted["gb_s"] == pytest.approx(2.0, rel=1e-9)
+    # one process: nothing crosses a wire, so no bandwidth, and alpha is the cheapest copy
+    assert tool.fit({"4096": 0.5, "65536": 0.75}, "all_gather", 1) == {"alpha_ms": 0.5, "gb_s": None}

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -259,27 +258,61 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path: Path) -> No
 
 
 KILLER = """
-import sys, torch
+import sys
 from invprop import checkpoint
 from invprop.bank import ShardedBank
-root = sys.argv[1]
-bank = ShardedBank(4_000_000, 32)  # ~500 MB: the save takes long enough to be killed midway
-print("saving", flush=True)
-checkpoint.save(root, 99, {"bank": bank})
+
+
+class Gate:
+    # a replicated part: the save asks for its state after every shard is on disk, before the commit
+    def state_dict(self):
+        print("shards written", flush=True)
+        sys.stdin.readline()  # never answered: the process is killed here
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+root, stop = sys.argv[1], sys.argv[2]
+print("ready", flush=True)
+sys.stdin.readline()  # go
+bank = ShardedBank(4096, 32)  # 512 KiB: more than a pipe holds, so a write into one stops midway
+checkpoint.save(root, 99, {"bank": bank, **({"gate": Gate()} if stop == "before-commit" else {})})
 """
 
 
-def test_kill_during_save_leaves_previous_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["mid-shard-write", "before-commit"])
+def test_kill_during_save_leaves_previous_checkpoint(tmp_path: Path, stop: str) -> None:
+    """The saving process is killed at a known point, reached through pipes rather than by timing: while its
+    shard's bytes are half written (the temporary file is a FIFO this test reads a little of, so the write
+    blocks there), or with every shard in place but the commit not yet written."""
     _save(tmp_path, 10)
-    proc = subprocess.Popen([sys.executable, "-c", KILLER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "saving"
-    deadline = time.monotonic() + 60
+    proc = subprocess.Popen([sys.executable, "-c", KILLER, str(tmp_path), stop], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
     partial = tmp_path / "step_99"
-    while not (partial.exists() and any(p.name.startswith(".bank") for p in partial.iterdir())):
-        assert time.monotonic() < deadline, "the save never started writing its shard"
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
-    assert not (tmp_path / "step_99" / checkpoint.MARKER).exists()
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        if stop == "mid-shard-write":
+            partial.mkdir()
+            fifo = partial / f".bank.0-of-1.tmp{proc.pid}"  # the name save_atomic writes the shard to
+            os.mkfifo(fifo)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        if stop == "mid-shard-write":
+            with open(fifo, "rb") as fh:  # opens once the save opens it for writing
+                assert len(fh.read(4096)) == 4096  # the shard's bytes are flowing; the rest wait in the writer
+                proc.kill()  # while the pipe is open: closing it first would fail the write instead
+                proc.wait()
+        else:
+            assert proc.stdout.readline().strip() == "shards written"
+            assert (partial / "bank.0-of-1").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (partial / checkpoint.MARKER).exists()
+    assert (partial / "bank.0-of-1").exists() == (stop == "before-commit")
+    if stop == "mid-shard-write":
+        assert fifo.exists()  # the kill ended the write: save_atomic's own clean-up never ran
     latest = checkpoint.latest(tmp_path)
     assert latest.name == "step_10" and _loaded(latest)["step"] == 10

@@ -1,9 +1,11 @@
-"""tools/gpu_check.sh --dry-run: the prepared GPU check runs the same code on the CPU at tiny sizes."""
+"""tools/gpu_check.sh --dry-run: the prepared GPU check runs the same code on the CPU at tiny sizes, and the parts
+that judge correctness (not speed) pass there."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,65 +15,35 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow  # ~35 s: every part of the GPU check once, tiny (CI runs it)
 @pytest.mark.timeout(600)
-def test_gpu_check_dry_run_writes_every_part(tmp_path: Path) -> None:
+def test_gpu_check_dry_run_passes_its_correctness_checks(tmp_path: Path) -> None:
     out = tmp_path / "check.json"
     proc = subprocess.run(["bash", str(ROOT / "tools/gpu_check.sh"), "--dry-run", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
-    assert summary["env"]["dry_run"] is True and summary["env"]["device"] == "cpu"
-    for key in ("selection_exact", "kernel_exact", "kernel_step_2000", "weighted_rows", "step_resnet50_224",
-                "step_resnet18_32", "bank_step_2000", "bank_step_5000", "folder_pipeline", "trainer_step",
-                "shared_gpu_ranks", "fmnist_invp"):
-        assert "error" not in summary[key], summary[key]
-    assert summary["step_resnet50_224"]["invp_img_s"] > 0 and summary["step_resnet50_224"]["ratio"] > 0
-    bank = summary["bank_step_5000"]
-    for timing in ("ms", "ms_pipelined", "host_ms"):
-        assert set(bank[timing]) == {"topk", "bound", "filter", "auto"} and min(bank[timing].values()) > 0
-    assert bank["auto_chose"] is None and bank["host_syncs"] is None  # the CPU neither tunes nor counts syncs
-    # where the time goes: the profiler's table per step (the CPU's own ops in a dry run)
-    assert bank["profile"]["ms_per_call"] > 0 and bank["profile"]["top"][0]["share"] > 0
-    assert set(summary["step_resnet50_224"]["profile"]) == {"supervised", "invp"}
-    exact = summary["selection_exact"]
-    assert exact["all_exact"] is True and {s["same_set"] for s in exact["random"].values()} == {1.0}
-    assert set(exact["random"]) == {"topk", "bound", "bound-fallback", "filter", "triton"}
-    # the fused top-M kernel: both routes (Triton in its interpreter) exact, the forced redo paths taken
-    kernel = summary["kernel_exact"]
-    assert kernel["all_exact"] is True
-    assert set(kernel["random"]) == {f"{b}{s}" for b in ("triton", "torch") for s in ("", "-redo", "-overflow")}
-    assert kernel["random"]["triton-overflow"]["overflowed"] == 16 and kernel["random"]["torch-redo"]["redone"] == 16
-    assert set(summary["kernel_step_2000"]["ms"]) == {"triton", "torch", "float32_topk"}
-    rows = summary["weighted_rows"]  # the selected scores' backward: the kernel (interpreted) and embedding_bag
-    assert set(rows["ms"]) == {"triton", "torch"} and rows["max_abs_diff"] < 1e-4
-    assert summary["trainer_step"] == {"host_syncs": None, "bank_selection": "auto"}
-    # the goal table: bank step (both timings), the exactness guard and the ResNet-50 ratio (both); the speed
-    # goals are never "met" on tiny CPU sizes
-    # the two tiny banks stand in for the 1.28M and 10M ones
-    small_bank, small = summary["bank_step_2000"], summary["step_resnet18_32"]
-    assert [g["measured"] for g in summary["goals"]] == [
-        round(small_bank["ms"]["auto"], 3), round(small_bank["ms_pipelined"]["auto"], 3),
-        round(bank["ms"]["auto"], 3), round(bank["ms_pipelined"]["auto"], 3), True, True,
-        round(summary["step_resnet50_224"]["ratio"], 3), round(summary["step_resnet50_224"]["ratio_pipelined"], 3),
-        round(small["ratio"], 3), round(small["ratio_pipelined"], 3), round(small["invp_img_s_pipelined"]), True]
-    # the speed goals are never "met" at tiny CPU sizes, nor the shared GPU on the CPU; the exactness guards are
-    assert [g["met"] for g in summary["goals"]] == [False] * 4 + [True, True] + [False] * 6
-    # two ranks (gloo) against one, from the same inputs: same loss, gradients, bank rows and graph
-    shared = summary["shared_gpu_ranks"]
-    assert (shared["world"], shared["backend"], shared["devices"], shared["equal"]) == (2, "gloo", ["cpu"], True)
-    assert "GPU check against the goals" in proc.stdout
-    assert 0 <= summary["fmnist_invp"]["knn_top1"] <= 1
-    # the folder part: the trainer's own loader over the generated JPEGs (FFCV is installed here), whole
-    # epochs of whole batches, next to the in-memory ResNet-50 step of the same run
+    failed = {key: part["error"] for key, part in summary.items() if isinstance(part, dict) and "error" in part}
+    assert failed == {}  # a part that raised records its error instead of its figures
+    # every selection, and both routes of the fused kernel, return the float64 top-M on spread and crowded rows
+    for probe in ("selection_exact", "kernel_exact"):
+        audited = {f"{regime}/{name}": part["exact"] for regime in ("random", "crowded")
+                   for name, part in summary[probe][regime].items()}
+        assert len(audited) >= 6 and all(audited.values()), (probe, audited)
+    # and the kernel's forced redo paths were taken, not skipped
+    kernel = summary["kernel_exact"]["random"]
+    assert kernel["torch-redo"]["redone"] > 0 and kernel["torch-overflow"]["overflowed"] > 0
+    assert summary["weighted_rows"]["max_abs_diff"] < 1e-4  # the selected scores' backward: kernel = embedding_bag
+    # two ranks sharing a device equal one rank from the same inputs (loss, gradients, rows, graph)
+    assert summary["shared_gpu_ranks"]["equal"] is True
+    # the folder pipeline trains whole epochs of whole batches over the images it wrote
     folder = summary["folder_pipeline"]
-    assert (folder["loader"], folder["arch"], folder["size"], folder["images_in_folder"]) == ("ffcv", "resnet50",
-                                                                                             32, 32)
-    assert folder["steps"] == folder["epochs"] * (32 // folder["batch"])
+    assert folder["steps"] == folder["epochs"] * (folder["images_in_folder"] // folder["batch"])
     assert folder["images"] == folder["steps"] * folder["batch"]
-    assert folder["img_s"] == pytest.approx(folder["images"] / folder["seconds"])
-    assert folder["loader_only_img_s"] > 0 and folder["fixed_batch_img_s"] > 0
-    in_memory = summary["step_resnet50_224"]["invp_img_s_pipelined"]
-    assert folder["in_memory_invp_img_s"] == in_memory
-    assert folder["ratio_to_in_memory"] == pytest.approx(folder["img_s"] / in_memory)
+    # the goal table is the judgement of the figures written beside it; speed is never "met" in a dry run
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gpu_check import goals
+
+    assert summary["goals"] == goals(summary)
+    assert not any(g["met"] for g in summary["goals"] if isinstance(g["measured"], float))
 
 
 def test_goals_judge_the_issue_targets() -> None:

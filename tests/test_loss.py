@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from reference import bfs_candidates, reference_step
@@ -86,17 +88,46 @@ def test_unknown_rows_give_no_invariance_term_and_lambda_zero_is_top_m_discrimin
     assert b.loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_log_space_survives_tiny_temperature() -> None:
-    """A ratio of raw exponentials overflows at tau=1e-3 (exp(1000)); logsumexp must not."""
-    n, d = 40, 8
-    bank, graph = ShardedBank(n, d, seed=4), NeighbourGraph(n, 2)
-    bank.rows = torch.nn.functional.normalize(bank.rows, dim=1)
-    graph.table[:] = torch.randint(0, n, (n, 2), dtype=torch.int32)
-    z = bank.rows[:4].clone().requires_grad_()
-    out = InvPLoss(bank, graph, tau=1e-3, n_background=10, n_pos=2, layers=2, lambda_inv=0.6,
-                   warmup_epochs=0)(z, torch.arange(4), 0)
+def _lse(xs: list[float]) -> float:
+    top = max(xs)
+    return top + math.log(sum(math.exp(x - top) for x in xs))
+
+
+def _softmax_mean(xs: list[float], rows: list[tuple[float, float]]) -> tuple[float, float]:
+    top = max(xs)
+    w = [math.exp(x - top) for x in xs]
+    return tuple(sum(wi * r[i] for wi, r in zip(w, rows, strict=True)) / sum(w) for i in (0, 1))
+
+
+def test_log_space_gives_the_hand_computed_loss_at_tiny_temperature() -> None:
+    """tau = 1e-3: the logits reach 1000 (exp overflows even in float64), the loss and its gradient must still equal
+    the values worked out by hand, in float64 with the maximum taken out, on four rows of the unit circle."""
+    tau, lam = 1e-3, 0.6
+    angles = [0.0, 0.1, 0.2, math.pi / 2]
+    rows = [(math.cos(a), math.sin(a)) for a in angles]
+    bank, graph = ShardedBank(4, 2, seed=0), _graph([[2], [0], [0], [0]])  # 0 -> 2, 3 -> 0
+    bank.rows = torch.tensor(rows, dtype=torch.float32)
+    ids = [0, 3]
+    z = torch.tensor([rows[0], rows[3]], dtype=torch.float32, requires_grad=True)  # each anchor on its own row
+    out = InvPLoss(bank, graph, tau=tau, n_background=3, n_pos=1, layers=1, lambda_inv=lam,
+                   warmup_epochs=0)(z, torch.tensor(ids), 0)
     out.loss.backward()
-    assert torch.isfinite(out.loss) and torch.isfinite(z.grad).all()
+
+    losses, grads = [], []
+    for anchor, positive in ((0, 2), (3, 0)):
+        s = [rows[anchor][0] * r[0] + rows[anchor][1] * r[1] for r in rows]
+        top = sorted(range(4), key=lambda j: -s[j])[:3]  # M = 3
+        others = [j for j in top if j != anchor]  # the code's denominator: top-M without the anchor's own row
+        l_ins = _lse([s[j] / tau for j in top]) - s[anchor] / tau
+        l_inv = _lse([s[j] / tau for j in others]) - s[positive] / tau
+        losses.append(l_ins + lam * l_inv)
+        # d/dz: (softmax-weighted rows - own row) / tau, and lambda (softmax-weighted others - positive) / tau
+        a = _softmax_mean([s[j] / tau for j in top], [rows[j] for j in top])
+        b = _softmax_mean([s[j] / tau for j in others], [rows[j] for j in others])
+        grads.append([((a[i] - rows[anchor][i]) + lam * (b[i] - rows[positive][i])) / tau / 2 for i in (0, 1)])
+    assert losses[1] > 100  # exp(loss) overflows: only log space gets here
+    assert out.loss.item() == pytest.approx(sum(losses) / 2, rel=1e-5)
+    torch.testing.assert_close(z.grad, torch.tensor(grads, dtype=torch.float32), rtol=1e-4, atol=1e-3)
 
 
 def test_bank_init_range_and_not_normalised() -> None:

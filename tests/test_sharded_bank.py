@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 import torch
@@ -153,15 +152,18 @@ def test_owner_update_writes_exactly_the_owned_rows(owned: str) -> None:
     """The update has no boolean-mask indexing (a GPU host sync); non-owned entries must still change nothing."""
     bank = ShardedBank(N, D, comm=Comm(1, 2), seed=5)  # rows [101, 203)
     before = bank.rows.clone()
-    ids = {"mixed": torch.tensor([3, 101, 150, 7, 202, 100]), "none": torch.tensor([0, 5, 100]),
-           "all": torch.tensor([120, 101, 202])}[owned]
+    ids, owned_rows = {"mixed": ([3, 101, 150, 7, 202, 100], [101, 150, 202]), "none": ([0, 5, 100], []),
+                       "all": ([120, 101, 202], [120, 101, 202])}[owned]
+    ids = torch.tensor(ids)
     z = torch.nn.functional.normalize(torch.randn(len(ids), D, generator=torch.Generator().manual_seed(1)), dim=1)
     bank.update(ids, z, MOMENTUM)
+    # the rows that changed are exactly this case's owned ids (none for "none"), each to the reference's value
+    changed = (bank.rows != before).any(dim=1).nonzero().flatten() + bank.start
+    assert sorted(changed.tolist()) == sorted(owned_rows)
     own = (ids >= bank.start) & (ids < bank.stop)
     full = torch.cat([torch.zeros(bank.start, D), before])
     want = reference_bank_update(full, ids[own], z[own], MOMENTUM)[bank.start :]
     assert torch.equal(bank.rows, want)
-    assert torch.equal(bank.rows[0], before[0]) or owned != "none"
 
 
 def _dying_worker(rank: int, world: int, out_dir: str) -> None:
@@ -172,24 +174,21 @@ def _dying_worker(rank: int, world: int, out_dir: str) -> None:
     crit(z[rank * b : (rank + 1) * b], ids[rank * b : (rank + 1) * b], epoch=0)
     if rank == 1:
         os._exit(3)  # dies between steps, without a word to its peers
-    start = time.monotonic()
     try:
         crit(z[rank * b : (rank + 1) * b], ids[rank * b : (rank + 1) * b], epoch=0)
     except Exception as exc:  # gloo raises once the peer is gone or the timeout passes
         with open(os.path.join(out_dir, "survivor.txt"), "w") as fh:
-            fh.write(f"{time.monotonic() - start:.2f} {type(exc).__name__}")
+            fh.write(type(exc).__name__)
         os._exit(4)
 
 
 def test_dead_rank_fails_peers_instead_of_hanging(tmp_path) -> None:
-    with pytest.raises(RuntimeError, match="rank 1 exited with 3"):
-        spawn_ranks(_dying_worker, 2, (str(tmp_path),), timeout_s=60)
-    # the survivor must itself raise within the 5 s collective timeout (plus slack)
-    deadline = time.monotonic() + 20
-    while not (tmp_path / "survivor.txt").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    elapsed, kind = (tmp_path / "survivor.txt").read_text().split()
-    assert float(elapsed) < 15, kind
+    """The survivor's own collective raises (it exits with 4 after writing what it caught); a survivor that hung
+    would instead be terminated by the launcher after grace_s (exit -15) and write nothing."""
+    with pytest.raises(RuntimeError) as failed:
+        spawn_ranks(_dying_worker, 2, (str(tmp_path),), timeout_s=120, grace_s=60)
+    assert str(failed.value) == "distributed run failed: rank 0 exited with 4; rank 1 exited with 3"
+    assert (tmp_path / "survivor.txt").read_text() in {"RuntimeError", "DistBackendError", "DistNetworkError"}
 
 
 def _stopping_worker(rank: int, world: int, out_dir: str) -> None:
@@ -203,7 +202,6 @@ def _stopping_worker(rank: int, world: int, out_dir: str) -> None:
 def test_a_rank_that_stops_responding_is_killed_and_named(tmp_path) -> None:
     """The survivor's collective times out and fails; the stopped rank, which SIGTERM cannot end, is killed
     and named, and the launcher's wait ends (issue 30, item 7)."""
-    start = time.monotonic()
+    # a launcher wait that did not end would raise TimeoutError after timeout_s instead of this message
     with pytest.raises(RuntimeError, match=r"rank 1 stopped responding \(killed\)"):
         spawn_ranks(_stopping_worker, 2, (str(tmp_path),), timeout_s=120, grace_s=2)
-    assert time.monotonic() - start < 90

@@ -19,7 +19,15 @@ from invprop import checkpoint
 from invprop.bank import ShardedBank
 from invprop.config import group_section
 from invprop.data import load_split, normalization
-from invprop.eval.report import differing_keys, find_run_dirs, flatten, read_metrics, table_rows
+from invprop.eval.report import (
+    PLOT_DPI,
+    differing_keys,
+    find_run_dirs,
+    flatten,
+    plot_figures,
+    read_metrics,
+    table_rows,
+)
 from invprop.models import build_backbone, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,9 +146,27 @@ def test_report_table_and_plots(sweep, tmp_path, capsys):
     assert tool.main([str(sweep), "--out", str(plots)]) == 0
     printed = capsys.readouterr().out
     assert "method.k" in printed and "knn_top1" in printed
-    for name in ("losses.png", "knn.png", "purity.png"):
-        data = (plots / name).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    # what is drawn: each run's curve is its metrics.jsonl series, the baselines its results.json values
+    figures = plot_figures(runs)
+    assert set(figures) == {"losses.png", "knn.png", "purity.png"}
+    for run, label in zip(runs, ("0", "1"), strict=True):
+        steps, knn = read_metrics(run)
+        (loss_ax,) = [ax for ax in figures["losses.png"].axes if ax.get_title() == "loss"]
+        (line,) = [ln for ln in loss_ax.get_lines() if ln.get_label() == label]
+        assert list(line.get_xdata()) == [r["step"] for r in steps]
+        assert list(line.get_ydata()) == [r["loss"] for r in steps]
+        knn_lines = [ln for ln in figures["knn.png"].axes[0].get_lines() if list(ln.get_xdata()) == [0, 1, 2]]
+        assert [r["epoch_knn_top1"] for r in knn] in [list(ln.get_ydata()) for ln in knn_lines]
+    hlines = {tuple(ln.get_ydata()) for ln in figures["knn.png"].axes[0].get_lines() if len(ln.get_xdata()) == 2}
+    untrained = json.loads((runs[0] / "results.json").read_text())["knn_untrained_top1"]
+    assert (round(untrained, 4),) * 2 in hlines  # drawn at 4 digits
+    # the written PNGs decode to images of the figures' size
+    import matplotlib.pyplot as plt  # after plot_figures chose the Agg backend
+
+    for name, fig in figures.items():
+        height, width = plt.imread(plots / name).shape[:2]
+        assert (width, height) == tuple(round(v * PLOT_DPI) for v in fig.get_size_inches()), name
+        plt.close(fig)
     # A single run gets its plots in the run directory; --json prints the rows (and plots nothing).
     assert tool.main([str(sweep / "1")]) == 0
     assert (sweep / "1" / "losses.png").exists() and not (sweep / "losses.png").exists()

@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def model_ms(world: int, alpha_ms: float, gb_s: float, **kw) -> dict:
     return {"bank_ms": bank, "ddp_ms": ddp}
 
 
-def _worker(rank: int, world: int, out: str, reps: int) -> None:
+def _worker(rank: int, world: int, out: str, reps: int, clock: Callable[[], float] = time.perf_counter) -> None:
     import torch
     import torch.distributed as dist
 
@@ -141,10 +142,10 @@ def _worker(rank: int, world: int, out: str, reps: int) -> None:
             for i in range(reps + 2):
                 if world > 1:
                     dist.barrier()
-                start = time.perf_counter()
+                start = clock()
                 call()
                 if i >= 2:
-                    times.append(time.perf_counter() - start)
+                    times.append(clock() - start)
             found.setdefault(op, {})[str(size)] = sorted(times)[len(times) // 2] * 1000
     if rank == 0:
         Path(out).write_text(json.dumps(found))
@@ -162,13 +163,15 @@ def fit(times_ms: dict, op: str, world: int) -> dict:
     return {"alpha_ms": my - slope * mx, "gb_s": 1.0 / (slope * 1e6) if slope > 0 else None}
 
 
-def measure(worlds: list[int], reps: int, tmp: Path) -> dict:
+def measure(worlds: list[int], reps: int, tmp: Path, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Median ms per (op, payload) at each W and its fit; `clock` (seconds, picklable: the ranks are spawned) is
+    injectable so a test can check the bookkeeping with deterministic timings."""
     from invprop.jobs.spawn import spawn_ranks
 
     found = {}
     for world in worlds:
         out = tmp / f"w{world}.json"
-        spawn_ranks(_worker, world, (str(out), reps), timeout_s=600)
+        spawn_ranks(_worker, world, (str(out), reps, clock), timeout_s=600)
         times = json.loads(out.read_text())
         found[str(world)] = {op: {"ms": t, **fit(t, op, world)} for op, t in times.items()}
     return found

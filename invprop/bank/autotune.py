@@ -32,8 +32,10 @@ class AutoSelect:
     Local work only, no collective: ranks may choose differently and still agree on results."""
 
     def __init__(self, selections: Mapping[str, Selection], *, tune_on_cpu: bool = False,
-                 retune_after_calls: int = 200, warmup_calls: int = 1, timed_calls: int = 3) -> None:
+                 retune_after_calls: int = 200, warmup_calls: int = 1, timed_calls: int = 3,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.selections = selections
+        self.clock = clock  # seconds; injectable so a test can make the timings deterministic
         self.tune_on_cpu, self.retune_after_calls = tune_on_cpu, retune_after_calls
         self.warmup_calls, self.timed_calls = warmup_calls, timed_calls
         self.tuned: str | None = None  # what it chose on this device (None: not measured yet)
@@ -72,10 +74,10 @@ class AutoSelect:
         if not self._samples or turn < self.warmup_calls * len(self._samples):
             return run(name)
         self._wait(zq)
-        start = time.perf_counter()
+        start = self.clock()
         out = run(name)
         self._wait(zq)
-        self._samples[name].append((time.perf_counter() - start) * 1000)
+        self._samples[name].append((self.clock() - start) * 1000)
         if all(len(s) >= self.timed_calls for s in self._samples.values()):
             self._keep({n: _median(s) for n, s in self._samples.items()})
             self.tuned_at, self._samples = self.calls, {}
@@ -100,10 +102,10 @@ class AutoSelect:
             best = float("inf")
             for _ in range(repeats):
                 self._wait(zq)
-                start = time.perf_counter()
+                start = self.clock()
                 run(name)
                 self._wait(zq)
-                best = min(best, time.perf_counter() - start)
+                best = min(best, self.clock() - start)
             timings[name] = best * 1000
         return self._keep(timings)
 

@@ -33,6 +33,7 @@ BASELINE_KEYS = {"knn_untrained_top1": ("untrained network", ":"),
                  "knn_backbone_untrained_top1": ("untrained backbone", (0, (1, 3))),
                  "knn_pixels_top1": ("raw pixels", "-.")}
 PURITY_KEYS = ("hp_purity", "graph_purity", "own_in_top_m", "empty_candidates")
+PLOT_DPI = 100
 
 
 def is_run_dir(path: Path) -> bool:
@@ -219,16 +220,16 @@ def _series(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float],
 
 
 def _figure(keys: tuple[str, ...], series: list[tuple[str, list[dict[str, Any]]]], x: str, xlabel: str,
-            title: str, path: Path, styles: dict[str, str] | None = None, one_panel: bool = False,
-            hlines: list[tuple[str, float, str]] | None = None) -> bool:
-    """Panels of ``keys`` against ``x`` for every labelled run; False (nothing written) without data."""
+            title: str, styles: dict[str, str] | None = None, one_panel: bool = False,
+            hlines: list[tuple[str, float, str]] | None = None) -> Any:
+    """A matplotlib Figure: panels of ``keys`` against ``x`` for every labelled run; None without data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     if not any(_series(recs, x, k)[0] for _, recs in series for k in keys):
-        return False
+        return None
     panels = [keys] if one_panel else [(k,) for k in keys]
     cols = min(2, len(panels))
     rows = math.ceil(len(panels) / cols)
@@ -263,12 +264,18 @@ def _figure(keys: tuple[str, ...], series: list[tuple[str, list[dict[str, Any]]]
     if not one_panel:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write the figure as a PNG (through a temporary name) and free it."""
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=PLOT_DPI)
     plt.close(fig)
     tmp.replace(path)
-    return True
 
 
 def _keyed_handles(runs: list[str], keys: tuple[str, ...], styles: dict[str, str], ax) -> list:
@@ -281,22 +288,29 @@ def _keyed_handles(runs: list[str], keys: tuple[str, ...], styles: dict[str, str
     return handles + ax.get_legend_handles_labels()[0]
 
 
-def write_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
-    """``losses.png``, ``knn.png`` and ``purity.png`` in ``out_dir`` (a plot without data is skipped)."""
-    out_dir = Path(out_dir)
+def plot_figures(run_dirs: list[Path]) -> dict[str, Any]:
+    """The figures `write_plots` writes, by file name: ``losses.png``, ``knn.png`` and ``purity.png`` (a plot
+    without data is left out)."""
     labelled = [(run_label(r, run_dirs), read_metrics(r)) for r in run_dirs]
     steps = [(label, recs[0]) for label, recs in labelled]
     knn = [(label, recs[1]) for label, recs in labelled]
+    figures = {
+        "losses.png": _figure(LOSS_KEYS, steps, "step", "step", "loss terms and learning rate"),
+        "knn.png": _figure(KNN_KEYS, knn, "epoch", "epoch",
+                           "kNN top-1 (solid: head embeddings, dotted: backbone, dashed: bank)",
+                           styles={"epoch_knn_bank_top1": "--", "epoch_knn_backbone_top1": ":"}, one_panel=True,
+                           hlines=baselines(run_dirs)),
+        "purity.png": _figure(PURITY_KEYS, steps, "epoch", "epoch", "propagation monitors"),
+    }
+    return {name: fig for name, fig in figures.items() if fig is not None}
+
+
+def write_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    """``losses.png``, ``knn.png`` and ``purity.png`` in ``out_dir`` (a plot without data is skipped)."""
     written = []
-    if _figure(LOSS_KEYS, steps, "step", "step", "loss terms and learning rate", out_dir / "losses.png"):
-        written.append(out_dir / "losses.png")
-    if _figure(KNN_KEYS, knn, "epoch", "epoch", "kNN top-1 (solid: head embeddings, dotted: backbone, dashed: bank)",
-               out_dir / "knn.png", styles={"epoch_knn_bank_top1": "--", "epoch_knn_backbone_top1": ":"},
-               one_panel=True,
-               hlines=baselines(run_dirs)):
-        written.append(out_dir / "knn.png")
-    if _figure(PURITY_KEYS, steps, "epoch", "epoch", "propagation monitors", out_dir / "purity.png"):
-        written.append(out_dir / "purity.png")
+    for name, fig in plot_figures(run_dirs).items():
+        _save(fig, Path(out_dir) / name)
+        written.append(Path(out_dir) / name)
     return written
 
 

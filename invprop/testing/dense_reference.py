@@ -5,6 +5,9 @@ This is what a careful implementation without sharding looks like: the whole (B 
 `torch.topk` over it for the top-M background set, candidates by indexing the neighbour table, hard (or easy)
 positives, every log-sum in log space, then the graph and bank updates. It must agree with `InvPLoss` at
 world size 1 (tests/test_bench_bank.py checks loss, gradients, positives, neighbour table and bank).
+
+It imports nothing from the modules it checks: the propagation (`candidates`) and the monitored figures
+(`step_monitors`) are written here again from the definition, in another way than invprop/graph.py and invprop/loss.py.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from invprop.graph import UNKNOWN, propagate
-from invprop.loss import monitor_floats, step_stats
+UNKNOWN = -1  # a neighbour-table entry not written yet, and the padding of candidate and positive lists
 
 
 @dataclass
@@ -28,7 +30,48 @@ class DenseStep:
 
     @property
     def stats(self) -> dict[str, float]:
-        return monitor_floats(self.monitors)
+        return {name: float(value) for name, value in self.monitors.items()}
+
+
+def candidates(table: torch.Tensor, ids: torch.Tensor, layers: int, mode: str) -> torch.Tensor:
+    """Candidate positives of each anchor on the kNN table, UNKNOWN-padded to k + k^2 + ... + k^layers columns.
+
+    concat: layer by layer, the table rows of every entry of the layer before (the anchor for layer 1), in order,
+    duplicates kept; an UNKNOWN entry has k UNKNOWN children. bfs: each node within graph distance 1..layers
+    once, at its first discovery, the anchor itself never; UNKNOWN where concat repeats a node.
+    """
+    table, ids = table.long(), ids.long()
+    n, k = table.shape
+    # one extra row (index n) stands for UNKNOWN: its children are UNKNOWN too
+    padded = torch.cat([torch.where(table < 0, n, table), torch.full((1, k), n, device=table.device)])
+    walk, layer = [], ids.view(-1, 1)
+    for _ in range(layers):
+        layer = padded[layer].flatten(1)  # (Q, k^depth), parents' children in the parents' order
+        walk.append(layer)
+    cands = torch.cat(walk, dim=1)
+    if mode == "bfs":
+        # a node already seen earlier in the walk (or the anchor) is dropped; the walk lists nearer layers first
+        seen_before = (cands.unsqueeze(2) == cands.unsqueeze(1)).tril(diagonal=-1).any(dim=2)
+        cands = cands.masked_fill(seen_before | (cands == ids.view(-1, 1)), n)
+    elif mode != "concat":
+        raise ValueError(f"propagation must be 'concat' or 'bfs', got {mode!r}")
+    return torch.where(cands == n, UNKNOWN, cands)
+
+
+def step_monitors(per_anchor: torch.Tensor, loss_ins: torch.Tensor, loss_inv: torch.Tensor, has_pos: torch.Tensor,
+             w: float, own_in_top: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The step's monitored figures (docs/DESIGN.md): means over the batch, L_inv over the anchors with positives."""
+    with torch.no_grad():
+        anchors = float(per_anchor.shape[0])
+        with_pos = float(has_pos.sum())
+        return {
+            "loss": per_anchor.sum() / anchors,
+            "loss_ins": loss_ins.sum() / anchors,
+            "loss_inv": loss_inv.sum() / with_pos if with_pos else loss_inv.sum() * 0.0,
+            "inv_weight": torch.tensor(w),
+            "own_in_top_m": own_in_top.float().sum() / anchors,
+            "empty_candidates": torch.tensor(1.0 - with_pos / anchors),
+        }
 
 
 def logsumexp_where(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -61,7 +104,7 @@ class DenseInvP:
         loss_ins = torch.logsumexp(top_logits, dim=1) - self_score / self.tau
 
         with torch.no_grad():
-            cands = propagate(self.table, ids, self.layers, self.propagation)
+            cands = candidates(self.table, ids, self.layers, self.propagation)
         valid = cands != UNKNOWN
         cand_scores = scores.gather(1, cands.clamp(min=0))
         hard = self.positives == "hard"
@@ -88,7 +131,7 @@ class DenseInvP:
             neighbours = near_idx.gather(1, near_vals.topk(k, dim=1).indices)
             own_in_top = (top_idx == ids.view(-1, 1)).any(dim=1).float()
         chosen = torch.where(pos_valid, cands.gather(1, slot), torch.full_like(slot, UNKNOWN))
-        stats = step_stats(per_anchor, loss_ins, loss_inv, has_pos, w, own_in_top)
+        stats = step_monitors(per_anchor, loss_ins, loss_inv, has_pos, w, own_in_top)
         return DenseStep(per_anchor.mean(), ids, z.detach(), neighbours, chosen, stats)
 
     @torch.no_grad()
