@@ -62,12 +62,13 @@ def _normalise(x: torch.Tensor, mean_t: torch.Tensor, std_t: torch.Tensor) -> to
 
 @torch.no_grad()
 def _logits(net: nn.Module, images: torch.Tensor, mean_t: torch.Tensor, std_t: torch.Tensor,
-            device: torch.device, batch_size: int, progress: Tracker) -> torch.Tensor:
+            device: torch.device, batch_size: int, progress: Tracker | None = None) -> torch.Tensor:
     net.eval()
     out = []
     for batch in eval_batches(images, batch_size):
         out.append(net(_normalise(batch.to(device), mean_t, std_t)).float())
-        progress.advance(batch.shape[0])
+        if progress is not None:
+            progress.advance(batch.shape[0])
     return torch.cat(out)
 
 
