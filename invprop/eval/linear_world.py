@@ -21,6 +21,7 @@ from invprop.data.seeding import derive_seed
 from invprop.digest import state_digest
 from invprop.eval.linear import pooled_features, predict, topk_accuracy
 from invprop.eval.world import EvalCheckpoints, GlobalBatchNorm1d, gather_shards, run_epochs, sum_gradients
+from invprop.progress import SILENT, Reporter
 from invprop.state import RunIdentity
 
 
@@ -36,25 +37,30 @@ class WorldLinearClassifier(nn.Module):
         return self.fc(self.bn(x))
 
 
-def split_features(cfg: Config, model: nn.Module, images, comm: Comm, views: int = 0) -> torch.Tensor:
-    """(1 + views, N, D) pooled features of the whole split on every rank, each rank featuring its shard once."""
+def split_features(cfg: Config, model: nn.Module, images, comm: Comm, views: int = 0,
+                   report: Reporter = SILENT, label: str = "linear features") -> torch.Tensor:
+    """(1 + views, N, D) pooled features of the whole split on every rank, each rank featuring its shard once;
+    `report` tells this rank's images done."""
     n = len(images)
     lo, hi = shard_bounds(n, comm.rank, comm.world)
     part = images[lo:hi]
     lin, bs = cfg.eval.linear, cfg.eval.batch_size
-    own = [pooled_features(model, part, cfg.data, comm.device, bs)]
-    for view in range(views):
-        own.append(pooled_features(model, part, cfg.data, comm.device, bs, view=view, seed=lin.seed,
-                                   crop_scale=tuple(cfg.data.augment.crop_scale), flip=cfg.data.augment.flip,
-                                   offset=lo))
+    with report.track(label, (hi - lo) * (1 + views), unit="img") as progress:
+        own = [pooled_features(model, part, cfg.data, comm.device, bs, progress=progress)]
+        for view in range(views):
+            own.append(pooled_features(model, part, cfg.data, comm.device, bs, view=view, seed=lin.seed,
+                                       crop_scale=tuple(cfg.data.augment.crop_scale), flip=cfg.data.augment.flip,
+                                       offset=lo, progress=progress))
     return torch.stack([gather_shards(f, n, comm) for f in own])
 
 
 def fit_head_world(train_feats: torch.Tensor, train_labels: torch.Tensor, n_classes: int, cfg: Config,
-                   comm: Comm, saver: EvalCheckpoints | None = None) -> WorldLinearClassifier | None:
+                   comm: Comm, saver: EvalCheckpoints | None = None,
+                   report: Reporter = SILENT) -> WorldLinearClassifier | None:
     """Train the head on (V, N, D) features (each epoch one seeded view per sample); SGD with momentum, cosine
     lr to 0. The global batch is eval.linear.batch_size (divided among the ranks; the last partial batch of an
-    epoch is dropped). None when stopped at a step boundary (a committed checkpoint is saved)."""
+    epoch is dropped). None when stopped at a step boundary (a committed checkpoint is saved). `report` tells
+    the steps with the loss."""
     lin = cfg.eval.linear
     n_views, n, dim = train_feats.shape
     order = EpochOrder(n, min(lin.batch_size, n), lin.seed)
@@ -77,7 +83,7 @@ def fit_head_world(train_feats: torch.Tensor, train_labels: torch.Tensor, n_clas
             views[epoch] = torch.randint(n_views, (n,), generator=gen).to(train_feats.device)
         return views[epoch]
 
-    def step(epoch: int, b: int, idx: torch.Tensor, done: int) -> None:
+    def step(epoch: int, b: int, idx: torch.Tensor, done: int) -> torch.Tensor:
         idx = idx.to(train_feats.device)
         x = train_feats[epoch_views(epoch)[idx], idx]
         for group in optimizer.param_groups:
@@ -88,28 +94,31 @@ def fit_head_world(train_feats: torch.Tensor, train_labels: torch.Tensor, n_clas
         loss.backward()
         sum_gradients(list(head.parameters()), comm)
         optimizer.step()
+        return loss.detach() * comm.world  # this rank's mean loss, for the progress line
 
     # the settings come first: a checkpoint of a probe with other settings is refused before anything loads
     settings = RunIdentity({key: getattr(lin, key) for key in ("epochs", "lr", "batch_size", "weight_decay",
                                                                "momentum", "aug_views", "seed")})
     finished = run_epochs(order, lin.epochs, comm, step, saver,
-                          {"settings": settings, "head": head, "optimizer": optimizer})
+                          {"settings": settings, "head": head, "optimizer": optimizer}, report, "linear probe")
     return head.eval() if finished else None
 
 
 def linear_eval(cfg: Config, model: nn.Module, comm: Comm, train_split: tuple, test_split: tuple,
-                root: Path | None = None) -> dict[str, float]:
+                root: Path | None = None, report: Reporter = SILENT) -> dict[str, float]:
     """linear_top1 / linear_top5 (0..1) on the test split; the same on every rank. With `root`, committed
-    evaluation checkpoints go there and a stopped probe returns {"preempted_at_step": n}."""
+    evaluation checkpoints go there and a stopped probe returns {"preempted_at_step": n}. `report` tells the
+    feature passes and the probe's steps."""
     start = time.perf_counter()
     (train_images, train_labels), (test_images, test_labels) = train_split, test_split
-    train_feats = split_features(cfg, model, train_images, comm, cfg.eval.linear.aug_views)
-    test_feats = split_features(cfg, model, test_images, comm)[0]
+    train_feats = split_features(cfg, model, train_images, comm, cfg.eval.linear.aug_views, report,
+                                 "linear features train")
+    test_feats = split_features(cfg, model, test_images, comm, report=report, label="linear features test")[0]
     features_s = time.perf_counter() - start
     saver = None if root is None else EvalCheckpoints(root, comm, cfg.eval.checkpoint_every_steps,
                                                       cfg.eval.stop_at_step)
     try:
-        head = fit_head_world(train_feats, train_labels, num_classes(cfg.data), cfg, comm, saver)
+        head = fit_head_world(train_feats, train_labels, num_classes(cfg.data), cfg, comm, saver, report)
         if head is None:
             if comm.is_main:
                 saver.boundary.hand_over()  # under SLURM: submitit's checkpoint() + requeue
