@@ -158,8 +158,7 @@ def test_topk_accuracy_by_hand():
 
 
 def _head_top1(x, y, xt, yt, **linear):
-    cfg = OmegaConf.create({"eval": {"linear": {"epochs": 20, "lr": 0.1, "batch_size": 256, "weight_decay": 0.0,
-                                                "momentum": 0.9, "aug_views": 0, "seed": 0, **linear}}})
+    cfg = _cfg(linear={"epochs": 20, "lr": 0.1, "batch_size": 256, **linear})
     head = fit_head_world(x if x.ndim == 3 else x.unsqueeze(0), y, 5, cfg, Comm())
     return topk_accuracy(head(xt).detach(), yt)
 
@@ -189,6 +188,40 @@ def test_linear_probe_on_a_model_reads_config_and_is_deterministic():
     with_views = _linear(OmegaConf.merge(cfg, {"eval": {"linear": {"aug_views": 1, "epochs": 2}}}), model)
     assert 0.0 <= with_views["linear_top1"] <= 1.0
     assert with_views["linear_head_digest"] != a["linear_head_digest"]
+
+
+ONLINE = {"mode": "online", "epochs": 3, "batch_size": 64, "lr": 1.0, "schedule": "step", "milestones": [1, 2],
+          "gamma": 0.1, "crop_scale": [0.08, 1.0]}
+
+
+def test_online_probe_crops_through_the_backbone_every_step_and_resumes_bit_for_bit(tmp_path):
+    """The authors' protocol at a tiny size (16 px, 3 epochs, lr steps at epochs 1 and 2): every step's crops go
+    through the frozen backbone (nothing precomputed), and a probe stopped at step 4 resumes to the same head."""
+    cfg = _cfg(linear=ONLINE)
+    model = _model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    model.backbone.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    whole = _linear(cfg, model)
+    assert seen == [64] * 9 + [100]  # 3 epochs of 3 global batches of 64 crops, then the test split once
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # frozen, BN statistics too
+    features_mode = _linear(OmegaConf.merge(cfg, {"eval": {"linear": {"mode": "features"}}}), model)
+    assert features_mode["linear_head_digest"] != whole["linear_head_digest"]
+    stopping = OmegaConf.merge(cfg, {"eval": {"stop_at_step": 4, "checkpoint_every_steps": 2}})
+    root = tmp_path / "eval"
+    assert linear_eval(stopping, model, Comm(), *_splits(cfg), root=root) == {"preempted_at_step": 4}
+    assert sorted(p.name for p in root.iterdir()) == ["step_2", "step_4"]
+    resumed = linear_eval(cfg, model, Comm(), *_splits(cfg), root=root)
+    assert resumed["linear_head_digest"] == whole["linear_head_digest"]
+    assert resumed["linear_top1"] == whole["linear_top1"]
+
+
+def test_step_schedule_drops_the_lr_at_each_milestone():
+    from invprop.eval.linear_world import lr_schedule
+
+    lin = OmegaConf.create({"schedule": "step", "milestones": [50, 80, 100], "gamma": 0.1})
+    assert [lr_schedule(lin, e, 0, 1) for e in (0, 49.9, 50, 80, 99, 100, 119)] == pytest.approx(
+        [1, 1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
 # -- label subsets ------------------------------------------------------------------------------------------
@@ -338,11 +371,11 @@ def test_each_protocol_reports_its_passes_and_epochs_without_changing_its_result
         "knn features test img 100/100 100.0%  ? img/s  done in 0s",
         "knn features train img 200/200 100.0%  ? img/s  done in 0s",
         "linear features train img 200/200 100.0%  ? img/s  done in 0s",
-        "linear features test img 100/100 100.0%  ? img/s  done in 0s",
         # 200 images in global batches of 64: 3 steps per epoch (the partial batch dropped)
         "linear probe step 3/9 (epoch 1/3) 33.3%  ? step/s  ETA ?  loss L",
         "linear probe step 6/9 (epoch 2/3) 66.7%  ? step/s  ETA ?  loss L",
         "linear probe step 9/9 (epoch 3/3) 100.0%  ? step/s  done in 0s  loss L",
+        "linear features test img 100/100 100.0%  ? img/s  done in 0s",
         # 40 labels (10 per class) in batches of 16: 2 steps per epoch (the partial batch dropped)
         "semisup 20pct step 2/4 (epoch 1/2) 50.0%  ? step/s  ETA ?  loss L",
         "semisup 20pct step 4/4 (epoch 2/2) 100.0%  ? step/s  done in 0s  loss L",

@@ -89,19 +89,30 @@ class BankConfig:
 
 @dataclass
 class LinearProbeConfig:
+    mode: str  # features: precomputed features (small data sets) | online: fresh crops through the backbone
     epochs: int
     lr: float
+    schedule: str  # cosine (to 0 over all steps) | step (x gamma at each of `milestones`, in epochs)
+    milestones: list[int]
+    gamma: float
     batch_size: int
     weight_decay: float
     momentum: float
-    aug_views: int
+    aug_views: int  # features mode: extra seeded cropped views, featured once
+    crop_scale: list[float]  # online mode: RandomResizedCrop's area range
     seed: int
 
     def validate(self) -> None:
+        check_choice(self.mode, "eval.linear.mode", ("features", "online"))
+        check_choice(self.schedule, "eval.linear.schedule", ("cosine", "step"))
         check_positive_int(self.epochs, "eval.linear.epochs")
         check_positive_int(self.batch_size, "eval.linear.batch_size")
         check_number(self.lr, "eval.linear.lr", 0, low_open=True)
+        check_number(self.gamma, "eval.linear.gamma", 0, low_open=True)
         check_int(self.aug_views, "eval.linear.aug_views", 0)
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"eval.linear.crop_scale={list(self.crop_scale)} must be [low, high] with "
+                              "0 < low <= high <= 1")
 
 
 @dataclass
