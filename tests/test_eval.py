@@ -22,7 +22,7 @@ from invprop.eval.features import embed
 from invprop.eval.knn import knn_predict, knn_top1
 from invprop.eval.knn_eval import evaluate_knn_world, pixel_vectors
 from invprop.eval.linear import topk_accuracy
-from invprop.eval.linear_world import fit_head_world, linear_eval
+from invprop.eval.linear_world import fit_head_world, held_out_rows, linear_eval
 from invprop.eval.semisup import FineTuneNet, finetune_optimizer, lr_factor, scaled_milestones
 from invprop.eval.semisup_world import finetune_world, semisup_world
 from invprop.eval.subsets import (
@@ -158,7 +158,7 @@ def test_topk_accuracy_by_hand():
 
 
 def _head_top1(x, y, xt, yt, **linear):
-    cfg = _cfg(linear={"epochs": 20, "lr": 0.1, "batch_size": 256, **linear})
+    cfg = _cfg(linear={"epochs": 20, "lrs": [0.1], "batch_size": 256, **linear})
     head = fit_head_world(x if x.ndim == 3 else x.unsqueeze(0), y, 5, cfg, Comm())
     return topk_accuracy(head(xt).detach(), yt)
 
@@ -177,7 +177,7 @@ def test_linear_probe_separates_separable_features_and_not_shuffled_labels():
 
 
 def test_linear_probe_on_a_model_reads_config_and_is_deterministic():
-    cfg = _cfg(linear={"epochs": 3, "batch_size": 64, "lr": 0.1})
+    cfg = _cfg(linear={"epochs": 3, "batch_size": 64, "lrs": [0.1], "val_fraction": 0.0})
     model = _model(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     a, b = _linear(cfg, model), _linear(cfg, model)
@@ -190,7 +190,8 @@ def test_linear_probe_on_a_model_reads_config_and_is_deterministic():
     assert with_views["linear_head_digest"] != a["linear_head_digest"]
 
 
-ONLINE = {"mode": "online", "epochs": 3, "batch_size": 64, "lr": 1.0, "schedule": "step", "milestones": [1, 2],
+ONLINE = {"mode": "online", "epochs": 3, "batch_size": 64, "lrs": [1.0], "val_fraction": 0.0,
+          "schedule": "step", "milestones": [1, 2],
           "gamma": 0.1, "crop_scale": [0.08, 1.0]}
 
 
@@ -214,6 +215,43 @@ def test_online_probe_crops_through_the_backbone_every_step_and_resumes_bit_for_
     resumed = linear_eval(cfg, model, Comm(), *_splits(cfg), root=root)
     assert resumed["linear_head_digest"] == whole["linear_head_digest"]
     assert resumed["linear_top1"] == whole["linear_top1"]
+
+
+def test_held_out_rows_are_class_balanced_seeded_and_disjoint():
+    labels = torch.cat([torch.full((300,), 0), torch.full((100,), 1)])[torch.randperm(400)]
+    rows, held = held_out_rows(labels, 0.1, seed=3)
+    assert torch.bincount(labels[held], minlength=2).tolist() == [30, 10]
+    assert sorted(rows.tolist() + held.tolist()) == list(range(400))
+    assert torch.equal(held, held_out_rows(labels, 0.1, seed=3)[1])
+    assert not torch.equal(held, held_out_rows(labels, 0.1, seed=4)[1])
+    assert held_out_rows(labels, 0.0, seed=3)[1].numel() == 0
+
+
+def test_lr_grid_chooses_on_held_out_training_images_before_the_test_split_is_read():
+    cfg = _cfg(linear={"epochs": 3, "batch_size": 64, "lrs": [1e-4, 0.3, 0.03], "val_fraction": 0.2})
+    model = _model(cfg)
+    told = io.StringIO()
+    report = Reporter(console=Console(file=told, force_terminal=False, width=200), clock=lambda: 0.0)
+    train, test = _splits(cfg)
+    asked = []
+
+    def load_test():
+        asked.append(told.getvalue())  # what had been told when the test split was asked for
+        return test
+
+    grid = linear_eval(cfg, model, Comm(), train, load_test, report=report)
+    assert len(asked) == 1 and f"linear lr {grid['linear_lr']:g} chosen on" in asked[0]
+    assert "linear features test" not in asked[0]
+    by_lr = grid["linear_val_top1_by_lr"]
+    assert set(by_lr) == {"0.0001", "0.3", "0.03"}
+    assert grid["linear_lr"] == max([1e-4, 0.3, 0.03], key=lambda lr: by_lr[f"{lr:g}"])
+    assert by_lr["0.0001"] < by_lr[f"{grid['linear_lr']:g}"]  # the grid has a worse head to pass over
+    assert grid["linear_val_images"] == sum(round(0.2 * n) for n in torch.bincount(train[1]).tolist())
+    # the chosen head is the very head a run with that lr alone trains (same init, rows and order)
+    alone = linear_eval(OmegaConf.merge(cfg, {"eval": {"linear": {"lrs": [grid["linear_lr"]]}}}), model, Comm(),
+                        train, test)
+    for key in ("linear_head_digest", "linear_top1", "linear_val_top1"):
+        assert alone[key] == grid[key], key
 
 
 def test_step_schedule_drops_the_lr_at_each_milestone():
@@ -356,7 +394,7 @@ def test_each_protocol_reports_its_passes_and_epochs_without_changing_its_result
     """Plain lines (no terminal) for kNN's feature passes, the probe's features and steps, the fine-tune's
     steps and test pass, all on the world functions (one rank); a still clock, so every line is its loop's last
     (or an epoch's end)."""
-    cfg = _cfg(linear={"epochs": 3, "batch_size": 64, "lr": 0.1},
+    cfg = _cfg(linear={"epochs": 3, "batch_size": 64, "lrs": [0.1], "val_fraction": 0.0},
                semisup={"epochs": 2, "batch_size": 16, "fractions": [0.2], "augment": "none"})
     model = _model(cfg)
     out = io.StringIO()
@@ -375,6 +413,7 @@ def test_each_protocol_reports_its_passes_and_epochs_without_changing_its_result
         "linear probe step 3/9 (epoch 1/3) 33.3%  ? step/s  ETA ?  loss L",
         "linear probe step 6/9 (epoch 2/3) 66.7%  ? step/s  ETA ?  loss L",
         "linear probe step 9/9 (epoch 3/3) 100.0%  ? step/s  done in 0s  loss L",
+        "linear lr 0.1 chosen",
         "linear features test img 100/100 100.0%  ? img/s  done in 0s",
         # 40 labels (10 per class) in batches of 16: 2 steps per epoch (the partial batch dropped)
         "semisup 20pct step 2/4 (epoch 1/2) 50.0%  ? step/s  ETA ?  loss L",

@@ -57,7 +57,8 @@ def _set_eval(run: Path, **values) -> None:
     OmegaConf.save(cfg, run / "config.yaml")
 
 
-LINEAR = {"linear.epochs": 4, "linear.batch_size": 64, "linear.lr": 0.5, "linear.aug_views": 1,
+LINEAR = {"linear.epochs": 4, "linear.batch_size": 64, "linear.lrs": [0.5], "linear.val_fraction": 0.0,
+          "linear.aug_views": 1,
           "checkpoint_every_steps": 0, "stop_at_step": None}
 
 
@@ -79,8 +80,8 @@ def test_linear_probe_stopped_and_resumed_equals_uninterrupted_and_four_ranks_ag
     # other settings never resume a stopped probe's checkpoint
     _set_eval(trained_run, stop_at_step=3)
     assert evaluate_run(trained_run, "linear") == {"preempted_at_step": 3}
-    _set_eval(trained_run, stop_at_step=None, **{"linear.lr": 0.25})
-    with pytest.raises(ValueError, match="lr: checkpoint 0.5 vs run 0.25"):
+    _set_eval(trained_run, stop_at_step=None, **{"linear.lrs": [0.25]})
+    with pytest.raises(ValueError, match=r"lrs: checkpoint \[0.5\] vs run \[0.25\]"):
         evaluate_run(trained_run, "linear")
     _set_eval(trained_run, **LINEAR)
     shutil.rmtree(trained_run / "eval")

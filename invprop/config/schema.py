@@ -91,7 +91,8 @@ class BankConfig:
 class LinearProbeConfig:
     mode: str  # features: precomputed features (small data sets) | online: fresh crops through the backbone
     epochs: int
-    lr: float
+    lrs: list[float]  # one head per lr, trained side by side; the best on the held-out rows is reported
+    val_fraction: float  # of each class of the TRAINING split, held out to choose the lr (0: lrs has one)
     schedule: str  # cosine (to 0 over all steps) | step (x gamma at each of `milestones`, in epochs)
     milestones: list[int]
     gamma: float
@@ -107,7 +108,14 @@ class LinearProbeConfig:
         check_choice(self.schedule, "eval.linear.schedule", ("cosine", "step"))
         check_positive_int(self.epochs, "eval.linear.epochs")
         check_positive_int(self.batch_size, "eval.linear.batch_size")
-        check_number(self.lr, "eval.linear.lr", 0, low_open=True)
+        if not self.lrs:
+            raise ConfigError("eval.linear.lrs is empty; give at least one learning rate, e.g. [0.1]")
+        for lr in self.lrs:
+            check_number(lr, "eval.linear.lrs", 0, low_open=True)
+        check_number(self.val_fraction, "eval.linear.val_fraction", 0, 1, high_open=True)
+        if self.val_fraction == 0 and len(self.lrs) > 1:
+            raise ConfigError(f"eval.linear.lrs={list(self.lrs)} needs held-out training images to choose among "
+                              "them; set eval.linear.val_fraction > 0 (e.g. 0.1) or give one lr")
         check_number(self.gamma, "eval.linear.gamma", 0, low_open=True)
         check_int(self.aug_views, "eval.linear.aug_views", 0)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:

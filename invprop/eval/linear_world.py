@@ -8,7 +8,9 @@ Two modes (eval.linear.mode):
 - ``online`` (the authors' ImageNet protocol): every step crops its images afresh (RandomResizedCrop at the
   evaluation size, scale eval.linear.crop_scale, horizontal flip; seeded by (seed, epoch, image)) and runs
   them through the frozen backbone in eval mode, so each epoch sees new views.
-The test split is scored in shards (each rank its part, counts summed).
+One head per learning rate of eval.linear.lrs trains side by side on the same features (one backbone pass
+feeds them all); the best is chosen on a seeded, class-balanced held-out part of the TRAINING split
+(eval.linear.val_fraction), and only then is the test split read and scored, in shards (counts summed).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from rich import get_console
 from torch import nn
 
 from invprop.collectives import Comm
@@ -33,8 +36,8 @@ from invprop.eval.world import EvalCheckpoints, GlobalBatchNorm1d, gather_shards
 from invprop.progress import SILENT, Reporter
 from invprop.state import RunIdentity
 
-SETTINGS = ("mode", "epochs", "lr", "schedule", "milestones", "gamma", "batch_size", "weight_decay", "momentum",
-            "aug_views", "crop_scale", "seed")
+SETTINGS = ("mode", "epochs", "lrs", "val_fraction", "schedule", "milestones", "gamma", "batch_size",
+            "weight_decay", "momentum", "aug_views", "crop_scale", "seed")
 
 
 class WorldLinearClassifier(nn.Module):
@@ -147,9 +150,10 @@ def _plain(value: object) -> object:
 def fit_head_world(train_feats: torch.Tensor, train_labels: torch.Tensor, n_classes: int, cfg: Config,
                    comm: Comm, saver: EvalCheckpoints | None = None,
                    report: Reporter = SILENT) -> WorldLinearClassifier | None:
-    """The features-mode head at eval.linear.lr on (V, N, D) features (each epoch one seeded view per sample)."""
+    """The features-mode head at the first of eval.linear.lrs on (V, N, D) features (each epoch one seeded view
+    per sample), trained on every row."""
     grid = fit_heads(feature_batches(train_feats, cfg), train_feats.shape[2], train_feats.shape[1], train_labels,
-                     n_classes, cfg, comm, [cfg.eval.linear.lr], saver, report)
+                     n_classes, cfg, comm, [cfg.eval.linear.lrs[0]], saver, report)
     return None if grid is None else grid.heads[0]
 
 
@@ -184,6 +188,21 @@ def online_batches(cfg: Config, model: nn.Module, images, comm: Comm) -> BatchFe
     return crop_and_feature
 
 
+def held_out_rows(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training rows, held-out rows), both sorted: round(fraction x n_c) rows of each class c held out, chosen
+    by a generator seeded from (seed, class), so the split depends only on the seed and the labels."""
+    labels = labels.cpu().to(torch.int64)
+    held = []
+    for c in torch.unique(labels).tolist():
+        members = (labels == c).nonzero().squeeze(1)
+        gen = torch.Generator().manual_seed(derive_seed(seed, 0x7A11D, c))
+        held.append(members[torch.randperm(members.numel(), generator=gen)[: round(fraction * members.numel())]])
+    out = torch.cat(held).sort().values if held else torch.empty(0, dtype=torch.int64)
+    keep = torch.ones(labels.numel(), dtype=torch.bool)
+    keep[out] = False
+    return keep.nonzero().squeeze(1), out
+
+
 def score_heads(grid: HeadGrid, cfg: Config, model: nn.Module, images, labels: torch.Tensor, comm: Comm,
                 report: Reporter = SILENT, label: str = "linear features test") -> torch.Tensor:
     """(H, 2) top-1 / top-5 fractions of each head on a split, each rank featuring and scoring its shard."""
@@ -210,14 +229,19 @@ def count_hits(grid: HeadGrid, feats: torch.Tensor, labels: torch.Tensor, comm: 
     return hits
 
 
-def linear_eval(cfg: Config, model: nn.Module, comm: Comm, train_split: tuple, test_split: tuple,
-                root: Path | None = None, report: Reporter = SILENT) -> dict[str, float]:
-    """linear_top1 / linear_top5 (0..1) on the test split; the same on every rank. With `root`, committed
-    evaluation checkpoints go there and a stopped probe returns {"preempted_at_step": n}. `report` tells the
-    feature passes and the probe's steps."""
+def linear_eval(cfg: Config, model: nn.Module, comm: Comm, train_split: tuple,
+                test_split: tuple | Callable[[], tuple], root: Path | None = None,
+                report: Reporter = SILENT) -> dict:
+    """linear_top1 / linear_top5 (0..1) on the test split of the head whose lr (linear_lr) scored best on the
+    held-out training rows (linear_val_top1, and linear_val_top1_by_lr for each lr); the same on every rank.
+    `test_split` may be a loader, called only once the head is chosen. With `root`, committed evaluation
+    checkpoints go there and a stopped probe returns {"preempted_at_step": n}. `report` tells the feature
+    passes, the probe's steps and the choice."""
     start = time.perf_counter()
     lin = cfg.eval.linear
+    lrs = [float(lr) for lr in lin.lrs]
     train_images, train_labels = train_split
+    rows, held = held_out_rows(train_labels, lin.val_fraction, lin.seed)
     if lin.mode == "online":
         dim = model.feature_dim
         batches = online_batches(cfg, model, train_images, comm)
@@ -229,7 +253,7 @@ def linear_eval(cfg: Config, model: nn.Module, comm: Comm, train_split: tuple, t
                                                       cfg.eval.stop_at_step)
     try:
         grid = fit_heads(batches, dim, len(train_labels), train_labels, num_classes(cfg.data), cfg, comm,
-                         [lin.lr], saver, report)
+                         lrs, saver, report, rows)
         if grid is None:
             if comm.is_main:
                 saver.boundary.hand_over()  # under SLURM: submitit's checkpoint() + requeue
@@ -237,8 +261,33 @@ def linear_eval(cfg: Config, model: nn.Module, comm: Comm, train_split: tuple, t
     finally:
         if saver is not None:
             saver.close()
-    test_images, test_labels = test_split
+    results: dict = {"linear_features_s": features_s}
+    best = 0
+    if len(held):
+        if lin.mode == "online":
+            val = score_heads(grid, cfg, model, train_images[held], train_labels[held], comm, report,
+                              "linear features held-out")
+        else:
+            lo, hi = shard_bounds(len(held), comm.rank, comm.world)
+            val = count_hits(grid, train_feats[0, held[lo:hi].to(train_feats.device)], train_labels[held[lo:hi]],
+                             comm) / len(held)
+        best = int(val[:, 0].argmax())  # the first of equals: lrs are tried in the order given
+        results.update(linear_val_top1=val[best, 0].item(), linear_val_images=len(held),
+                       linear_val_top1_by_lr={f"{lr:g}": v for lr, v in zip(lrs, val[:, 0].tolist(), strict=True)})
+    results["linear_lr"] = lrs[best]
+    _tell(report, f"linear lr {lrs[best]:g} chosen" + (f" on {len(held)} held-out training images (top-1 "
+                                                        f"{results['linear_val_top1']:.4f})" if len(held) else ""))
+    # the test split is read only now that the head is chosen
+    test_images, test_labels = test_split() if callable(test_split) else test_split
+    grid.heads = nn.ModuleList([grid.heads[best]])
     top1, top5 = score_heads(grid, cfg, model, test_images, test_labels, comm, report)[0].tolist()
-    return {"linear_top1": top1, "linear_top5": top5,
-            "linear_head_digest": state_digest(grid.heads[0].state_dict(), torch.empty(0), None),
-            "linear_features_s": features_s, "linear_eval_s": time.perf_counter() - start}
+    results.update(linear_top1=top1, linear_top5=top5,
+                   linear_head_digest=state_digest(grid.heads[0].state_dict(), torch.empty(0), None),
+                   linear_eval_s=time.perf_counter() - start)
+    return results
+
+
+def _tell(report: Reporter, text: str) -> None:
+    """One line from the main rank (plain, whatever the console)."""
+    if report.enabled:
+        (report.console or get_console()).print(text, soft_wrap=True, markup=False, highlight=False)

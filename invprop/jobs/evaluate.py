@@ -75,7 +75,8 @@ def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None,
         results = evaluate_knn_world(cfg, model, bank, train_split, load_split(cfg.data, eval_split(cfg.data)),
                                      report)
     elif protocol == "linear":
-        results = linear_eval(cfg, model, comm, train_split, load_split(cfg.data, eval_split(cfg.data)),
+        # the test split is loaded only once the probe has chosen its lr (on held-out training images)
+        results = linear_eval(cfg, model, comm, train_split, lambda: load_split(cfg.data, eval_split(cfg.data)),
                               root=eval_root(run_dir, protocol, latest), report=report)
     else:
         results = semisup_world(cfg, model, comm, run_dir, train_split, load_split(cfg.data, eval_split(cfg.data)),
