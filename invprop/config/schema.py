@@ -171,8 +171,19 @@ class EvalConfig:
     gpus: int | None
     checkpoint_every_steps: int  # linear / semisup: a committed evaluation checkpoint every n steps (0 = off)
     stop_at_step: int | None  # linear / semisup: stop as if preempted at this step (drills and tests)
+    # {protocol: minutes per SLURM job, or null for cluster.eval_timeout_min}. Any: a mapping with null values
+    timeout_min: Any
 
     def validate(self) -> None:
+        limits = self.timeout_min
+        if limits is not None:
+            if not isinstance(limits, dict):
+                raise ConfigError(f"eval.timeout_min={limits!r} must be a mapping {{protocol: minutes or null}}, "
+                                  "e.g. {linear: 720}")
+            for protocol, minutes in limits.items():
+                check_choice(protocol, "eval.timeout_min", EVAL_PROTOCOLS)
+                if minutes is not None:
+                    check_positive_int(minutes, f"eval.timeout_min.{protocol}", " (minutes) or null")
         if self.nodes is not None:
             check_positive_int(self.nodes, "eval.nodes", " (machines the evaluation runs on) or null")
         if self.gpus is not None:
