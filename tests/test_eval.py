@@ -16,19 +16,15 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from invprop.bank import ShardedBank
+from invprop.collectives import Comm
 from invprop.data import load_split
 from invprop.eval.features import embed
 from invprop.eval.knn import knn_predict, knn_top1
-from invprop.eval.knn_eval import evaluate_knn, pixel_vectors
-from invprop.eval.linear import linear_probe, topk_accuracy, train_linear_head
-from invprop.eval.semisup import (
-    FineTuneNet,
-    finetune_optimizer,
-    finetune_subset,
-    lr_factor,
-    scaled_milestones,
-    semisup_eval,
-)
+from invprop.eval.knn_eval import evaluate_knn_world, pixel_vectors
+from invprop.eval.linear import topk_accuracy
+from invprop.eval.linear_world import fit_head_world, held_out_rows, linear_eval
+from invprop.eval.semisup import FineTuneNet, finetune_optimizer, lr_factor, scaled_milestones
+from invprop.eval.semisup_world import finetune_world, semisup_world
 from invprop.eval.subsets import (
     balanced_subset,
     fraction_tag,
@@ -58,6 +54,24 @@ def _cfg(**eval_sections):
 def _model(cfg, seed=0):
     torch.manual_seed(seed)
     return build_model(cfg.model)
+
+
+def _splits(cfg):
+    return load_split(cfg.data, "train"), load_split(cfg.data, "test")
+
+
+def _knn(cfg, model, bank, report=None):
+    """The world kNN on one rank (Comm()): the bank holds every row."""
+    train, test = _splits(cfg)
+    return evaluate_knn_world(cfg, model, bank, train, test, **({"report": report} if report else {}))
+
+
+def _linear(cfg, model, report=None):
+    return linear_eval(cfg, model, Comm(), *_splits(cfg), **({"report": report} if report else {}))
+
+
+def _semisup(cfg, model, run_dir, report=None):
+    return semisup_world(cfg, model, Comm(), run_dir, *_splits(cfg), **({"report": report} if report else {}))
 
 
 # -- weighted kNN -------------------------------------------------------------------------------------------
@@ -94,10 +108,10 @@ def test_bank_knn_equals_recomputed_knn_when_the_bank_holds_the_features():
     images, labels = load_split(cfg.data, "train")
     bank = ShardedBank(len(labels), 16)
     bank.rows = embed(model, images, cfg.data, CPU, 256)
-    out = evaluate_knn(cfg, model, bank, images, labels, CPU)
+    out = _knn(cfg, model, bank)
     assert out["knn_top1"] == out["knn_bank_top1"]
     bank.rows = torch.nn.functional.normalize(torch.randn_like(bank.rows), dim=1)  # the check can fail
-    assert evaluate_knn(cfg, model, bank, images, labels, CPU)["knn_bank_top1"] != out["knn_top1"]
+    assert _knn(cfg, model, bank)["knn_bank_top1"] != out["knn_top1"]
 
 
 def test_backbone_knn_uses_the_pooled_features_not_the_head():
@@ -106,18 +120,25 @@ def test_backbone_knn_uses_the_pooled_features_not_the_head():
     images, labels = load_split(cfg.data, "train")
     test_images, test_labels = load_split(cfg.data, "test")
     bank = ShardedBank(len(labels), 16)
-    out = evaluate_knn(cfg, model, bank, images, labels, CPU)
+    out = _knn(cfg, model, bank)
 
     def pooled(x):
         return torch.nn.functional.normalize(embed(model, x, cfg.data, CPU, 256, pooled=True), dim=1)
 
-    k, sigma = int(cfg.eval.knn_k), float(cfg.eval.knn_sigma)
-    expected = knn_top1(pooled(test_images), test_labels, pooled(images), labels, 4, k, sigma)
+    k, sigma = cfg.eval.knn_k, cfg.eval.knn_sigma
+
+    def reference(queries, refs):  # single-process votes over every reference: the exact figure
+        return (knn_predict(queries, refs, labels, 4, k, sigma).argmax(1) == test_labels).sum().item() / 100
+
+    expected = reference(pooled(test_images), pooled(images))
     assert out["knn_backbone_top1"] == expected
+    # and the head's embeddings
+    assert out["knn_top1"] == reference(embed(model, test_images, cfg.data, CPU, 256),
+                                        embed(model, images, cfg.data, CPU, 256))
     with torch.no_grad():  # a different backbone gives a different figure, while the head-only score is kept
         for p in model.backbone.parameters():
             p.add_(torch.randn_like(p))
-    assert evaluate_knn(cfg, model, bank, images, labels, CPU)["knn_backbone_top1"] != expected
+    assert _knn(cfg, model, bank)["knn_backbone_top1"] != expected
 
 
 # -- linear probe -------------------------------------------------------------------------------------------
@@ -136,32 +157,109 @@ def test_topk_accuracy_by_hand():
     assert topk_accuracy(logits, torch.tensor([1, 0]), (1, 5)) == [0.0, 1.0]  # k capped at C
 
 
+def _head_top1(x, y, xt, yt, **linear):
+    cfg = _cfg(linear={"epochs": 20, "lrs": [0.1], "batch_size": 256, **linear})
+    head = fit_head_world(x if x.ndim == 3 else x.unsqueeze(0), y, 5, cfg, Comm())
+    return topk_accuracy(head(xt).detach(), yt)
+
+
 def test_linear_probe_separates_separable_features_and_not_shuffled_labels():
     x, y = _separable(2000)
     xt, yt = _separable(1000, seed=1)
-    out = train_linear_head(x, y, xt, yt, 5, epochs=20, lr=0.1, batch_size=256)
-    assert out["linear_top1"] > 0.93 and out["linear_top5"] == 1.0
+    top1, top5 = _head_top1(x, y, xt, yt)
+    assert top1 > 0.93 and top5 == 1.0
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
-    chance = train_linear_head(x, shuffled, xt, yt, 5, epochs=20, lr=0.1, batch_size=256)
     majority = torch.bincount(yt, minlength=5).max().item() / len(yt)
-    assert chance["linear_top1"] < majority + 0.06
+    assert _head_top1(x, shuffled, xt, yt)[0] < majority + 0.06
     # Views (V, N, D): a second, noisy copy of the features still trains.
     views = torch.stack([x, x + 0.1 * torch.randn_like(x)])
-    assert train_linear_head(views, y, xt, yt, 5, epochs=20, lr=0.1, batch_size=256)["linear_top1"] > 0.9
+    assert _head_top1(views, y, xt, yt)[0] > 0.9
 
 
 def test_linear_probe_on_a_model_reads_config_and_is_deterministic():
-    cfg = _cfg(linear={"epochs": 3, "batch_size": 64, "lr": 0.1})
+    cfg = _cfg(linear={"epochs": 3, "batch_size": 64, "lrs": [0.1], "val_fraction": 0.0})
     model = _model(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    a = linear_probe(cfg, model, CPU)
-    b = linear_probe(cfg, model, CPU)
+    a, b = _linear(cfg, model), _linear(cfg, model)
     assert set(a) >= {"linear_top1", "linear_top5", "linear_eval_s"}
     assert 0.0 <= a["linear_top1"] <= a["linear_top5"] <= 1.0
-    assert a["linear_top1"] == b["linear_top1"]
+    assert a["linear_top1"] == b["linear_top1"] and a["linear_head_digest"] == b["linear_head_digest"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # frozen backbone
-    with_views = linear_probe(cfg, model, CPU, aug_views=1, epochs=2)
+    with_views = _linear(OmegaConf.merge(cfg, {"eval": {"linear": {"aug_views": 1, "epochs": 2}}}), model)
     assert 0.0 <= with_views["linear_top1"] <= 1.0
+    assert with_views["linear_head_digest"] != a["linear_head_digest"]
+
+
+ONLINE = {"mode": "online", "epochs": 3, "batch_size": 64, "lrs": [1.0], "val_fraction": 0.0,
+          "schedule": "step", "milestones": [1, 2],
+          "gamma": 0.1, "crop_scale": [0.08, 1.0]}
+
+
+def test_online_probe_crops_through_the_backbone_every_step_and_resumes_bit_for_bit(tmp_path):
+    """The authors' protocol at a tiny size (16 px, 3 epochs, lr steps at epochs 1 and 2): every step's crops go
+    through the frozen backbone (nothing precomputed), and a probe stopped at step 4 resumes to the same head."""
+    cfg = _cfg(linear=ONLINE)
+    model = _model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    model.backbone.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    whole = _linear(cfg, model)
+    assert seen == [64] * 9 + [100]  # 3 epochs of 3 global batches of 64 crops, then the test split once
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # frozen, BN statistics too
+    features_mode = _linear(OmegaConf.merge(cfg, {"eval": {"linear": {"mode": "features"}}}), model)
+    assert features_mode["linear_head_digest"] != whole["linear_head_digest"]
+    stopping = OmegaConf.merge(cfg, {"eval": {"stop_at_step": 4, "checkpoint_every_steps": 2}})
+    root = tmp_path / "eval"
+    assert linear_eval(stopping, model, Comm(), *_splits(cfg), root=root) == {"preempted_at_step": 4}
+    assert sorted(p.name for p in root.iterdir()) == ["step_2", "step_4"]
+    resumed = linear_eval(cfg, model, Comm(), *_splits(cfg), root=root)
+    assert resumed["linear_head_digest"] == whole["linear_head_digest"]
+    assert resumed["linear_top1"] == whole["linear_top1"]
+
+
+def test_held_out_rows_are_class_balanced_seeded_and_disjoint():
+    labels = torch.cat([torch.full((300,), 0), torch.full((100,), 1)])[torch.randperm(400)]
+    rows, held = held_out_rows(labels, 0.1, seed=3)
+    assert torch.bincount(labels[held], minlength=2).tolist() == [30, 10]
+    assert sorted(rows.tolist() + held.tolist()) == list(range(400))
+    assert torch.equal(held, held_out_rows(labels, 0.1, seed=3)[1])
+    assert not torch.equal(held, held_out_rows(labels, 0.1, seed=4)[1])
+    assert held_out_rows(labels, 0.0, seed=3)[1].numel() == 0
+
+
+def test_lr_grid_chooses_on_held_out_training_images_before_the_test_split_is_read():
+    cfg = _cfg(linear={"epochs": 3, "batch_size": 64, "lrs": [1e-4, 0.3, 0.03], "val_fraction": 0.2})
+    model = _model(cfg)
+    told = io.StringIO()
+    report = Reporter(console=Console(file=told, force_terminal=False, width=200), clock=lambda: 0.0)
+    train, test = _splits(cfg)
+    asked = []
+
+    def load_test():
+        asked.append(told.getvalue())  # what had been told when the test split was asked for
+        return test
+
+    grid = linear_eval(cfg, model, Comm(), train, load_test, report=report)
+    assert len(asked) == 1 and f"linear lr {grid['linear_lr']:g} chosen on" in asked[0]
+    assert "linear features test" not in asked[0]
+    by_lr = grid["linear_val_top1_by_lr"]
+    assert set(by_lr) == {"0.0001", "0.3", "0.03"}
+    assert grid["linear_lr"] == max([1e-4, 0.3, 0.03], key=lambda lr: by_lr[f"{lr:g}"])
+    assert by_lr["0.0001"] < by_lr[f"{grid['linear_lr']:g}"]  # the grid has a worse head to pass over
+    assert grid["linear_val_images"] == sum(round(0.2 * n) for n in torch.bincount(train[1]).tolist())
+    # the chosen head is the very head a run with that lr alone trains (same init, rows and order)
+    alone = linear_eval(OmegaConf.merge(cfg, {"eval": {"linear": {"lrs": [grid["linear_lr"]]}}}), model, Comm(),
+                        train, test)
+    for key in ("linear_head_digest", "linear_top1", "linear_val_top1"):
+        assert alone[key] == grid[key], key
+
+
+def test_step_schedule_drops_the_lr_at_each_milestone():
+    from invprop.eval.linear_world import lr_schedule
+
+    lin = OmegaConf.create({"schedule": "step", "milestones": [50, 80, 100], "gamma": 0.1})
+    assert [lr_schedule(lin, e, 0, 1) for e in (0, 49.9, 50, 80, 99, 100, 119)] == pytest.approx(
+        [1, 1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
 # -- label subsets ------------------------------------------------------------------------------------------
@@ -229,7 +327,7 @@ def test_semisup_writes_and_reuses_subsets_and_leaves_the_model_alone(tmp_path):
     cfg = _cfg(semisup={"epochs": 1, "batch_size": 16, "fractions": [0.05, 0.2]})
     model = _model(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = semisup_eval(cfg, model, CPU, tmp_path)
+    out = _semisup(cfg, model, tmp_path)
     for tag, n in (("5pct", 8), ("20pct", 40)):  # 200 images, 4 classes: 2 and 10 per class
         assert 0.0 <= out[f"semisup_{tag}_top1"] <= out[f"semisup_{tag}_top5"] <= 1.0
         assert out[f"semisup_{tag}_labels"] == n
@@ -237,7 +335,8 @@ def test_semisup_writes_and_reuses_subsets_and_leaves_the_model_alone(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # A rerun trains on the list file as it is on disk.
     write_subset(subset_path(tmp_path, 0.05, 0), torch.arange(6))
-    again = finetune_subset(cfg, model, CPU, tmp_path, 0.05, augment="none")
+    cfg.eval.semisup.augment = "none"
+    again = finetune_world(cfg, model, Comm(), tmp_path, 0.05, *_splits(cfg))
     assert again["semisup_5pct_labels"] == 6
 
 
@@ -246,9 +345,10 @@ def test_semisup_finetuning_learns():
     cfg = _cfg()
     cfg.data.n_train = 128
     model = _model(cfg)
+    cfg = OmegaConf.merge(cfg, {"eval": {"semisup": {"epochs": 4, "milestones": [3], "milestones_epochs": 0,
+                                                     "batch_size": 16, "augment": "none", "lr": 0.05}}})
     with tempfile.TemporaryDirectory() as run_dir:
-        out = finetune_subset(cfg, model, CPU, run_dir, 1.0, epochs=4, milestones=[3], milestones_epochs=None,
-                              batch_size=16, augment="none", lr=0.05)
+        out = finetune_world(cfg, model, Comm(), run_dir, 1.0, *_splits(cfg))
     assert out["semisup_100pct_top1"] > 0.6
 
 
@@ -291,29 +391,32 @@ def test_pixel_vectors_drop_replicated_grey_and_find_exact_copies() -> None:
 
 
 def test_each_protocol_reports_its_passes_and_epochs_without_changing_its_results(tmp_path):
-    """Plain lines (no terminal) for kNN's feature passes, the probe's features and epochs, the fine-tune's
-    epochs and test pass; a still clock, so every line is its loop's last (or an epoch's end)."""
-    cfg = _cfg(linear={"epochs": 3, "batch_size": 64, "lr": 0.1},
+    """Plain lines (no terminal) for kNN's feature passes, the probe's features and steps, the fine-tune's
+    steps and test pass, all on the world functions (one rank); a still clock, so every line is its loop's last
+    (or an epoch's end)."""
+    cfg = _cfg(linear={"epochs": 3, "batch_size": 64, "lrs": [0.1], "val_fraction": 0.0},
                semisup={"epochs": 2, "batch_size": 16, "fractions": [0.2], "augment": "none"})
     model = _model(cfg)
     out = io.StringIO()
     report = Reporter(console=Console(file=out, force_terminal=False, width=200), clock=lambda: 0.0)
-    images, labels = load_split(cfg.data, "train")
-    bank = ShardedBank(len(labels), 16)
-    assert evaluate_knn(cfg, model, bank, images, labels, CPU, report=report)["knn_top1"] == evaluate_knn(
-        cfg, model, bank, images, labels, CPU)["knn_top1"]
-    assert linear_probe(cfg, model, CPU, report=report)["linear_top1"] == linear_probe(cfg, model, CPU)["linear_top1"]
-    told, silent = semisup_eval(cfg, model, CPU, tmp_path, report=report), semisup_eval(cfg, model, CPU, tmp_path)
-    assert told["semisup_20pct_top1"] == silent["semisup_20pct_top1"]
+    bank = ShardedBank(200, 16)
+    assert _knn(cfg, model, bank, report)["knn_top1"] == _knn(cfg, model, bank)["knn_top1"]
+    assert _linear(cfg, model, report)["linear_head_digest"] == _linear(cfg, model)["linear_head_digest"]
+    told, silent = _semisup(cfg, model, tmp_path, report), _semisup(cfg, model, tmp_path)
+    assert told["semisup_20pct_digest"] == silent["semisup_20pct_digest"]
     lines = [re.sub(r"loss \d+\.\d{4}$", "loss L", line) for line in out.getvalue().splitlines()]
     assert lines == [
         "knn features test img 100/100 100.0%  ? img/s  done in 0s",
         "knn features train img 200/200 100.0%  ? img/s  done in 0s",
         "linear features train img 200/200 100.0%  ? img/s  done in 0s",
+        # 200 images in global batches of 64: 3 steps per epoch (the partial batch dropped)
+        "linear probe step 3/9 (epoch 1/3) 33.3%  ? step/s  ETA ?  loss L",
+        "linear probe step 6/9 (epoch 2/3) 66.7%  ? step/s  ETA ?  loss L",
+        "linear probe step 9/9 (epoch 3/3) 100.0%  ? step/s  done in 0s  loss L",
+        "linear lr 0.1 chosen",
         "linear features test img 100/100 100.0%  ? img/s  done in 0s",
-        "linear probe epoch 3/3 100.0%  ? epoch/s  done in 0s  loss L",
-        # 40 labels (10 per class) in batches of 16: 3 steps per epoch, the last of 8
-        "semisup 20pct step 3/6 (epoch 1/2) 50.0%  ? step/s  ETA ?  loss L",
-        "semisup 20pct step 6/6 (epoch 2/2) 100.0%  ? step/s  done in 0s  loss L",
+        # 40 labels (10 per class) in batches of 16: 2 steps per epoch (the partial batch dropped)
+        "semisup 20pct step 2/4 (epoch 1/2) 50.0%  ? step/s  ETA ?  loss L",
+        "semisup 20pct step 4/4 (epoch 2/2) 100.0%  ? step/s  done in 0s  loss L",
         "semisup 20pct test img 100/100 100.0%  ? img/s  done in 0s",
     ]

@@ -57,7 +57,8 @@ def _set_eval(run: Path, **values) -> None:
     OmegaConf.save(cfg, run / "config.yaml")
 
 
-LINEAR = {"linear.epochs": 4, "linear.batch_size": 64, "linear.lr": 0.5, "linear.aug_views": 1,
+LINEAR = {"linear.epochs": 4, "linear.batch_size": 64, "linear.lrs": [0.5], "linear.val_fraction": 0.0,
+          "linear.aug_views": 1,
           "checkpoint_every_steps": 0, "stop_at_step": None}
 
 
@@ -79,8 +80,8 @@ def test_linear_probe_stopped_and_resumed_equals_uninterrupted_and_four_ranks_ag
     # other settings never resume a stopped probe's checkpoint
     _set_eval(trained_run, stop_at_step=3)
     assert evaluate_run(trained_run, "linear") == {"preempted_at_step": 3}
-    _set_eval(trained_run, stop_at_step=None, **{"linear.lr": 0.25})
-    with pytest.raises(ValueError, match="lr: checkpoint 0.5 vs run 0.25"):
+    _set_eval(trained_run, stop_at_step=None, **{"linear.lrs": [0.25]})
+    with pytest.raises(ValueError, match=r"lrs: checkpoint \[0.5\] vs run \[0.25\]"):
         evaluate_run(trained_run, "linear")
     _set_eval(trained_run, **LINEAR)
     shutil.rmtree(trained_run / "eval")
@@ -109,3 +110,26 @@ def test_semisup_stopped_and_resumed_equals_uninterrupted_and_four_ranks_agree(t
     four = _results(trained_run)
     assert four["eval_semisup_world_size"] == 4
     assert abs(four["semisup_10pct_top1"] - whole["semisup_10pct_top1"]) <= 0.001
+
+
+def test_spawned_evaluation_stopped_writes_stopped_json_and_a_rerun_resumes_it(trained_run: Path) -> None:
+    """eval.gpus=2 spawned ranks (evaluate_local, as cluster=local runs them), the online probe stopped by
+    eval.stop_at_step: stopped.json says where, and rerunning evaluate_local resumes to the uninterrupted head."""
+    from invprop.jobs.evaluate import evaluate_local
+
+    online = {**LINEAR, "linear.mode": "online", "linear.epochs": 2, "linear.schedule": "step",
+              "linear.milestones": [1], "gpus": 2}
+    _set_eval(trained_run, **online)
+    shutil.rmtree(trained_run / "eval", ignore_errors=True)
+    whole = evaluate_local(trained_run, "linear", timeout_s=300)
+    assert whole["eval_linear_world_size"] == 2
+    _set_eval(trained_run, stop_at_step=5, checkpoint_every_steps=0)
+    stopped = evaluate_local(trained_run, "linear", timeout_s=300)
+    assert stopped == {"preempted_at_step": 5}
+    assert json.loads((trained_run / "eval/linear/stopped.json").read_text()) == stopped
+    _set_eval(trained_run, stop_at_step=None)
+    resumed = evaluate_local(trained_run, "linear", timeout_s=300)
+    assert resumed["linear_head_digest"] == whole["linear_head_digest"]
+    assert resumed["linear_top1"] == whole["linear_top1"]
+    assert not (trained_run / "eval/linear").exists()
+    _set_eval(trained_run, gpus=None, **LINEAR)

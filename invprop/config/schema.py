@@ -89,19 +89,38 @@ class BankConfig:
 
 @dataclass
 class LinearProbeConfig:
+    mode: str  # features: precomputed features (small data sets) | online: fresh crops through the backbone
     epochs: int
-    lr: float
+    lrs: list[float]  # one head per lr, trained side by side; the best on the held-out rows is reported
+    val_fraction: float  # of each class of the TRAINING split, held out to choose the lr (0: lrs has one)
+    schedule: str  # cosine (to 0 over all steps) | step (x gamma at each of `milestones`, in epochs)
+    milestones: list[int]
+    gamma: float
     batch_size: int
     weight_decay: float
     momentum: float
-    aug_views: int
+    aug_views: int  # features mode: extra seeded cropped views, featured once
+    crop_scale: list[float]  # online mode: RandomResizedCrop's area range
     seed: int
 
     def validate(self) -> None:
+        check_choice(self.mode, "eval.linear.mode", ("features", "online"))
+        check_choice(self.schedule, "eval.linear.schedule", ("cosine", "step"))
         check_positive_int(self.epochs, "eval.linear.epochs")
         check_positive_int(self.batch_size, "eval.linear.batch_size")
-        check_number(self.lr, "eval.linear.lr", 0, low_open=True)
+        if not self.lrs:
+            raise ConfigError("eval.linear.lrs is empty; give at least one learning rate, e.g. [0.1]")
+        for lr in self.lrs:
+            check_number(lr, "eval.linear.lrs", 0, low_open=True)
+        check_number(self.val_fraction, "eval.linear.val_fraction", 0, 1, high_open=True)
+        if self.val_fraction == 0 and len(self.lrs) > 1:
+            raise ConfigError(f"eval.linear.lrs={list(self.lrs)} needs held-out training images to choose among "
+                              "them; set eval.linear.val_fraction > 0 (e.g. 0.1) or give one lr")
+        check_number(self.gamma, "eval.linear.gamma", 0, low_open=True)
         check_int(self.aug_views, "eval.linear.aug_views", 0)
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"eval.linear.crop_scale={list(self.crop_scale)} must be [low, high] with "
+                              "0 < low <= high <= 1")
 
 
 @dataclass
@@ -152,8 +171,19 @@ class EvalConfig:
     gpus: int | None
     checkpoint_every_steps: int  # linear / semisup: a committed evaluation checkpoint every n steps (0 = off)
     stop_at_step: int | None  # linear / semisup: stop as if preempted at this step (drills and tests)
+    # {protocol: minutes per SLURM job, or null for cluster.eval_timeout_min}. Any: a mapping with null values
+    timeout_min: Any
 
     def validate(self) -> None:
+        limits = self.timeout_min
+        if limits is not None:
+            if not isinstance(limits, dict):
+                raise ConfigError(f"eval.timeout_min={limits!r} must be a mapping {{protocol: minutes or null}}, "
+                                  "e.g. {linear: 720}")
+            for protocol, minutes in limits.items():
+                check_choice(protocol, "eval.timeout_min", EVAL_PROTOCOLS)
+                if minutes is not None:
+                    check_positive_int(minutes, f"eval.timeout_min.{protocol}", " (minutes) or null")
         if self.nodes is not None:
             check_positive_int(self.nodes, "eval.nodes", " (machines the evaluation runs on) or null")
         if self.gpus is not None:

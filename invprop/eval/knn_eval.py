@@ -17,50 +17,26 @@ from invprop.eval.knn import knn_correct, knn_top1
 from invprop.progress import SILENT, Reporter
 
 
-def evaluate_knn(cfg: DictConfig, model: torch.nn.Module, bank: ShardedBank, train_images: torch.Tensor,
-                 train_labels: torch.Tensor, device: torch.device, max_test: int | None = None,
-                 report: Reporter = SILENT) -> dict[str, float]:
-    """knn_top1 (head embeddings; reference = train images recomputed with the test transform),
-    knn_backbone_top1 (the backbone's pooled features, L2-normalised: what users fine-tune) and knn_bank_top1.
-
-    Each rank holds the rows of its bank shard; test features are computed on every rank. `report` tells the
-    progress of the two feature passes (silent by default: the per-epoch curves run inside training's).
-    """
-    start = time.perf_counter()
-    test_images, test_labels = load_split(cfg.data, eval_split(cfg.data))
-    if max_test is not None:  # a quick estimate on the first test images, for curves during training
-        test_images, test_labels = test_images[:max_test], test_labels[:max_test]
-    classes = num_classes(cfg.data)
-    k, sigma, bs = int(cfg.eval.knn_k), float(cfg.eval.knn_sigma), int(cfg.eval.batch_size)
-    with report.track("knn features test", len(test_images), unit="img") as progress:
-        queries, pooled_queries = embed_and_pool(model, test_images, cfg.data, device, bs, progress)
-    shard_labels = train_labels[bank.start : bank.stop].to(device)
-    with report.track("knn features train", bank.stop - bank.start, unit="img") as progress:
-        shard_feats, pooled_shard = embed_and_pool(model, train_images[bank.start : bank.stop], cfg.data, device,
-                                                   bs, progress)
-    pooled_queries, pooled_shard = F.normalize(pooled_queries, dim=1), F.normalize(pooled_shard, dim=1)
-    return {
-        "knn_top1": knn_top1(queries, test_labels, shard_feats, shard_labels, classes, k, sigma, comm=bank.comm),
-        "knn_backbone_top1": knn_top1(pooled_queries, test_labels, pooled_shard, shard_labels, classes, k, sigma,
-                                      comm=bank.comm),
-        "knn_bank_top1": knn_top1(queries, test_labels, bank.rows, shard_labels, classes, k, sigma, comm=bank.comm),
-        "knn_eval_s": time.perf_counter() - start,
-    }
-
-
 def evaluate_knn_world(cfg: Config, model: torch.nn.Module, bank: ShardedBank,
                        train_split: tuple[torch.Tensor, torch.Tensor],
-                       test_split: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-    """The keys of :func:`evaluate_knn` from the ranks of `bank.comm`, each featuring only its part of the
-    train split (the bank's rows) and its part of the test split, once; exact global top-K over the sharded
-    references (:func:`invprop.eval.knn.knn_correct`). Every rank calls it and gets the same numbers."""
+                       test_split: tuple[torch.Tensor, torch.Tensor], report: Reporter = SILENT) -> dict[str, float]:
+    """knn_top1 (head embeddings; reference = the train split recomputed with the test transform),
+    knn_backbone_top1 (the backbone's pooled features, L2-normalised: what users fine-tune) and knn_bank_top1
+    (the bank's rows as reference), from the ranks of `bank.comm` (an evaluation world, or training's ranks for
+    the curves during training), each featuring only its part of the train split (the bank's rows) and its
+    part of the test split, once; exact global top-K over the sharded references
+    (:func:`invprop.eval.knn.knn_correct`). Every rank calls it and gets the same numbers. `report` tells the
+    progress of this rank's two feature passes (silent by default)."""
     start = time.perf_counter()
     comm, device = bank.comm, bank.comm.device
     (train_images, train_labels), (test_images, test_labels) = train_split, test_split
     lo, hi = shard_bounds(len(test_labels), comm.rank, comm.world)
     classes, k, sigma, bs = num_classes(cfg.data), cfg.eval.knn_k, cfg.eval.knn_sigma, cfg.eval.batch_size
-    queries, pooled_queries = embed_and_pool(model, test_images[lo:hi], cfg.data, device, bs)
-    refs, pooled_refs = embed_and_pool(model, train_images[bank.start : bank.stop], cfg.data, device, bs)
+    with report.track("knn features test", hi - lo, unit="img") as progress:
+        queries, pooled_queries = embed_and_pool(model, test_images[lo:hi], cfg.data, device, bs, progress)
+    with report.track("knn features train", bank.stop - bank.start, unit="img") as progress:
+        refs, pooled_refs = embed_and_pool(model, train_images[bank.start : bank.stop], cfg.data, device, bs,
+                                           progress)
     ref_labels, query_labels = train_labels[bank.start : bank.stop].to(device), test_labels[lo:hi]
 
     def top1(q: torch.Tensor, r: torch.Tensor) -> float:

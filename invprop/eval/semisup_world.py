@@ -23,6 +23,7 @@ from invprop.eval.semisup import FineTuneNet, _logits, _normalise, finetune_opti
 from invprop.eval.subsets import fraction_tag, load_or_create_subset
 from invprop.eval.world import EvalCheckpoints, run_epochs, sum_gradients
 from invprop.models.sync_bn import convert_sync_batchnorm
+from invprop.progress import SILENT, Reporter
 from invprop.state import RunIdentity
 
 SETTINGS = ("epochs", "milestones", "milestones_epochs", "gamma", "lr", "classifier_lr_mult", "batch_size",
@@ -30,9 +31,10 @@ SETTINGS = ("epochs", "milestones", "milestones_epochs", "gamma", "lr", "classif
 
 
 def finetune_world(cfg: Config, model: nn.Module, comm: Comm, run_dir: Path, fraction: float,
-                   train_split: tuple, test_split: tuple, root: Path | None = None) -> dict:
+                   train_split: tuple, test_split: tuple, root: Path | None = None,
+                   report: Reporter = SILENT) -> dict:
     """``semisup_<pct>_top1`` / ``_top5`` (0..1), the same on every rank; {"preempted_at_step": n} when
-    stopped at a step boundary (checkpoints under `root`)."""
+    stopped at a step boundary (checkpoints under `root`). `report` tells the steps and this rank's test pass."""
     start = time.perf_counter()
     opts, device = cfg.eval.semisup, comm.device
     tag = fraction_tag(fraction)
@@ -57,7 +59,7 @@ def finetune_world(cfg: Config, model: nn.Module, comm: Comm, run_dir: Path, fra
     mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
-    def step(epoch: int, b: int, idx: torch.Tensor, done: int) -> None:
+    def step(epoch: int, b: int, idx: torch.Tensor, done: int) -> torch.Tensor:
         net.train()
         factor = lr_factor(epoch + b / order.num_batches, milestones, opts.gamma)
         for group in optimizer.param_groups:
@@ -74,13 +76,14 @@ def finetune_world(cfg: Config, model: nn.Module, comm: Comm, run_dir: Path, fra
         loss.backward()
         sum_gradients(list(net.parameters()), comm)
         optimizer.step()
+        return loss.detach() * comm.world  # this rank's mean loss, for the progress line
 
     saver = None if root is None else EvalCheckpoints(root / tag, comm, cfg.eval.checkpoint_every_steps,
                                                       cfg.eval.stop_at_step)
     settings = RunIdentity({"fraction": fraction, **{key: _plain(getattr(opts, key)) for key in SETTINGS}})
     try:
         if not run_epochs(order, opts.epochs, comm, step, saver,
-                          {"settings": settings, "net": net, "optimizer": optimizer}):
+                          {"settings": settings, "net": net, "optimizer": optimizer}, report, f"semisup {tag}"):
             if comm.is_main:
                 saver.boundary.hand_over()  # under SLURM: submitit's checkpoint() + requeue
             return {"preempted_at_step": saver.stopped_at}
@@ -88,7 +91,8 @@ def finetune_world(cfg: Config, model: nn.Module, comm: Comm, run_dir: Path, fra
         if saver is not None:
             saver.close()
     lo, hi = shard_bounds(len(test_labels), comm.rank, comm.world)
-    logits = _logits(net, test_images[lo:hi], mean_t, std_t, device, cfg.eval.batch_size)
+    with report.track(f"semisup {tag} test", hi - lo, unit="img") as progress:
+        logits = _logits(net, test_images[lo:hi], mean_t, std_t, device, cfg.eval.batch_size, progress)
     mine = test_labels[lo:hi].to(device)
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     counts = torch.stack([(top[:, 0] == mine).sum(), (top == mine.view(-1, 1)).any(1).sum()]).double()
@@ -108,12 +112,12 @@ def _plain(value: object) -> object:
 
 
 def semisup_world(cfg: Config, model: nn.Module, comm: Comm, run_dir: Path, train_split: tuple,
-                  test_split: tuple, root: Path | None = None) -> dict:
+                  test_split: tuple, root: Path | None = None, report: Reporter = SILENT) -> dict:
     """:func:`finetune_world` for every fraction of eval.semisup.fractions; stops at the first one stopped."""
     start = time.perf_counter()
     results: dict = {}
     for fraction in cfg.eval.semisup.fractions:
-        found = finetune_world(cfg, model, comm, run_dir, fraction, train_split, test_split, root)
+        found = finetune_world(cfg, model, comm, run_dir, fraction, train_split, test_split, root, report)
         if "preempted_at_step" in found:
             return found
         results.update(found)

@@ -21,6 +21,7 @@ from torch import nn
 from invprop import checkpoint
 from invprop.collectives import Comm
 from invprop.data.order import DataPosition, EpochOrder, shard_bounds
+from invprop.progress import SILENT, Reporter
 from invprop.state import Stateful
 from invprop.train.boundary import StepBoundary
 
@@ -122,20 +123,30 @@ class Steps:
         self.step = int(state["step"])
 
 
-def run_epochs(order: EpochOrder, epochs: int, comm: Comm, step_fn: Callable[[int, int, torch.Tensor, int], None],
-               saver: EvalCheckpoints | None, states: dict[str, Stateful]) -> bool:
+def run_epochs(order: EpochOrder, epochs: int, comm: Comm,
+               step_fn: Callable[[int, int, torch.Tensor, int], torch.Tensor | None],
+               saver: EvalCheckpoints | None, states: dict[str, Stateful], report: Reporter = SILENT,
+               label: str = "steps") -> bool:
     """Call step_fn(epoch, batch, this rank's indices, global step) for every global batch from the saved
     position on; True when all epochs ran, False when stopped at a boundary (a committed checkpoint saved).
-    `states` gets "position" and "steps" added (what a resume needs besides the caller's parts)."""
+    `states` gets "position" and "steps" added (what a resume needs besides the caller's parts). A step may
+    return its (detached) loss: `report` tells the steps with the epoch's mean loss so far."""
     position, steps = DataPosition(order.num_batches), Steps()
     states = {**states, "position": position, "steps": steps}
     if saver is not None:
         saver.resume(states)
-    for epoch in range(position.epoch, epochs):
-        for b in range(position.batch if epoch == position.epoch else 0, order.num_batches):
-            step_fn(epoch, b, order.local_indices(epoch, b, comm.rank, comm.world), steps.step)
-            steps.step += 1
-            position.epoch, position.batch = (epoch + 1, 0) if b + 1 == order.num_batches else (epoch, b + 1)
-            if saver is not None and saver.after_step(steps.step, states):
-                return False
+    with report.track(label, epochs * order.num_batches, done=steps.step, unit="step",
+                      epoch_steps=order.num_batches) as progress:
+        for epoch in range(position.epoch, epochs):
+            loss_sum, counted = None, 0  # summed on the device: read only when a line shows it
+            for b in range(position.batch if epoch == position.epoch else 0, order.num_batches):
+                loss = step_fn(epoch, b, order.local_indices(epoch, b, comm.rank, comm.world), steps.step)
+                steps.step += 1
+                position.epoch, position.batch = (epoch + 1, 0) if b + 1 == order.num_batches else (epoch, b + 1)
+                if loss is not None:
+                    loss_sum, counted = (loss if loss_sum is None else loss_sum + loss), counted + 1
+                progress.advance(1, None if loss_sum is None else
+                                 (lambda s=loss_sum, k=counted: f"loss {s.item() / k:.4f}"))
+                if saver is not None and saver.after_step(steps.step, states):
+                    return False
     return True

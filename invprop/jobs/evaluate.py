@@ -25,6 +25,7 @@ from invprop.eval.semisup_world import semisup_world
 from invprop.jobs.pretrain import load_run_config
 from invprop.metrics import update_results, write_json_atomic
 from invprop.models import build_model
+from invprop.progress import Reporter
 
 PROTOCOLS = ("knn", "linear", "semisup")
 
@@ -44,13 +45,16 @@ def eval_root(run_dir: Path, protocol: str, evaluated: Path | None = None) -> Pa
     return root if evaluated is None else root / f"from_{evaluated.name}"
 
 
-def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None) -> dict:
+def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None,
+                 report: Reporter | None = None) -> dict:
     """Run `protocol` (knn | linear | semisup) on the committed checkpoint; every rank of `comm` (default: this
-    process alone) calls it and gets the same results back."""
+    process alone) calls it and gets the same results back. `report` tells the feature passes, epochs and
+    steps (default: plain lines or a bar on stdout from the main rank, nothing from the others)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown evaluation {protocol!r}; expected one of {PROTOCOLS}")
     start = time.perf_counter()
     comm = comm or Comm()
+    report = report if report is not None else Reporter(enabled=comm.is_main)
     run_dir = Path(run_dir)
     cfg: Config = load_run_config(run_dir)
     if cfg.deterministic:
@@ -68,13 +72,15 @@ def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None)
     if protocol == "knn":
         bank = ShardedBank(len(train_split[1]), cfg.model.embedding_dim, comm=comm, device=device)
         checkpoint.load(latest, {"bank": bank})  # the saved shards overlapping this rank's rows
-        results = evaluate_knn_world(cfg, model, bank, train_split, load_split(cfg.data, eval_split(cfg.data)))
+        results = evaluate_knn_world(cfg, model, bank, train_split, load_split(cfg.data, eval_split(cfg.data)),
+                                     report)
     elif protocol == "linear":
-        results = linear_eval(cfg, model, comm, train_split, load_split(cfg.data, eval_split(cfg.data)),
-                              root=eval_root(run_dir, protocol, latest))
+        # the test split is loaded only once the probe has chosen its lr (on held-out training images)
+        results = linear_eval(cfg, model, comm, train_split, lambda: load_split(cfg.data, eval_split(cfg.data)),
+                              root=eval_root(run_dir, protocol, latest), report=report)
     else:
         results = semisup_world(cfg, model, comm, run_dir, train_split, load_split(cfg.data, eval_split(cfg.data)),
-                                root=eval_root(run_dir, protocol, latest))
+                                root=eval_root(run_dir, protocol, latest), report=report)
     stopped = eval_root(run_dir, protocol) / STOPPED
     if "preempted_at_step" in results:
         if comm.is_main:

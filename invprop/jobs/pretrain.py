@@ -14,7 +14,8 @@ from rich.console import Console
 from invprop import checkpoint, config, distributed
 from invprop.collectives import Comm
 from invprop.config import ConfigError, slurm_section
-from invprop.eval.knn_eval import evaluate_knn, evaluate_pixels_knn
+from invprop.data import eval_split, load_split
+from invprop.eval.knn_eval import evaluate_knn_world, evaluate_pixels_knn
 from invprop.jobs.runlock import RunLock
 from invprop.metrics import read_jsonl, update_results, write_json_atomic
 from invprop.progress import Reporter
@@ -89,8 +90,9 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
                        "bank_selection": trainer.bank.selection_in_use,
                        "bank_selection_ms": dict(trainer.bank.tuning_ms)}
         if evaluate:
-            results.update(evaluate_knn(cfg, trainer.model, trainer.bank, trainer.images, trainer.labels, device,
-                                        report=Reporter(enabled=env.is_main)))
+            results.update(evaluate_knn_world(cfg, trainer.model, trainer.bank, (trainer.images, trainer.labels),
+                                              load_split(cfg.data, eval_split(cfg.data)),
+                                              report=Reporter(enabled=env.is_main)))
         if env.is_main:
             results["wall_s"] = time.perf_counter() - start
             results = update_results(run_dir, results)
@@ -125,8 +127,8 @@ def _hold_run_dir(run_dir: Path, env: distributed.DistEnv, comm: Comm) -> RunLoc
 def _untrained_baseline(cfg: DictConfig, trainer: Trainer, device, env: distributed.DistEnv) -> None:
     """kNN of the network before any step and of the raw pixels, on the same reference set: the bars training
     has to clear."""
-    found = evaluate_knn(cfg, trainer.model, trainer.bank, trainer.images, trainer.labels, device,
-                         report=Reporter(enabled=env.is_main))
+    found = evaluate_knn_world(cfg, trainer.model, trainer.bank, (trainer.images, trainer.labels),
+                               load_split(cfg.data, eval_split(cfg.data)), report=Reporter(enabled=env.is_main))
     pixels = evaluate_pixels_knn(cfg, trainer.bank, trainer.images, trainer.labels, device)
     if env.is_main:
         update_results(Path(trainer.run_dir), {"knn_untrained_top1": found["knn_top1"],

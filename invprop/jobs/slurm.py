@@ -51,18 +51,28 @@ class EvalJob:
         return submitit.helpers.DelayedSubmission(EvalJob(self.run_dir, self.protocol))
 
 
-def submit_evaluations(cfg: DictConfig, run_dir: Path, after: str) -> dict[str, submitit.Job]:
-    """One job per protocol in eval.protocols, each afterok on pretraining (cancelled if it fails), with
-    eval.nodes x eval.gpus tasks (one GPU each where the cluster has GPUs)."""
+def eval_timeout_min(cfg: DictConfig, protocol: str) -> int:
+    """`protocol`'s time limit per job: eval.timeout_min.<protocol>, or cluster.eval_timeout_min when null. A
+    protocol that needs longer is carried on by the requeue (EvalJob.checkpoint), up to max_num_timeout times."""
+    own = (cfg.eval.timeout_min or {}).get(protocol)
+    return own if own is not None else slurm_section(cfg).eval_timeout_min
+
+
+def evaluation_executors(cfg: DictConfig, run_dir: Path, after: str) -> dict[str, submitit.AutoExecutor]:
+    """{protocol: executor} for eval.protocols: each afterok on pretraining (cancelled if it fails), with
+    eval.nodes x eval.gpus tasks (one GPU each where the cluster has GPUs) and the protocol's time limit."""
     cluster = slurm_section(cfg)
     nodes, ranks = eval_world(cfg)
-    jobs = {}
-    for protocol in cfg.eval.protocols:
-        ev = _executor(cfg, run_dir / "submitit", f"invprop-{protocol}-{run_dir.name}", nodes, ranks,
-                       ranks if cluster.gpus_per_node else 0, cluster.eval_timeout_min,
-                       dependency=f"afterok:{after}")
-        jobs[f"eval_{protocol}"] = ev.submit(EvalJob(str(run_dir), protocol))
-    return jobs
+    return {protocol: _executor(cfg, run_dir / "submitit", f"invprop-{protocol}-{run_dir.name}", nodes, ranks,
+                                ranks if cluster.gpus_per_node else 0, eval_timeout_min(cfg, protocol),
+                                dependency=f"afterok:{after}")
+            for protocol in cfg.eval.protocols}
+
+
+def submit_evaluations(cfg: DictConfig, run_dir: Path, after: str) -> dict[str, submitit.Job]:
+    """One job per protocol in eval.protocols (see :func:`evaluation_executors`)."""
+    return {f"eval_{protocol}": ev.submit(EvalJob(str(run_dir), protocol))
+            for protocol, ev in evaluation_executors(cfg, run_dir, after).items()}
 
 
 def available_partitions() -> list[str] | None:

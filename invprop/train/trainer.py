@@ -381,11 +381,14 @@ class Trainer:
         every = int(self.cfg.eval.every_epochs)
         if every <= 0 or self.state.epoch % every:
             return
-        from invprop.eval.knn_eval import evaluate_knn  # the evaluation layer sits beside the loop
+        from invprop.data import eval_split
+        from invprop.eval.knn_eval import evaluate_knn_world  # the evaluation layer sits beside the loop
 
+        # a quick estimate on the first test images, over training's ranks (each features its part)
         test = self.cfg.eval.every_epochs_test_images
-        found = evaluate_knn(self.cfg, self.model, self.bank, self.images, self.labels, self.device,
-                             max_test=int(test) if test else None)
+        images, labels = load_split(self.cfg.data, eval_split(self.cfg.data))
+        found = evaluate_knn_world(self.cfg, self.model, self.bank, (self.images, self.labels),
+                                   (images[:test], labels[:test]) if test else (images, labels))
         self.metrics.write({"step": self.state.step, "epoch": self.state.epoch, "time": time.time(),
                             **{f"epoch_{k}": v for k, v in found.items()}})
 
