@@ -10,6 +10,7 @@ tests/test_config_schema.py keeps the YAML and these classes to the same keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from typing import Any
 
 from omegaconf import MISSING
@@ -181,11 +182,18 @@ class ModelConfig:
             check_positive_int(self.hidden_dim, "model.hidden_dim", " (or null)")
 
 
+class MethodName(StrEnum):
+    """`method.name`: the training objective (invprop/method.py has what each one needs)."""
+
+    invp = "invp"
+    npid = "npid"
+
+
 @dataclass
 class MethodConfig:
     """NPID: instance discrimination against the memory bank."""
 
-    name: str
+    name: MethodName
     tau: float
     bank_momentum: float
     bank_init: str
@@ -194,7 +202,6 @@ class MethodConfig:
     warmup_epochs: int
 
     def validate(self) -> None:
-        check_choice(self.name, "method.name", ("invp", "npid"))
         check_int(self.warmup_epochs, "method.warmup_epochs", 0)
         check_number(self.tau, "method.tau", 0, low_open=True)
         check_number(self.bank_momentum, "method.bank_momentum", 0, 1, high_open=True)

@@ -6,16 +6,14 @@ import json
 import signal
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from invprop import checkpoint
-from invprop.config import world_size
+from invprop.config import Config, world_size
 from invprop.jobs.evaluate import evaluate_run
 from invprop.jobs.pretrain import finished, pretrain, pretrain_rank
 from invprop.jobs.spawn import spawn_ranks
 
 
-def run_local(cfg: DictConfig, run_dir: Path) -> dict:
+def run_local(cfg: Config, run_dir: Path) -> dict:
     """Pretrain (kNN evaluated in the training processes), then the other eval.protocols in this process.
 
     USR2, SIGTERM or SIGINT (Ctrl-C) stops training at the next step boundary with a committed checkpoint; with
@@ -27,7 +25,7 @@ def run_local(cfg: DictConfig, run_dir: Path) -> dict:
     if world == 1:
         results = pretrain(run_dir, stop_signals=(signal.SIGTERM, signal.SIGINT))
     else:
-        spawn_ranks(pretrain_rank, world, (str(run_dir),), timeout_s=3600.0 * float(cfg.cluster.run_timeout_h),
+        spawn_ranks(pretrain_rank, world, (str(run_dir),), timeout_s=3600.0 * cfg.cluster.run_timeout_h,
                     forward=stops)
         if finished(run_dir):
             results = json.loads((Path(run_dir) / "results.json").read_text())

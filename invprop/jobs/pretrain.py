@@ -13,7 +13,7 @@ from rich.console import Console
 
 from invprop import checkpoint, config, distributed
 from invprop.collectives import Comm
-from invprop.config import ConfigError, slurm_section
+from invprop.config import Config, ConfigError, slurm_section
 from invprop.eval.knn_eval import evaluate_knn, evaluate_pixels_knn
 from invprop.jobs.runlock import RunLock
 from invprop.metrics import read_jsonl, update_results, write_json_atomic
@@ -24,6 +24,7 @@ console = Console(stderr=True)
 
 
 def load_run_config(run_dir: Path) -> DictConfig:
+    """The run's config as composed (the evaluation jobs' reader; training reads it typed)."""
     return config.load_run_config(Path(run_dir) / "config.yaml")
 
 
@@ -47,12 +48,12 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
     """
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    cfg = config.load_typed_run_config(run_dir / "config.yaml")
     env = distributed.read_env()
-    comm = distributed.init(env, float(cfg.train.dist_timeout_s), rendezvous_dir=run_dir / "rendezvous")
+    comm = distributed.init(env, cfg.train.dist_timeout_s, rendezvous_dir=run_dir / "rendezvous")
     lock = _hold_run_dir(run_dir, env, comm) if hold_run_dir else None
     device = comm.device
-    boundary = StepBoundary(comm, int(cfg.train.checkpoint_every_steps), float(cfg.train.checkpoint_every_min),
+    boundary = StepBoundary(comm, cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_min,
                             also=stop_signals, stop_at_step=cfg.train.stop_at_step)
     trainer = None
     try:
@@ -80,7 +81,7 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
         if env.is_main:
             losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
             results = {"state_digest": digest, "final_train_loss": losses[-1] if losses else float("nan"),
-                       "epochs": int(cfg.train.epochs), "images": trainer.n, "steps": trainer.state.step,
+                       "epochs": cfg.train.epochs, "images": trainer.n, "steps": trainer.state.step,
                        "world_size": comm.world, "dist_backend": comm.backend,
                        "train_wall_s": time.perf_counter() - start,
                        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
@@ -92,7 +93,7 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
         if env.is_main:
             results["wall_s"] = time.perf_counter() - start
             results = update_results(run_dir, results)
-            write_json_atomic(run_dir / FINISHED, {"step": trainer.state.step, "epochs": int(cfg.train.epochs),
+            write_json_atomic(run_dir / FINISHED, {"step": trainer.state.step, "epochs": cfg.train.epochs,
                                                    "time": time.time()})
         return results
     finally:
@@ -120,7 +121,7 @@ def _hold_run_dir(run_dir: Path, env: distributed.DistEnv, comm: Comm) -> RunLoc
     return lock
 
 
-def _untrained_baseline(cfg: DictConfig, trainer: Trainer, device, env: distributed.DistEnv) -> None:
+def _untrained_baseline(cfg: Config, trainer: Trainer, device, env: distributed.DistEnv) -> None:
     """kNN of the network before any step and of the raw pixels, on the same reference set: the bars training
     has to clear."""
     found = evaluate_knn(cfg, trainer.model, trainer.bank, trainer.images, trainer.labels, device)
@@ -138,7 +139,7 @@ def _preempted(trainer: Trainer, boundary: StepBoundary, env: distributed.DistEn
         boundary.hand_over()  # submitit's handler: checkpoint() + scontrol requeue + exit
         console.print("no scheduler to requeue this run: start the same command again to resume")
     elif env.source == "slurm":
-        time.sleep(float(slurm_section(trainer.cfg).requeue_wait_s))  # rank 0's requeue ends this task
+        time.sleep(slurm_section(trainer.cfg).requeue_wait_s)  # rank 0's requeue ends this task
     return {"preempted_at_step": trainer.state.step}
 
 

@@ -41,7 +41,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def resolved(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    tree = OmegaConf.to_container(cfg, resolve=True)
+    tree = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     tree["out_dir"] = str(run_dir)
     return tree
 

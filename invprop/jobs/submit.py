@@ -14,22 +14,22 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from invprop.config import ConfigError, validate
+from invprop.config import Config, ConfigError, typed, validate
 from invprop.jobs import rundir
 from invprop.jobs.runlock import RunLock
 
 console = Console()
 
 
-def resolve_run_dir(cfg: DictConfig) -> Path:
+def resolve_run_dir(cfg: Config) -> Path:
     """out_dir for a single run; each sweep element gets Hydra's own numbered folder under the sweep dir."""
     try:
         hydra_cfg = HydraConfig.get()
     except ValueError:  # called outside a Hydra app
-        return Path(str(cfg.out_dir)).absolute()
+        return Path(cfg.out_dir).absolute()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return Path(hydra_cfg.runtime.output_dir).absolute()
-    return Path(str(cfg.out_dir)).absolute()
+    return Path(cfg.out_dir).absolute()
 
 
 def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
@@ -47,7 +47,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
                       soft_wrap=True)
 
 
-def summary_table(results: dict, run_dir: Path, cfg: DictConfig) -> Table:
+def summary_table(results: dict, run_dir: Path, cfg: Config) -> Table:
     table = Table(title=f"invprop {cfg.method.name} on {cfg.data.name}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -71,16 +71,18 @@ def _sweep_element_on_slurm() -> bool:
 
 
 def main(cfg: DictConfig) -> int:
-    """Validate before anything runs or is submitted; then run locally or submit to SLURM."""
+    """Validate before anything runs or is submitted; then run locally or submit to SLURM. The components
+    receive the typed config; the composed DictConfig is only what the run directory records."""
     lock = None
     try:
         validate(cfg)
-        run_dir = resolve_run_dir(cfg)
+        conf = typed(cfg)
+        run_dir = resolve_run_dir(conf)
         if not _sweep_element_on_slurm():  # inside a SLURM job its rank 0 holds the run directory (pretrain)
-            if cfg.cluster.name == "slurm":
+            if conf.cluster.name == "slurm":
                 from invprop.jobs.slurm import check_submission
 
-                check_submission(cfg.cluster, run_dir)
+                check_submission(conf.cluster, run_dir)
             rundir.check_resume(cfg, run_dir)  # a refused resume leaves the run directory as it was, lock included
             lock = RunLock(run_dir).acquire("launch")
         prepare_run_dir(cfg, run_dir)
@@ -88,13 +90,13 @@ def main(cfg: DictConfig) -> int:
         console.print(f"[bold red]config error:[/] {escape(str(exc))}", soft_wrap=True)  # user text: no markup
         return 2
     try:
-        return _launch(cfg, run_dir)
+        return _launch(conf, run_dir)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _launch(cfg: DictConfig, run_dir: Path) -> int:
+def _launch(cfg: Config, run_dir: Path) -> int:
     if _sweep_element_on_slurm():
         from invprop.jobs.slurm import run_array_element
 

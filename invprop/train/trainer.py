@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from invprop import checkpoint
 from invprop.bank import ShardedBank
 from invprop.collectives import Comm
-from invprop.config import n_background
+from invprop.config import Config, n_background
 from invprop.data import EpochOrder, eval_batches, load_split, normalization
 from invprop.data.augment import BatchColorAugment, eval_transform
 from invprop.data.device_batches import DeviceBatches
@@ -38,11 +38,11 @@ from invprop.train.boundary import StepBoundary
 from invprop.train.progress import TrainProgress
 
 
-def bank_selection(cfg: DictConfig, device: torch.device) -> str:
+def bank_selection(cfg: Config, device: torch.device) -> str:
     """`bank.selection`, except that a deterministic run on an accelerator does not pick by timing: the
     strategies agree exactly on the selected set but not in the last bit of every score."""
-    selection = str(cfg.bank.selection)
-    if selection == "auto" and bool(cfg.deterministic) and device.type != "cpu":
+    selection = cfg.bank.selection
+    if selection == "auto" and cfg.deterministic and device.type != "cpu":
         return "topk"
     return selection
 
@@ -132,41 +132,41 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, comm: Comm, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, comm: Comm, run_dir: Path) -> None:
         self.cfg, self.comm, self.run_dir = cfg, comm, Path(run_dir)
         self.device = device = comm.device
-        seed_everything(int(cfg.seed), bool(cfg.deterministic))
+        seed_everything(cfg.seed, cfg.deterministic)
         self.images, self.labels = load_split(cfg.data, "train")
         self.n = int(self.labels.shape[0])
         self.label_table = self.labels.to(device)
         self.model = build_model(cfg.model).to(device)
         if cfg.model.sync_bn and comm.world > 1:
             self.model = convert_sync_batchnorm(self.model, device)
-        self.channels_last = bool(cfg.train.channels_last)
+        self.channels_last = cfg.train.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.bf16 = cfg.train.precision == "bf16"
-        self.net = self._wrap(self.model, bool(cfg.train.compile))
-        self.bank = ShardedBank(self.n, int(cfg.model.embedding_dim), comm=comm, seed=int(cfg.seed),
+        self.net = self._wrap(self.model, cfg.train.compile)
+        self.bank = ShardedBank(self.n, cfg.model.embedding_dim, comm=comm, seed=cfg.seed,
                                 selection=bank_selection(cfg, device))
-        self.graph = NeighbourGraph(self.n, int(cfg.method.k), device) if cfg.method.name == "invp" else None
+        self.graph = NeighbourGraph(self.n, cfg.method.k, device) if cfg.method.name == "invp" else None
         self.criterion = build_criterion(cfg.method, self.bank, self.graph, n_background(cfg, self.n))
-        self.order = EpochOrder(self.n, int(cfg.train.batch_size), int(cfg.seed))
+        self.order = EpochOrder(self.n, cfg.train.batch_size, cfg.seed)
         aug_cfg = cfg.data.augment
         self.dataset = IndexedImageDataset.from_config(self.images, self.labels, aug_cfg, train=True,
-                                                       seed=int(cfg.seed))
+                                                       seed=cfg.seed)
         self.augment = BatchColorAugment.from_config(aug_cfg, *normalization(cfg.data)).to(device)
         self.ffcv = self._build_ffcv() if cfg.data.format == "ffcv" and ffcv_available(
             comm.is_main) else None
-        self.resident = DeviceBatches(self.images, self.labels, self.order, seed=int(cfg.seed),
+        self.resident = DeviceBatches(self.images, self.labels, self.order, seed=cfg.seed,
                                       out_size=int(self.images.shape[-1]), crop_scale=tuple(aug_cfg.crop_scale),
-                                      flip=bool(aug_cfg.flip), device=device) if cfg.data.format == "device" else None
-        self.base_lr = float(cfg.train.lr) * int(cfg.train.batch_size) / 128
+                                      flip=aug_cfg.flip, device=device) if cfg.data.format == "device" else None
+        self.base_lr = cfg.train.lr * cfg.train.batch_size / 128
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.base_lr,
-                                         momentum=float(cfg.train.momentum),
-                                         weight_decay=float(cfg.train.weight_decay),
+                                         momentum=cfg.train.momentum,
+                                         weight_decay=cfg.train.weight_decay,
                                          fused=device.type == "cuda")  # one kernel for all parameters
-        self.total_steps = int(cfg.train.epochs) * self.order.num_batches
+        self.total_steps = cfg.train.epochs * self.order.num_batches
         self.state = TrainState(DataPosition(self.order.num_batches))
         self.rng = TorchRng()
         self.logger = build_logger(cfg, self.run_dir, enabled=comm.is_main)
@@ -179,13 +179,12 @@ class Trainer:
         from invprop.data.beton_cache import ensure_beton
         from invprop.data.ffcv.loader import build_ffcv_train_loader
 
-        beton = ensure_beton(self.cfg.data, "train", Path(str(self.cfg.data.beton_dir)),
+        beton = ensure_beton(self.cfg.data, "train", Path(self.cfg.data.beton_dir),
                              progress=self.comm.is_main)
         aug = self.cfg.data.augment
         return build_ffcv_train_loader(beton, self.order, self.comm.rank, self.comm.world,
-                                       int(self.cfg.train.num_workers), int(self.cfg.data.image_size),
-                                       int(self.cfg.seed), scale=tuple(aug.crop_scale),
-                                       flip=bool(aug.flip))
+                                       self.cfg.train.num_workers, self.cfg.data.image_size,
+                                       self.cfg.seed, scale=tuple(aug.crop_scale), flip=aug.flip)
 
     def batches(self) -> Any:
         """This rank's batches of the current epoch from the saved position: FFCV, the resident images
@@ -195,7 +194,7 @@ class Trainer:
         if self.resident is not None:
             return self.resident.epoch(self.state.epoch, self.state.batch, self.comm.rank, self.comm.world)
         return build_train_loader(self.dataset, self.order, self.state.epoch, self.state.batch, self.comm.rank,
-                                  self.comm.world, int(self.cfg.train.num_workers),
+                                  self.comm.world, self.cfg.train.num_workers,
                                   pin_memory=self.device.type == "cuda")
 
     def _wrap(self, model: torch.nn.Module, compile_model: bool) -> torch.nn.Module:
@@ -222,7 +221,7 @@ class Trainer:
         """
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         self.model.train()
-        local = max(1, int(self.cfg.train.batch_size) // self.comm.world)
+        local = max(1, self.cfg.train.batch_size // self.comm.world)
         mean, std = normalization(self.cfg.data)
         lo = self.bank.start
         for batch in eval_batches(self.images[self.bank.start : self.bank.stop], local):
@@ -240,7 +239,7 @@ class Trainer:
 
     # -- schedule ---------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        warm = int(self.cfg.train.lr_warmup_epochs) * self.order.num_batches
+        warm = self.cfg.train.lr_warmup_epochs * self.order.num_batches
         return warmup_cosine_lr(step, self.base_lr, self.total_steps, warm)
 
     def set_lr(self) -> float:
@@ -253,7 +252,7 @@ class Trainer:
     def augment_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Colour augmentations as batched ops on the device; parameters drawn for the whole global batch
         from (seed, epoch, batch), so they do not depend on the world size."""
-        gen = batch_generator(int(self.cfg.seed), self.state.epoch, self.state.batch, self.device)
+        gen = batch_generator(self.cfg.seed, self.state.epoch, self.state.batch, self.device)
         local = images.shape[0]
         x = images.to(self.device, non_blocking=True)
         return self.augment(x, gen, row_offset=self.comm.rank * local, rows_total=local * self.comm.world)
@@ -291,7 +290,7 @@ class Trainer:
         At every step boundary the ranks poll `boundary` together; a stop or a periodic save writes a
         committed checkpoint first, so a requeued job continues from exactly this step.
         """
-        epochs = int(self.cfg.train.epochs)
+        epochs = self.cfg.train.epochs
         if self.state.step == 0:
             self.evaluate_epoch()  # the curve starts at the untrained network (and the initial bank)
         with TrainProgress(self.total_steps, self.state.step, enabled=self.comm.is_main) as progress:
@@ -309,7 +308,7 @@ class Trainer:
                     if self.state.batch == self.order.num_batches:  # the epoch is complete
                         self.state.epoch += 1
                         self.state.batch = 0
-                    if self.state.step % int(self.cfg.train.log_every) == 0 or self.state.batch == 0:
+                    if self.state.step % self.cfg.train.log_every == 0 or self.state.batch == 0:
                         elapsed = time.perf_counter() - tick
                         record = self.log_window(window, len(window) * self.order.global_batch / max(elapsed, 1e-9))
                         progress.update(self.state.step, record)
@@ -377,14 +376,14 @@ class Trainer:
 
     def evaluate_epoch(self) -> None:
         """kNN accuracy over training (eval.every_epochs > 0) into metrics.jsonl, for the curves in reports."""
-        every = int(self.cfg.eval.every_epochs)
+        every = self.cfg.eval.every_epochs
         if every <= 0 or self.state.epoch % every:
             return
         from invprop.eval.knn_eval import evaluate_knn  # the evaluation layer sits beside the loop
 
         test = self.cfg.eval.every_epochs_test_images
         found = evaluate_knn(self.cfg, self.model, self.bank, self.images, self.labels, self.device,
-                             max_test=int(test) if test else None)
+                             max_test=test or None)
         self.metrics.write({"step": self.state.step, "epoch": self.state.epoch, "time": time.time(),
                             **{f"epoch_{k}": v for k, v in found.items()}})
 
@@ -412,7 +411,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         return checkpoint.save(self.ckpt_root, self.state.step, self.states(), comm=self.comm,
-                               keep=int(self.cfg.train.keep_checkpoints))
+                               keep=self.cfg.train.keep_checkpoints)
 
     def digest(self) -> str:
         """Collective: sha256 of weights, the whole bank (gathered in row order) and the graph."""
