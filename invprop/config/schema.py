@@ -161,6 +161,11 @@ class EvalConfig:
         self.semisup.validate()
 
 
+def candidate_count(k: int, layers: int) -> int:
+    """k + k^2 + ... + k^l: the candidates one anchor's propagation yields (concat, duplicates kept)."""
+    return sum(k**i for i in range(1, layers + 1))
+
+
 # --- groups (the data group's schemas are in data_schema.py) --------------------------------------------------
 
 @dataclass
@@ -207,6 +212,9 @@ class MethodConfig:
         check_number(self.bank_momentum, "method.bank_momentum", 0, 1, high_open=True)
         check_choice(self.bank_init, "method.bank_init", ("random", "network"))
 
+    def check_against_data(self, n: int) -> None:
+        """Checks that need the training set's size N (none for NPID)."""
+
 
 @dataclass
 class InvpConfig(MethodConfig):
@@ -230,6 +238,21 @@ class InvpConfig(MethodConfig):
         check_choice(self.propagation, "method.propagation", ("concat", "bfs"))
         check_choice(self.positives, "method.positives", ("hard", "easy"))
         check_choice(self.denominator, "method.denominator", ("code", "paper"))
+
+    def check_against_data(self, n: int) -> None:
+        if self.k >= n:
+            raise ConfigError(f"method.k={self.k} must be smaller than the {n} training images")
+        count = candidate_count(self.k, self.l)
+        if self.n_pos > count:
+            raise ConfigError(f"method.n_pos={self.n_pos} is larger than the {count} candidates that k={self.k}, "
+                              f"l={self.l} yield; lower method.n_pos or raise method.k / method.l")
+        m = self.n_background
+        if m is not None:
+            if m > n:
+                raise ConfigError(f"method.n_background={m} is larger than the {n} training images (M <= N); "
+                                  "lower it or leave it null for min(4096, N)")
+            if m < 2:
+                raise ConfigError("method.n_background must be >= 2 so the denominator without i is never empty")
 
 
 @dataclass

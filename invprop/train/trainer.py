@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +19,17 @@ from torch.nn.parallel import DistributedDataParallel
 from invprop import checkpoint
 from invprop.bank import ShardedBank
 from invprop.collectives import Comm
-from invprop.config import Config, n_background
+from invprop.config import Config
 from invprop.data import EpochOrder, eval_batches, load_split, normalization
 from invprop.data.augment import BatchColorAugment, eval_transform
-from invprop.data.device_batches import DeviceBatches
-from invprop.data.loader import IndexedImageDataset, batch_generator, build_train_loader
+from invprop.data.loader import batch_generator
 from invprop.data.order import DataPosition
+from invprop.data.sources import BatchSource, build_batch_source
 from invprop.digest import state_digest
 from invprop.graph import UNKNOWN, NeighbourGraph
 from invprop.logger import build_logger, config_markdown, views_grid
-from invprop.loss import StepOutput, build_criterion, monitor_floats
+from invprop.loss import StepOutput, monitor_floats
+from invprop.method import method_of
 from invprop.metrics import MetricsLog
 from invprop.models import build_model
 from invprop.models.sync_bn import convert_sync_batchnorm
@@ -103,19 +103,6 @@ class TrainState:
         self.step = int(state["step"])
 
 
-def ffcv_available(say: bool) -> bool:
-    """Whether FFCV imports (an optional extra: sites that cannot build it train through torchvision); says
-    so once, on the main rank, when it does not."""
-    try:
-        import ffcv  # noqa: F401
-    except ImportError as exc:
-        if say:
-            print(f"data.format=ffcv but FFCV is not installed ({exc}); training through the torchvision "
-                  "loader instead (`pip install invprop[ffcv]` for the FFCV path)", file=sys.stderr, flush=True)
-        return False
-    return True
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -149,18 +136,14 @@ class Trainer:
         self.net = self._wrap(self.model, cfg.train.compile)
         self.bank = ShardedBank(self.n, cfg.model.embedding_dim, comm=comm, seed=cfg.seed,
                                 selection=bank_selection(cfg, device))
-        self.graph = NeighbourGraph(self.n, cfg.method.k, device) if cfg.method.name == "invp" else None
-        self.criterion = build_criterion(cfg.method, self.bank, self.graph, n_background(cfg, self.n))
+        self.method = method_of(cfg.method)
+        self.graph = NeighbourGraph(self.n, cfg.method.k, device) if self.method.uses_graph else None
+        self.criterion = self.method.criterion(cfg.method, self.bank, self.graph, self.n)
         self.order = EpochOrder(self.n, cfg.train.batch_size, cfg.seed)
-        aug_cfg = cfg.data.augment
-        self.dataset = IndexedImageDataset.from_config(self.images, self.labels, aug_cfg, train=True,
-                                                       seed=cfg.seed)
-        self.augment = BatchColorAugment.from_config(aug_cfg, *normalization(cfg.data)).to(device)
-        self.ffcv = self._build_ffcv() if cfg.data.format == "ffcv" and ffcv_available(
-            comm.is_main) else None
-        self.resident = DeviceBatches(self.images, self.labels, self.order, seed=cfg.seed,
-                                      out_size=int(self.images.shape[-1]), crop_scale=tuple(aug_cfg.crop_scale),
-                                      flip=aug_cfg.flip, device=device) if cfg.data.format == "device" else None
+        self.augment = BatchColorAugment.from_config(cfg.data.augment, *normalization(cfg.data)).to(device)
+        self.source: BatchSource = build_batch_source(
+            cfg.data, self.images, self.labels, self.order, seed=cfg.seed, workers=cfg.train.num_workers,
+            rank=comm.rank, world=comm.world, device=device, is_main=comm.is_main)
         self.base_lr = cfg.train.lr * cfg.train.batch_size / 128
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.base_lr,
                                          momentum=cfg.train.momentum,
@@ -174,28 +157,9 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self._selection_reported = False
 
-    def _build_ffcv(self) -> Any:
-        """The FFCV loader, built once per process and reused every epoch (its pipeline compiles once)."""
-        from invprop.data.beton_cache import ensure_beton
-        from invprop.data.ffcv.loader import build_ffcv_train_loader
-
-        beton = ensure_beton(self.cfg.data, "train", Path(self.cfg.data.beton_dir),
-                             progress=self.comm.is_main)
-        aug = self.cfg.data.augment
-        return build_ffcv_train_loader(beton, self.order, self.comm.rank, self.comm.world,
-                                       self.cfg.train.num_workers, self.cfg.data.image_size,
-                                       self.cfg.seed, scale=tuple(aug.crop_scale), flip=aug.flip)
-
     def batches(self) -> Any:
-        """This rank's batches of the current epoch from the saved position: FFCV, the resident images
-        (`data.format=device`) or the torchvision path."""
-        if self.ffcv is not None:
-            return self.ffcv.epoch(self.state.epoch, self.state.batch)
-        if self.resident is not None:
-            return self.resident.epoch(self.state.epoch, self.state.batch, self.comm.rank, self.comm.world)
-        return build_train_loader(self.dataset, self.order, self.state.epoch, self.state.batch, self.comm.rank,
-                                  self.comm.world, self.cfg.train.num_workers,
-                                  pin_memory=self.device.type == "cuda")
+        """This rank's batches of the current epoch from the saved position."""
+        return self.source.epoch(self.state.epoch, self.state.batch)
 
     def _wrap(self, model: torch.nn.Module, compile_model: bool) -> torch.nn.Module:
         """DDP across ranks, then optionally torch.compile (DDP-aware graph breaks at bucket boundaries)."""
@@ -390,9 +354,8 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this run."""
-        return {"n": self.n, "dim": int(self.cfg.model.embedding_dim), "arch": str(self.cfg.model.arch),
-                "method": str(self.cfg.method.name),
-                "k": int(self.cfg.method.k) if self.cfg.method.name == "invp" else 0}
+        return {"n": self.n, "dim": self.cfg.model.embedding_dim, "arch": self.cfg.model.arch,
+                "method": str(self.method.name), **self.method.identity(self.cfg.method)}
 
     def states(self) -> dict[str, Stateful]:
         """Every part of this run a resume needs, by name; each owns its state. The identity comes first so that
