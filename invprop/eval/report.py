@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from invprop.metrics import read_jsonl
+from invprop.results import RunResults
 
 # Config keys that differ between any two runs without saying anything about them.
 IGNORED_CONFIG_KEYS = ("out_dir",)
@@ -84,8 +85,7 @@ def load_config(run_dir: Path) -> dict[str, Any]:
 
 
 def load_results(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "results.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return RunResults.read(run_dir).to_dict()
 
 
 _MISSING = "-"

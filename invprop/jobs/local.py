@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
@@ -11,9 +10,10 @@ from invprop.config import Config, world_size
 from invprop.jobs.evaluate import evaluate_run
 from invprop.jobs.pretrain import finished, pretrain, pretrain_rank
 from invprop.jobs.spawn import spawn_ranks
+from invprop.results import RunResults
 
 
-def run_local(cfg: Config, run_dir: Path) -> dict:
+def run_local(cfg: Config, run_dir: Path) -> RunResults:
     """Pretrain (kNN evaluated in the training processes), then the other eval.protocols in this process.
 
     USR2, SIGTERM or SIGINT (Ctrl-C) stops training at the next step boundary with a committed checkpoint; with
@@ -28,13 +28,13 @@ def run_local(cfg: Config, run_dir: Path) -> dict:
         spawn_ranks(pretrain_rank, world, (str(run_dir),), timeout_s=3600.0 * cfg.cluster.run_timeout_h,
                     forward=stops)
         if finished(run_dir):
-            results = json.loads((Path(run_dir) / "results.json").read_text())
+            results = RunResults.read(run_dir)
         else:
             latest = checkpoint.latest(Path(run_dir) / "checkpoints", report=False)
-            results = {"preempted_at_step": -1 if latest is None else checkpoint.step_of(latest)}
-    if "preempted_at_step" in results:
+            results = RunResults(preempted_at_step=-1 if latest is None else checkpoint.step_of(latest))
+    if results.preempted_at_step is not None:
         return results
     for protocol in cfg.eval.protocols:
         if protocol != "knn":
-            results = evaluate_run(run_dir, protocol)
+            results = results.merge(evaluate_run(run_dir, protocol))  # evaluate_run returns the merged file
     return results

@@ -16,7 +16,8 @@ from invprop.collectives import Comm
 from invprop.config import Config, ConfigError, slurm_section
 from invprop.eval.knn_eval import evaluate_knn, evaluate_pixels_knn
 from invprop.jobs.runlock import RunLock
-from invprop.metrics import read_jsonl, update_results, write_json_atomic
+from invprop.metrics import read_jsonl, write_json_atomic
+from invprop.results import RunResults
 from invprop.train.boundary import StepBoundary
 from invprop.train.trainer import Trainer
 
@@ -38,7 +39,7 @@ def finished(run_dir: Path) -> bool:
 
 
 def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Signals, ...] = (),
-             hold_run_dir: bool = False) -> dict:
+             hold_run_dir: bool = False) -> RunResults:
     """Train (this rank's part) from the newest committed checkpoint if any, save, then optionally evaluate.
 
     On USR2 (or one of `stop_signals`, or at `train.stop_at_step`) the ranks save a committed checkpoint at
@@ -77,22 +78,22 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
             return _preempted(trainer, boundary, env)
         trainer.save_checkpoint()
         digest = trainer.digest()
-        results = {}
+        results = RunResults()
         if env.is_main:
             losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-            results = {"state_digest": digest, "final_train_loss": losses[-1] if losses else float("nan"),
-                       "epochs": cfg.train.epochs, "images": trainer.n, "steps": trainer.state.step,
-                       "world_size": comm.world, "dist_backend": comm.backend,
-                       "train_wall_s": time.perf_counter() - start,
-                       "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-                       # what the bank's top-M ran: `auto`'s choice and its steady-state timings (ms per call)
-                       "bank_selection": trainer.bank.selection_in_use,
-                       "bank_selection_ms": dict(trainer.bank.tuning_ms)}
+            results = RunResults(
+                state_digest=digest, final_train_loss=losses[-1] if losses else float("nan"),
+                epochs=cfg.train.epochs, images=trainer.n, steps=trainer.state.step, world_size=comm.world,
+                dist_backend=comm.backend, train_wall_s=time.perf_counter() - start,
+                slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                bank_selection=trainer.bank.selection_in_use, bank_selection_ms=dict(trainer.bank.tuning_ms),
+                data_format=str(cfg.data.format), loader=trainer.source.name)
         if evaluate:
-            results.update(evaluate_knn(cfg, trainer.model, trainer.bank, trainer.images, trainer.labels, device))
+            results = results.merge(evaluate_knn(cfg, trainer.model, trainer.bank, trainer.images, trainer.labels,
+                                                 device))
         if env.is_main:
-            results["wall_s"] = time.perf_counter() - start
-            results = update_results(run_dir, results)
+            results.wall_s = time.perf_counter() - start
+            results = results.write_into(run_dir)
             write_json_atomic(run_dir / FINISHED, {"step": trainer.state.step, "epochs": cfg.train.epochs,
                                                    "time": time.time()})
         return results
@@ -127,12 +128,12 @@ def _untrained_baseline(cfg: Config, trainer: Trainer, device, env: distributed.
     found = evaluate_knn(cfg, trainer.model, trainer.bank, trainer.images, trainer.labels, device)
     pixels = evaluate_pixels_knn(cfg, trainer.bank, trainer.images, trainer.labels, device)
     if env.is_main:
-        update_results(Path(trainer.run_dir), {"knn_untrained_top1": found["knn_top1"],
-                                                  "knn_backbone_untrained_top1": found["knn_backbone_top1"],
-                                                  **pixels})
+        RunResults().merge({"knn_untrained_top1": found["knn_top1"],
+                            "knn_backbone_untrained_top1": found["knn_backbone_top1"], **pixels}
+                           ).write_into(Path(trainer.run_dir))
 
 
-def _preempted(trainer: Trainer, boundary: StepBoundary, env: distributed.DistEnv) -> dict:
+def _preempted(trainer: Trainer, boundary: StepBoundary, env: distributed.DistEnv) -> RunResults:
     """The committed checkpoint is on disk; requeue through submitit (rank 0) or tell a local user to rerun."""
     if env.is_main:
         console.print(f"preempted: committed checkpoint at step {trainer.state.step}; handing over for requeue")
@@ -140,7 +141,7 @@ def _preempted(trainer: Trainer, boundary: StepBoundary, env: distributed.DistEn
         console.print("no scheduler to requeue this run: start the same command again to resume")
     elif env.source == "slurm":
         time.sleep(slurm_section(trainer.cfg).requeue_wait_s)  # rank 0's requeue ends this task
-    return {"preempted_at_step": trainer.state.step}
+    return RunResults(preempted_at_step=trainer.state.step)
 
 
 def pretrain_rank(rank: int, world: int, run_dir: str) -> None:

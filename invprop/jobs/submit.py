@@ -17,6 +17,7 @@ from rich.table import Table
 from invprop.config import Config, ConfigError, typed, validate
 from invprop.jobs import rundir
 from invprop.jobs.runlock import RunLock
+from invprop.results import RunResults
 
 console = Console()
 
@@ -47,16 +48,16 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
                       soft_wrap=True)
 
 
-def summary_table(results: dict, run_dir: Path, cfg: Config) -> Table:
+def summary_table(results: RunResults, run_dir: Path, cfg: Config) -> Table:
     table = Table(title=f"invprop {cfg.method.name} on {cfg.data.name}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("knn_top1", "knn_backbone_top1", "knn_bank_top1", "knn_untrained_top1",
                 "knn_backbone_untrained_top1", "knn_pixels_top1", "linear_top1", "linear_top5",
                 "semisup_1pct_top1", "semisup_10pct_top1", "final_train_loss", "epochs", "images", "steps",
-                "world_size", "dist_backend", "wall_s"):
-        if key in results:
-            value = results[key]
+                "world_size", "dist_backend", "loader", "wall_s"):
+        value = results.get(key)
+        if value is not None:
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     table.add_row("run dir", str(run_dir))
     return table
@@ -108,8 +109,8 @@ def _launch(cfg: Config, run_dir: Path) -> int:
     from invprop.jobs.local import run_local
 
     results = run_local(cfg, run_dir)
-    if "preempted_at_step" in results:
-        step = results["preempted_at_step"]
+    if results.preempted_at_step is not None:
+        step = results.preempted_at_step
         where = f"at step {step} with a committed checkpoint" if step >= 0 else "before the first checkpoint"
         console.print(f"stopped {where} in {escape(str(run_dir))}; run the same command again to resume",
                       soft_wrap=True)
