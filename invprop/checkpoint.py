@@ -171,10 +171,10 @@ def save(root: Path, step: int, states: Mapping[str, Stateful], *, comm: Comm | 
 
 def _manifest_files(directory: Path) -> dict[str, dict[str, Any]]:
     manifest = json.loads((directory / MARKER).read_text())
-    files = manifest["files"]
-    # Manifests written before sha256 was recorded map a name to its size.
-    return {name: entry if isinstance(entry, dict) else {"size": entry} for name, entry in files.items()
-            if name != MARKER}
+    files = {name: entry for name, entry in manifest["files"].items() if name != MARKER}
+    if not all(isinstance(entry, dict) and "sha256" in entry for entry in files.values()):
+        raise ValueError("an entry has no sha256")
+    return files
 
 
 def problem(directory: Path, only: list[str] | None = None, keep_bytes: bool = True) -> str | None:
@@ -199,7 +199,7 @@ def problem(directory: Path, only: list[str] | None = None, keep_bytes: bool = T
             data = IO.read(path)
             if len(data) != entry["size"]:
                 return f"{path} has {len(data)} bytes, the manifest says {entry['size']}"
-            if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 return f"{path} does not match its sha256 in the manifest"
             torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any failure to read the file back makes it unusable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -205,7 +206,8 @@ def test_malicious_pickle_with_a_matching_manifest_is_still_corrupt(tmp_path: Pa
     newest = _save(tmp_path, 20)
     (newest / "state.pt").write_bytes(_malicious_pickle())
     manifest = json.loads((newest / checkpoint.MARKER).read_text())
-    manifest["files"]["state.pt"] = {"size": (newest / "state.pt").stat().st_size}
+    forged = (newest / "state.pt").read_bytes()
+    manifest["files"]["state.pt"] = {"size": len(forged), "sha256": hashlib.sha256(forged).hexdigest()}
     (newest / checkpoint.MARKER).write_text(json.dumps(manifest))
     assert checkpoint.latest(tmp_path).name == "step_10"
     assert "state.pt cannot be loaded" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from invprop import checkpoint, config, distributed
 from invprop.collectives import Comm
 from invprop.config import Config, ConfigError, slurm_section
 from invprop.eval.knn_eval import evaluate_knn, evaluate_pixels_knn
+from invprop.jobs.errors import fail
 from invprop.jobs.runlock import RunLock
 from invprop.metrics import read_jsonl, write_json_atomic
 from invprop.results import RunResults
@@ -149,7 +150,5 @@ def pretrain_rank(rank: int, world: int, run_dir: str) -> None:
     try:
         pretrain(Path(run_dir), stop_signals=(signal.SIGINT,))  # Ctrl-C: save at the next step like USR2
     except Exception as exc:  # noqa: BLE001 - the rank's top level
-        from invprop.jobs.submit import fail
-
         print(f"rank {rank}:", end=" ", file=sys.stderr)
         fail(exc)

@@ -57,13 +57,9 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def _recorded(run_dir: Path) -> dict[str, Any] | None:
-    """The identity the run recorded; for run dirs from before identity.json, the one config.yaml implies."""
+    """The identity the run recorded (None: the directory was not laid out by invprop's launcher)."""
     path = run_dir / IDENTITY
-    if path.exists():
-        return json.loads(path.read_text())
-    if (run_dir / "config.yaml").exists():
-        return identity(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False))
-    return None
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _show(value: Any) -> str:

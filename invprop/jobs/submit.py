@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -16,6 +15,7 @@ from rich.table import Table
 
 from invprop.config import Config, ConfigError, typed, validate
 from invprop.jobs import rundir
+from invprop.jobs.errors import fail
 from invprop.jobs.runlock import RunLock
 from invprop.results import RunResults
 
@@ -130,13 +130,3 @@ def run(cfg: DictConfig) -> None:
         fail(exc)
     if code:
         sys.exit(code)
-
-
-def fail(exc: BaseException) -> None:
-    """Print `exc` as one line (the traceback only with INVPROP_VERBOSE=1) and exit with status 1."""
-    if os.environ.get("INVPROP_VERBOSE", "") not in ("", "0"):
-        traceback.print_exc()
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    print(f"error: {message} ({type(exc).__name__}; INVPROP_VERBOSE=1 shows the traceback)", file=sys.stderr,
-          flush=True)
-    sys.exit(1)
