@@ -233,12 +233,13 @@ def test_broken_committed_step_is_rewritten(tmp_path: Path) -> None:
     assert torch.equal(_loaded(directory)["w"], torch.zeros(3))
 
 
-def test_manifest_with_sizes_only_still_loads(tmp_path: Path) -> None:
-    """Checkpoints written before hashes were recorded."""
+def test_manifest_with_sizes_only_is_refused(tmp_path: Path) -> None:
+    """A manifest without hashes (as written before they were recorded) cannot vouch for its files."""
     directory = _save(tmp_path, 10)
     files = {p.name: p.stat().st_size for p in directory.iterdir() if p.name != checkpoint.MARKER}
     (directory / checkpoint.MARKER).write_text(json.dumps({"step": 10, "world": 1, "files": files}))
-    assert checkpoint.latest(tmp_path) == directory
+    assert checkpoint.problem(directory) == f"unreadable {directory / checkpoint.MARKER} (an entry has no sha256)"
+    assert checkpoint.latest(tmp_path, report=False) is None
 
 
 def test_keep_one_keeps_the_newest_and_zero_is_refused(tmp_path: Path) -> None:
