@@ -11,8 +11,6 @@ settings each stretch of training ran under, and config.yaml then holds the new 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from invprop import checkpoint
+from invprop.atomic import write_json_atomic, write_text_atomic
 from invprop.config import ConfigError
-from invprop.metrics import write_json_atomic
 
 IDENTITY = "identity.json"
 HISTORY = "config_history.json"
@@ -87,15 +85,6 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
                           "changes to resume it, or pass a new out_dir= to start a new run")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, list[Any]]:
     """Create the run directory and write config.yaml (every job of the run reads it) and identity.json;
     returns the changes against the previous config.yaml, which are appended to config_history.json."""
@@ -115,5 +104,5 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, list[Any]]:
         write_json_atomic(run_dir / HISTORY, history)
     if changes or not (run_dir / IDENTITY).exists():
         write_json_atomic(run_dir / IDENTITY, identity(tree))
-    _write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(tree)))
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(tree)))
     return changes

@@ -33,6 +33,7 @@ from invprop.method import method_of
 from invprop.metrics import MetricsLog
 from invprop.models import build_model
 from invprop.models.sync_bn import convert_sync_batchnorm
+from invprop.schedules import warmup_cosine_lr
 from invprop.state import RunIdentity, Stateful, TorchRng
 from invprop.train.boundary import StepBoundary
 from invprop.train.progress import TrainProgress
@@ -61,14 +62,6 @@ def window_means(window: list[dict[str, torch.Tensor | float]]) -> dict[str, flo
 
 class Diverged(RuntimeError):
     """The loss became NaN or inf: the run stops with what it has committed."""
-
-
-def warmup_cosine_lr(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0) -> float:
-    """Linear warm-up to `base_lr` over the first `warmup_steps`, then cosine to 0 at `total_steps`."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
