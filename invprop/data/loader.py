@@ -163,22 +163,6 @@ def build_train_loader(
     )
 
 
-def build_eval_loader(
-    dataset: IndexedImageDataset, batch_size: int, num_workers: int, pin_memory: bool = False
-) -> DataLoader:
-    """Sequential loader over the whole dataset (last batch kept); yields (uint8 images, labels, indices)."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        drop_last=False,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
-
-
 def batch_generator(seed: int, epoch: int, batch: int, device: torch.device | str = "cpu") -> torch.Generator:
     """Generator for the colour augmentation of global batch ``batch`` of ``epoch``.
 

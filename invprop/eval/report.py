@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from invprop.config.flat import flatten
 from invprop.metrics import read_jsonl
 from invprop.results import RunResults
 
@@ -61,20 +62,6 @@ def find_run_dirs(paths: Path | Iterable[Path]) -> list[Path]:
         if p.resolve() not in {q.resolve() for q in unique}:
             unique.append(p)
     return unique
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings -> ``{"a.b.c": leaf}``; lists are leaves."""
-    if not isinstance(tree, Mapping):
-        return {prefix: tree} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, name))
-        else:
-            out[name] = value
-    return out
 
 
 def load_config(run_dir: Path) -> dict[str, Any]:

@@ -20,22 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from invprop import checkpoint
 from invprop.atomic import write_json_atomic, write_text_atomic
 from invprop.config import ConfigError
+from invprop.config.flat import flatten
 
 IDENTITY = "identity.json"
 HISTORY = "config_history.json"
 # Whole sections, or single keys, that a resumed run must share with the run that wrote its checkpoints.
 FIXED = ("model", "method", "data.name", "data.subset", "data.image_size", "data.resize_mode", "data.n_train",
          "data.n_test", "data.num_classes", "data.seed", "data.noise", "train.batch_size", "seed")
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a.b": value} for every leaf of a nested dict (lists are leaves)."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"))
-    return flat
 
 
 def resolved(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -214,8 +214,7 @@ class Trainer:
         x = images.to(self.device, non_blocking=True)
         return self.augment(x, gen, row_offset=self.comm.rank * local, rows_total=local * self.comm.world)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
-                   ) -> dict[str, torch.Tensor | float]:
+    def train_step(self, images: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor | float]:
         """One optimiser step. The monitors come back as device tensors, read only when a window is logged:
         on a GPU a per-step .item() would drain the queue and expose every kernel launch of the next step."""
         lr = self.set_lr()
@@ -255,10 +254,10 @@ class Trainer:
                 loader = self.batches()
                 window, tick = [], time.perf_counter()
                 steps_before = self.state.step
-                for images, labels, indices in loader:
+                for images, _labels, indices in loader:
                     if self.state.step == 0:
                         self.log_start(images)
-                    window.append(self.train_step(images, labels, indices))
+                    window.append(self.train_step(images, indices))
                     self.report_bank_selection(progress)
                     self.state.batch += 1
                     self.state.step += 1
@@ -373,6 +372,3 @@ class Trainer:
         """Collective: sha256 of weights, the whole bank (gathered in row order) and the graph."""
         bank = self.bank.gather_full()
         return state_digest(self.model.state_dict(), bank, None if self.graph is None else self.graph.table)
-
-    def barrier(self) -> None:
-        self.comm.barrier()
