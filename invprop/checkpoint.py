@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import sys
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from invprop.atomic import write_bytes_atomic, write_text_atomic
 from invprop.collectives import Comm
 from invprop.state import ShardedStateful, Stateful
 
@@ -62,16 +62,7 @@ def save_atomic(obj: Any, path: Path) -> dict[str, Any]:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -158,9 +149,7 @@ def save(root: Path, step: int, states: Mapping[str, Stateful], *, comm: Comm | 
     reported = comm.gather_objects(entries)  # also the barrier: every rank's files are on disk
     if rank == 0:
         files = {name: entry for part in reported for name, entry in part.items()}
-        marker = target / f".{MARKER}.tmp"
-        marker.write_text(json.dumps({"step": step, "world": world, "files": files}))
-        os.replace(marker, target / MARKER)
+        write_text_atomic(target / MARKER, json.dumps({"step": step, "world": world, "files": files}))
         # Keep the `keep` newest committed up to this step; newer ones (broken, or the run went back) stay.
         older = [d for d in step_dirs(root) if step_of(d) < step and (d / MARKER).exists()]
         for old in older[keep - 1:]:
@@ -171,10 +160,10 @@ def save(root: Path, step: int, states: Mapping[str, Stateful], *, comm: Comm | 
 
 def _manifest_files(directory: Path) -> dict[str, dict[str, Any]]:
     manifest = json.loads((directory / MARKER).read_text())
-    files = manifest["files"]
-    # Manifests written before sha256 was recorded map a name to its size.
-    return {name: entry if isinstance(entry, dict) else {"size": entry} for name, entry in files.items()
-            if name != MARKER}
+    files = {name: entry for name, entry in manifest["files"].items() if name != MARKER}
+    if not all(isinstance(entry, dict) and "sha256" in entry for entry in files.values()):
+        raise ValueError("an entry has no sha256")
+    return files
 
 
 def problem(directory: Path, only: list[str] | None = None, keep_bytes: bool = True) -> str | None:
@@ -199,7 +188,7 @@ def problem(directory: Path, only: list[str] | None = None, keep_bytes: bool = T
             data = IO.read(path)
             if len(data) != entry["size"]:
                 return f"{path} has {len(data)} bytes, the manifest says {entry['size']}"
-            if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 return f"{path} does not match its sha256 in the manifest"
             torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any failure to read the file back makes it unusable

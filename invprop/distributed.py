@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from invprop.atomic import write_text_atomic
 from invprop.collectives import Comm
 
 
@@ -171,9 +172,7 @@ def rendezvous_store(env: DistEnv, published: Path, timeout_s: float) -> dist.TC
         store = dist.TCPStore(env.master_addr, 0, env.world_size, is_master=True, timeout=timeout,
                               wait_for_workers=False)
         published.parent.mkdir(parents=True, exist_ok=True)
-        tmp = published.with_name(f".{published.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"host": env.master_addr, "port": store.port}))
-        os.replace(tmp, published)
+        write_text_atomic(published, json.dumps({"host": env.master_addr, "port": store.port}))
         return store
     deadline = time.monotonic() + timeout_s
     while True:

@@ -11,9 +11,12 @@ import hashlib
 import importlib.util
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from invprop.config.schema import Config
 
 # Record keys that are not curves: the x-axis and the wall clock (passed as the event time instead).
 NOT_SCALARS = ("step", "time")
@@ -159,7 +162,7 @@ class WandbLogger(NullLogger):
             self._run = None
 
 
-def build_logger(cfg: Any, run_dir: Path, enabled: bool = True) -> NullLogger:
+def build_logger(cfg: Config, run_dir: Path, enabled: bool = True) -> NullLogger:
     """The logger the run config's `logger` group names; a NullLogger off the main rank. `logger.views` sets
     how many augmented views the start grid shows."""
     section = cfg.logger
@@ -173,7 +176,8 @@ def build_logger(cfg: Any, run_dir: Path, enabled: bool = True) -> NullLogger:
             raise RuntimeError(missing)
         from omegaconf import OmegaConf
 
-        logger = WandbLogger(Path(run_dir), str(section.project), OmegaConf.to_container(cfg, resolve=True))
+        logger = WandbLogger(Path(run_dir), str(section.project),
+                             OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True))
     logger.views = int(section.views)
     return logger
 

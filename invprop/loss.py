@@ -174,15 +174,3 @@ def _is_candidate(top: TopCandidates, cands: torch.Tensor) -> torch.Tensor:
     is_cand = torch.zeros(top.ids.shape[0], width + 1, dtype=torch.bool, device=top.ids.device)
     is_cand.scatter_(1, torch.where(found, slot, torch.full_like(slot, width)), True)
     return is_cand[:, :width]
-
-
-def build_criterion(method_cfg, bank: ShardedBank, graph: NeighbourGraph | None,
-                    n_background: int) -> InvPLoss | NPIDLoss:
-    """Build the loss named by `method.name` from its config section (M already resolved against N)."""
-    if method_cfg.name == "npid":
-        return NPIDLoss(bank, tau=method_cfg.tau, bank_momentum=method_cfg.bank_momentum)
-    return InvPLoss(bank, graph, tau=method_cfg.tau, n_background=n_background,
-                    n_pos=method_cfg.n_pos, layers=method_cfg.l, lambda_inv=method_cfg.lambda_inv,
-                    warmup_epochs=method_cfg.warmup_epochs, propagation=method_cfg.propagation,
-                    positives=method_cfg.positives, denominator=method_cfg.denominator,
-                    bank_momentum=method_cfg.bank_momentum)

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
+from invprop.atomic import write_json_atomic, write_text_atomic
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file in the same folder, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+__all__ = ["MetricsLog", "read_jsonl", "update_results", "write_json_atomic"]  # write_json_atomic: re-exported
 
 
 def update_results(run_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
@@ -68,9 +58,7 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines() if _step(line) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
 
 def _step(line: str) -> float:

@@ -1,12 +1,18 @@
 """Front door: `python launchers/submit.py [overrides]` (Hydra). Argument handling only; logic is in invprop."""
 
+import os
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
+# OpenMP threads that spin while they wait collapse when the cores are shared (loader workers, several ranks on
+# one machine, a second run): sleeping waiters trade a little speed on idle cores for that (tools/bench_omp_wait.py).
+# Set here, before torch loads OpenMP; the spawned ranks and SLURM jobs inherit it. An explicit value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import invprop  # noqa: F401  (registers the config resolvers)
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import invprop  # noqa: F401, E402  (registers the config resolvers)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -204,7 +205,8 @@ def test_malicious_pickle_with_a_matching_manifest_is_still_corrupt(tmp_path: Pa
     newest = _save(tmp_path, 20)
     (newest / "state.pt").write_bytes(_malicious_pickle())
     manifest = json.loads((newest / checkpoint.MARKER).read_text())
-    manifest["files"]["state.pt"] = {"size": (newest / "state.pt").stat().st_size}
+    forged = (newest / "state.pt").read_bytes()
+    manifest["files"]["state.pt"] = {"size": len(forged), "sha256": hashlib.sha256(forged).hexdigest()}
     (newest / checkpoint.MARKER).write_text(json.dumps(manifest))
     assert checkpoint.latest(tmp_path).name == "step_10"
     assert "state.pt cannot be loaded" in capsys.readouterr().err
@@ -230,12 +232,13 @@ def test_broken_committed_step_is_rewritten(tmp_path: Path) -> None:
     assert torch.equal(_loaded(directory)["w"], torch.zeros(3))
 
 
-def test_manifest_with_sizes_only_still_loads(tmp_path: Path) -> None:
-    """Checkpoints written before hashes were recorded."""
+def test_manifest_with_sizes_only_is_refused(tmp_path: Path) -> None:
+    """A manifest without hashes (as written before they were recorded) cannot vouch for its files."""
     directory = _save(tmp_path, 10)
     files = {p.name: p.stat().st_size for p in directory.iterdir() if p.name != checkpoint.MARKER}
     (directory / checkpoint.MARKER).write_text(json.dumps({"step": 10, "world": 1, "files": files}))
-    assert checkpoint.latest(tmp_path) == directory
+    assert checkpoint.problem(directory) == f"unreadable {directory / checkpoint.MARKER} (an entry has no sha256)"
+    assert checkpoint.latest(tmp_path, report=False) is None
 
 
 def test_keep_one_keeps_the_newest_and_zero_is_refused(tmp_path: Path) -> None:

@@ -46,7 +46,6 @@ def _cfg(*overrides: str):
         (["train.log_every=0"], "train.log_every"),
         (["data.image_size=16"], "data.image_size"),
         (["data.resize_mode=foo"], "data.resize_mode"),
-        (["data.format=foo"], "data.format"),
         (["data.augment.crop_scale=[2,1]"], "data.augment.crop_scale"),
         (["data.augment.crop_scale=[0.5]"], "data.augment.crop_scale"),
         (["train.checkpoint_every_steps=-1"], "train.checkpoint_every_steps"),
@@ -67,7 +66,8 @@ def test_bad_values_name_their_field(overrides: list[str], field: str) -> None:
 
 @pytest.mark.parametrize(("override", "field"), [("seed=abc", "seed"), ("train.lr=abc", "train.lr"),
                                                  ("method.tau=abc", "method.tau"), ("train.bogus=1", "train.bogus"),
-                                                 ("+train.bogus=1", "train.bogus"), ("method=nope", "method")])
+                                                 ("+train.bogus=1", "train.bogus"), ("method=nope", "method"),
+                                                 ("data.format=foo", "data.format")])
 def test_composition_errors_are_one_line_naming_their_field(override: str, field: str) -> None:
     """Wrong types and unknown keys are refused while composing (the schema), `+key` ones by validate()."""
     from invprop.jobs.sweep import check_command_line

@@ -18,7 +18,6 @@ from invprop.data import (
     IndexedImageDataset,
     Normalize,
     batch_generator,
-    build_eval_loader,
     build_train_loader,
     dataset_size,
     derive_seed,
@@ -404,12 +403,3 @@ def test_train_loader_workers_match_single_process():
     assert len(a) == len(b) == 4
     for (ia, la, xa), (ib, lb, xb) in zip(a, b, strict=True):
         assert torch.equal(ia, ib) and torch.equal(la, lb) and torch.equal(xa, xb)
-
-
-def test_eval_loader_sequential_keeps_last():
-    images, labels = make_synthetic(10, image_size=8, seed=0)
-    ds = IndexedImageDataset(images, labels, train=False)
-    batches = _collect(build_eval_loader(ds, batch_size=4, num_workers=0))
-    assert [len(b[2]) for b in batches] == [4, 4, 2]
-    assert torch.equal(torch.cat([b[2] for b in batches]), torch.arange(10))
-    assert torch.equal(torch.cat([b[0] for b in batches]), images)

@@ -25,7 +25,7 @@ def _trainer(tmp_path: Path, *overrides: str) -> Trainer:
 
 def _one_step(trainer: Trainer) -> tuple[dict, torch.Tensor]:
     images = trainer.images[:32]
-    stats = window_means([trainer.train_step(images, trainer.labels[:32], torch.arange(32))])
+    stats = window_means([trainer.train_step(images, torch.arange(32))])
     return stats, trainer.bank.rows
 
 
@@ -107,9 +107,9 @@ def test_accelerator_training_step_reads_nothing_back(tmp_path: Path, overrides:
 
     trainer = _trainer(tmp_path, *overrides)
     trainer.augment.select_rows = False
-    images, labels, ids = trainer.images[:32], trainer.labels[:32], torch.arange(32)
-    trainer.train_step(images, labels, ids)  # first call: lazily built state
+    images, ids = trainer.images[:32], torch.arange(32)
+    trainer.train_step(images, ids)  # first call: lazily built state
     with SyncGuard() as guard:
-        monitors = trainer.train_step(images, labels, ids + 32)
+        monitors = trainer.train_step(images, ids + 32)
     assert guard.syncs == allowed
     assert all(isinstance(v, (torch.Tensor, float)) for v in monitors.values())

@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("invprop", 0), ("invprop.config", 0), ("invprop.data", 0), ("invprop.models", 0), ("invprop.metrics", 0),
     ("invprop.digest", 0), ("invprop.train.progress", 0), ("invprop.logger", 0), ("invprop.kernels", 0),
-    ("invprop.state", 0),
+    ("invprop.state", 0), ("invprop.results", 0), ("invprop.atomic", 0), ("invprop.schedules", 0),
     ("invprop.collectives", 1), ("invprop.distributed", 1),
     ("invprop.bank", 2), ("invprop.graph", 2),
-    ("invprop.loss", 3), ("invprop.checkpoint", 3), ("invprop.testing", 3),
+    ("invprop.loss", 3), ("invprop.method", 3), ("invprop.checkpoint", 3), ("invprop.testing", 3),
     ("invprop.train", 4), ("invprop.eval", 4),
     ("invprop.jobs", 5),
     ("launchers", 6),
@@ -117,6 +117,8 @@ DATA_LAYERS = {
     # the torchvision loader, the resident images' batches (data.format=device); writing .beton files
     "invprop.data.loader": 4, "invprop.data.device_batches": 4, "invprop.data.beton": 4,
     "invprop.data.beton_cache": 5,
+    # the one batch source training draws from, chosen from data.format
+    "invprop.data.sources": 6,
     "invprop.data.ffcv": 6, "invprop.data": 6,
 }
 

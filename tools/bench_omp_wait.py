@@ -3,7 +3,7 @@ waiting threads, alone and beside a competing process, measured in one run.
 
     python tools/bench_omp_wait.py [--arch resnet50 --size 32 --batch 2 --steps 5 --json]
 
-invprop sets OMP_WAIT_POLICY=PASSIVE unless the user set it (invprop/__init__.py); this is the evidence. Each
+the launcher sets OMP_WAIT_POLICY=PASSIVE unless the user set it (launchers/submit.py); this is the evidence. Each
 measurement is a fresh interpreter (the policy is read when torch loads OpenMP); the competitors keep cores busy as a
 data-loader worker (a Python loop) or a second rank (torch with spinning threads) does.
 """

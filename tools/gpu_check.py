@@ -200,10 +200,10 @@ def trainer_step_syncs(device: torch.device, cfg, run: Path) -> dict:
     from invprop.train.trainer import Trainer
 
     trainer = Trainer(cfg, Comm(device=device), run / "sync_probe")
-    images, labels, indices = next(iter(trainer.batches()))
+    images, _labels, indices = next(iter(trainer.batches()))
     for _ in range(2):  # warm-up: autotuning and first-call allocations
-        trainer.train_step(images, labels, indices)
-    return {"host_syncs": host_syncs(lambda: trainer.train_step(images, labels, indices), device),
+        trainer.train_step(images, indices)
+    return {"host_syncs": host_syncs(lambda: trainer.train_step(images, indices), device),
             "bank_selection": trainer.bank.tuned or trainer.bank.selection}
 
 

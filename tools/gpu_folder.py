@@ -63,7 +63,7 @@ def _epoch(trainer: Any, epoch: int, train: bool) -> tuple[int, int, float, floa
         if first is None:
             first, kept = time.perf_counter() - start, (x, labels, indices)
         if train:
-            trainer.train_step(x, labels, indices)
+            trainer.train_step(x, indices)
             trainer.state.step += 1
         trainer.state.batch += 1
         images, steps = images + int(x.shape[0]), steps + 1
@@ -128,11 +128,11 @@ def _fixed_batch(trainer: Any, batch: tuple, steps: int) -> float:
     x, labels, indices = batch
     if trainer.device.type == "cuda" and not x.is_pinned():
         x = x.pin_memory()
-    trainer.train_step(x, labels, indices)
+    trainer.train_step(x, indices)
     _sync(trainer.device)
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step(x, labels, indices)
+        trainer.train_step(x, indices)
     _sync(trainer.device)
     return time.perf_counter() - start
 

@@ -15,30 +15,24 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from invprop.config.checks import ConfigError, check_plain_text
-from invprop.config.schema import BANK_SELECTIONS, GROUP_SCHEMAS, Config, TrainConfig
+from invprop.config.schema import (
+    BANK_SELECTIONS,
+    GROUP_SCHEMAS,
+    Config,
+    SlurmClusterConfig,
+    TrainConfig,
+    candidate_count,
+)
 
-__all__ = ["BANK_SELECTIONS", "ConfigError", "candidate_count", "compose_defaults", "group_section",
-           "load_run_config", "n_background", "slurm_section", "tool_data_section", "typed", "validate",
-           "world_size"]
+__all__ = ["BANK_SELECTIONS", "Config", "ConfigError", "candidate_count", "compose_defaults", "group_section",
+           "load_run_config", "load_typed_run_config", "slurm_section", "tool_data_section",
+           "typed", "validate", "world_size"]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def candidate_count(k: int, layers: int) -> int:
-    """k + k^2 + ... + k^l: the candidates one anchor's propagation yields (concat, duplicates kept)."""
-    return sum(k**i for i in range(1, layers + 1))
-
-
-def world_size(cfg: DictConfig) -> int:
-    return int(cfg.nodes) * int(cfg.gpus)
-
-
-def n_background(cfg: DictConfig, n_train: int) -> int:
-    """M: the configured value, or min(4096, N) when left null; NPID's softmax is over all N rows."""
-    if cfg.method.name != "invp":
-        return n_train
-    m = cfg.method.n_background
-    return min(4096, n_train) if m is None else int(m)
+def world_size(cfg: Config) -> int:
+    return cfg.nodes * cfg.gpus
 
 
 def group_section(group: str, option: str, **overrides: Any) -> DictConfig:
@@ -87,10 +81,19 @@ def load_run_config(path: Path) -> DictConfig:
         return recorded
 
 
-def slurm_section(cfg: DictConfig) -> DictConfig:
+def load_typed_run_config(path: Path) -> Config:
+    """A run directory's config.yaml as the schema objects components receive (interpolations resolved)."""
+    return typed(load_run_config(path))
+
+
+def slurm_section(cfg: Config | DictConfig) -> SlurmClusterConfig:
     """The run's cluster section when it is cluster=slurm; a sweep element that a Hydra launcher put on SLURM
     with cluster=local gets configs/cluster/slurm.yaml's values (the one place they are stated)."""
-    return cfg.cluster if cfg.cluster.name == "slurm" else group_section("cluster", "slurm")
+    if cfg.cluster.name == "slurm":
+        return cfg.cluster
+    section = OmegaConf.to_object(group_section("cluster", "slurm"))
+    assert isinstance(section, SlurmClusterConfig)
+    return section
 
 
 def typed(cfg: DictConfig) -> Config:
@@ -132,8 +135,7 @@ def validate(cfg: DictConfig) -> None:
     if batch > n:
         raise ConfigError(f"train.batch_size={batch} is larger than the {n} training images; lower it "
                           "or raise data.subset")
-    if conf.method.name == "invp":
-        _check_method_against_data(conf.method, n)
+    conf.method.check_against_data(n)
     if conf.logger.name == "wandb":
         from invprop.logger import wandb_missing_message
 
@@ -195,22 +197,6 @@ def _training_images(data: DictConfig) -> int:
     if data.name == "fashion_mnist":
         return min(n, stored["train"])
     return n
-
-
-def _check_method_against_data(method: Any, n: int) -> None:
-    if method.k >= n:
-        raise ConfigError(f"method.k={method.k} must be smaller than the {n} training images")
-    count = candidate_count(method.k, method.l)
-    if method.n_pos > count:
-        raise ConfigError(f"method.n_pos={method.n_pos} is larger than the {count} candidates that k={method.k}, "
-                          f"l={method.l} yield; lower method.n_pos or raise method.k / method.l")
-    m = method.n_background
-    if m is not None:
-        if m > n:
-            raise ConfigError(f"method.n_background={m} is larger than the {n} training images (M <= N); "
-                              "lower it or leave it null for min(4096, N)")
-        if m < 2:
-            raise ConfigError("method.n_background must be >= 2 so the denominator without i is never empty")
 
 
 def _validate_out_dir(out: str) -> None:

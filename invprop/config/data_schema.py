@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from invprop.config.checks import ConfigError, check_choice, check_int, check_number, check_positive_int
 
@@ -31,6 +32,14 @@ class AugmentConfig:
             check_number(getattr(self, key), f"data.augment.{key}", 0, 1)
 
 
+class DataFormat(StrEnum):
+    """`data.format`: which loader feeds training (invprop/data/sources.py builds it)."""
+
+    ffcv = "ffcv"
+    torchvision = "torchvision"
+    device = "device"
+
+
 @dataclass
 class DataConfig:
     """What every data set has; each `data=` option adds its own keys."""
@@ -39,7 +48,7 @@ class DataConfig:
     root: str | None
     subset: int
     image_size: int
-    format: str
+    format: DataFormat
     beton_dir: str
     eval_split: str
     mean: list[float] | None   # per-channel statistics in [0, 1] units; null = the data set's own
@@ -48,7 +57,6 @@ class DataConfig:
 
     def validate(self) -> None:
         check_int(self.subset, "data.subset", 0, " (0 = the whole training set)")
-        check_choice(self.format, "data.format", ("ffcv", "torchvision", "device"))
         check_int(self.image_size, "data.image_size", 8, " (pixels per side)")
         for key in ("mean", "std"):
             value = getattr(self, key)
@@ -96,7 +104,7 @@ class ImageFolderConfig(DataConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.format == "device":
+        if self.format == DataFormat.device:
             raise ConfigError(f"data.format=device holds the whole training set on the device, which suits "
                               f"in-memory data sets (fashion_mnist, cifar10, cifar100, synthetic), not data="
                               f"{self.name}'s image files: use data.format=ffcv or torchvision")

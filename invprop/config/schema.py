@@ -10,6 +10,7 @@ tests/test_config_schema.py keeps the YAML and these classes to the same keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from typing import Any
 
 from omegaconf import MISSING
@@ -156,6 +157,15 @@ class SemisupConfig:
 
 
 @dataclass
+class EvalTimeouts:
+    """Minutes per SLURM job for each protocol; null: cluster.eval_timeout_min."""
+
+    knn: int | None = None
+    linear: int | None = None
+    semisup: int | None = None
+
+
+@dataclass
 class EvalConfig:
     protocols: list[str]
     untrained_baseline: bool
@@ -171,19 +181,13 @@ class EvalConfig:
     gpus: int | None
     checkpoint_every_steps: int  # linear / semisup: a committed evaluation checkpoint every n steps (0 = off)
     stop_at_step: int | None  # linear / semisup: stop as if preempted at this step (drills and tests)
-    # {protocol: minutes per SLURM job, or null for cluster.eval_timeout_min}. Any: a mapping with null values
-    timeout_min: Any
+    timeout_min: EvalTimeouts
 
     def validate(self) -> None:
-        limits = self.timeout_min
-        if limits is not None:
-            if not isinstance(limits, dict):
-                raise ConfigError(f"eval.timeout_min={limits!r} must be a mapping {{protocol: minutes or null}}, "
-                                  "e.g. {linear: 720}")
-            for protocol, minutes in limits.items():
-                check_choice(protocol, "eval.timeout_min", EVAL_PROTOCOLS)
-                if minutes is not None:
-                    check_positive_int(minutes, f"eval.timeout_min.{protocol}", " (minutes) or null")
+        for protocol in EVAL_PROTOCOLS:
+            minutes = getattr(self.timeout_min, protocol)
+            if minutes is not None:
+                check_positive_int(minutes, f"eval.timeout_min.{protocol}", " (minutes) or null")
         if self.nodes is not None:
             check_positive_int(self.nodes, "eval.nodes", " (machines the evaluation runs on) or null")
         if self.gpus is not None:
@@ -200,6 +204,11 @@ class EvalConfig:
         check_positive_int(self.every_epochs_test_images, "eval.every_epochs_test_images")
         self.linear.validate()
         self.semisup.validate()
+
+
+def candidate_count(k: int, layers: int) -> int:
+    """k + k^2 + ... + k^l: the candidates one anchor's propagation yields (concat, duplicates kept)."""
+    return sum(k**i for i in range(1, layers + 1))
 
 
 # --- groups (the data group's schemas are in data_schema.py) --------------------------------------------------
@@ -223,11 +232,18 @@ class ModelConfig:
             check_positive_int(self.hidden_dim, "model.hidden_dim", " (or null)")
 
 
+class MethodName(StrEnum):
+    """`method.name`: the training objective (invprop/method.py has what each one needs)."""
+
+    invp = "invp"
+    npid = "npid"
+
+
 @dataclass
 class MethodConfig:
     """NPID: instance discrimination against the memory bank."""
 
-    name: str
+    name: MethodName
     tau: float
     bank_momentum: float
     bank_init: str
@@ -236,11 +252,13 @@ class MethodConfig:
     warmup_epochs: int
 
     def validate(self) -> None:
-        check_choice(self.name, "method.name", ("invp", "npid"))
         check_int(self.warmup_epochs, "method.warmup_epochs", 0)
         check_number(self.tau, "method.tau", 0, low_open=True)
         check_number(self.bank_momentum, "method.bank_momentum", 0, 1, high_open=True)
         check_choice(self.bank_init, "method.bank_init", ("random", "network"))
+
+    def check_against_data(self, n: int) -> None:
+        """Checks that need the training set's size N (none for NPID)."""
 
 
 @dataclass
@@ -265,6 +283,21 @@ class InvpConfig(MethodConfig):
         check_choice(self.propagation, "method.propagation", ("concat", "bfs"))
         check_choice(self.positives, "method.positives", ("hard", "easy"))
         check_choice(self.denominator, "method.denominator", ("code", "paper"))
+
+    def check_against_data(self, n: int) -> None:
+        if self.k >= n:
+            raise ConfigError(f"method.k={self.k} must be smaller than the {n} training images")
+        count = candidate_count(self.k, self.l)
+        if self.n_pos > count:
+            raise ConfigError(f"method.n_pos={self.n_pos} is larger than the {count} candidates that k={self.k}, "
+                              f"l={self.l} yield; lower method.n_pos or raise method.k / method.l")
+        m = self.n_background
+        if m is not None:
+            if m > n:
+                raise ConfigError(f"method.n_background={m} is larger than the {n} training images (M <= N); "
+                                  "lower it or leave it null for min(4096, N)")
+            if m < 2:
+                raise ConfigError("method.n_background must be >= 2 so the denominator without i is never empty")
 
 
 @dataclass

@@ -17,7 +17,6 @@ from invprop.data.loader import (
     IndexedImageDataset,
     batch_generator,
     build_dataset,
-    build_eval_loader,
     build_train_loader,
 )
 from invprop.data.order import EpochOrder
@@ -33,7 +32,6 @@ __all__ = [
     "Normalize",
     "batch_generator",
     "build_dataset",
-    "build_eval_loader",
     "build_train_loader",
     "dataset_size",
     "derive_seed",

@@ -11,11 +11,14 @@ Nothing here touches torch's global RNG.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from invprop.config.data_schema import AugmentConfig
 
 from invprop.data.color import (
     adjust_brightness,
@@ -97,7 +100,7 @@ class BatchColorAugment(nn.Module):
 
     @classmethod
     def from_config(
-        cls, aug_cfg: Mapping[str, Any] | Any, mean: Sequence[float], std: Sequence[float]
+        cls, aug_cfg: AugmentConfig, mean: Sequence[float], std: Sequence[float]
     ) -> BatchColorAugment:
         """Build from the ``data.augment`` section (its crop and flip keys belong to the loaders)."""
         return cls(mean, std, brightness=float(aug_cfg.brightness), contrast=float(aug_cfg.contrast),

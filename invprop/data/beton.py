@@ -21,7 +21,6 @@ cache of such files is :mod:`invprop.data.beton_cache`; the datasets themselves 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from invprop.atomic import atomic_path
 from invprop.data.cifar import load_cifar
 from invprop.data.folder import IMAGE_EXTENSIONS, class_folders, decode, list_images
 from invprop.data.svhn import load_svhn
@@ -245,18 +245,15 @@ def write_beton(
         base = source.source if isinstance(source, _Limited) else source
         if isinstance(base, ArraySource) and base.images[0].size <= 2**19:
             page_size = 2 * 2**20
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     guard = GuardedSource(source)
-    writer = DatasetWriter(str(tmp), fields, num_workers=num_workers, page_size=int(page_size))
-    try:
-        with patched_writer(guard, n, description or f"writing {out.name}", progress):
-            writer.from_indexed_dataset(guard, chunksize=chunksize)
-        os.replace(tmp, out)
-    except BaseException:
-        release_writer_memory(writer)
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    with atomic_path(out) as tmp:
+        writer = DatasetWriter(str(tmp), fields, num_workers=num_workers, page_size=int(page_size))
+        try:
+            with patched_writer(guard, n, description or f"writing {out.name}", progress):
+                writer.from_indexed_dataset(guard, chunksize=chunksize)
+        except BaseException:
+            release_writer_memory(writer)
+            raise
     return out
 
 

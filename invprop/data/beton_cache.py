@@ -7,6 +7,7 @@ first of several concurrent callers (ranks, jobs on a shared file system) write 
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -35,6 +36,8 @@ def _plain(cfg: Any) -> dict:
         pass
     if isinstance(cfg, Mapping):
         return dict(cfg)
+    if dataclasses.is_dataclass(cfg):  # the typed DataConfig: the same tree (and cache name) as its DictConfig
+        return dataclasses.asdict(cfg)
     return dict(vars(cfg))
 
 

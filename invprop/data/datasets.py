@@ -16,7 +16,7 @@ or n spread evenly over a folder's class-sorted files), ``image_size`` (32), ``r
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from invprop.data import fashion_mnist
 from invprop.data.cifar import CIFAR_STATS, load_cifar
 from invprop.data.folder import FolderImages, scan_split, spread_subset
 from invprop.data.synthetic import make_synthetic
+
+if TYPE_CHECKING:
+    from invprop.config.data_schema import DataConfig
 
 DATASETS = ("fashion_mnist", "synthetic", "cifar10", "cifar100", "folder", "imagenet")
 FOLDERS = ("folder", "imagenet")
@@ -46,7 +49,7 @@ _STATS: dict[tuple[str, str], tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 
-def _name(data_cfg: Any) -> str:
+def _name(data_cfg: DataConfig) -> str:
     name = str(data_cfg.name)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
@@ -59,12 +62,12 @@ def _check_split(split: str, name: str = "") -> None:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS[:2]}")
 
 
-def eval_split(data_cfg: Any) -> str:
+def eval_split(data_cfg: DataConfig) -> str:
     """The split evaluation reads (``data.eval_split``)."""
     return str(data_cfg.eval_split)
 
 
-def _root(data_cfg: Any, name: str) -> str:
+def _root(data_cfg: DataConfig, name: str) -> str:
     root = data_cfg.root
     if root is None:
         raise ValueError(f"data.root is null; data={name} needs data.root=<folder of the data set>")
@@ -81,7 +84,7 @@ def _cifar_raw(root: str, classes: int, split: str) -> tuple[np.ndarray, np.ndar
     return images, labels
 
 
-def _folder_rows(data_cfg: Any, split: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+def _folder_rows(data_cfg: DataConfig, split: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
     """``(paths, labels, rows)`` of a folder split: ``rows`` are the kept positions in the scan."""
     name = _name(data_cfg)
     _, paths, labels = scan_split(_root(data_cfg, name), split)
@@ -89,7 +92,7 @@ def _folder_rows(data_cfg: Any, split: str) -> tuple[tuple[str, ...], np.ndarray
     return paths, labels, rows
 
 
-def folder_images(data_cfg: Any, split: str) -> tuple[FolderImages, torch.Tensor]:
+def folder_images(data_cfg: DataConfig, split: str) -> tuple[FolderImages, torch.Tensor]:
     """The lazy images and labels of a folder split (after ``data.subset``)."""
     paths, labels, rows = _folder_rows(data_cfg, split)
     images = FolderImages(np.asarray(paths, dtype=object)[rows], image_size=int(data_cfg.image_size),
@@ -99,7 +102,7 @@ def folder_images(data_cfg: Any, split: str) -> tuple[FolderImages, torch.Tensor
     return images, torch.from_numpy(labels[rows].copy())
 
 
-def _subset(data_cfg: Any, split: str, n: int) -> int:
+def _subset(data_cfg: DataConfig, split: str, n: int) -> int:
     # The subset option restricts the *training* set only, so evaluation numbers stay comparable.
     k = int(data_cfg.subset)
     if k < 0:
@@ -107,11 +110,11 @@ def _subset(data_cfg: Any, split: str, n: int) -> int:
     return min(n, k) if (split == "train" and k > 0) else n
 
 
-def _synthetic_size(data_cfg: Any, split: str) -> int:
+def _synthetic_size(data_cfg: DataConfig, split: str) -> int:
     return int(data_cfg.n_train if split == "train" else data_cfg.n_test)
 
 
-def dataset_size(data_cfg: Any, split: str = "train") -> int:
+def dataset_size(data_cfg: DataConfig, split: str = "train") -> int:
     """Number of samples of ``split`` after ``data.subset``, without reading any pixels."""
     name = _name(data_cfg)
     _check_split(split, name)
@@ -126,7 +129,7 @@ def dataset_size(data_cfg: Any, split: str = "train") -> int:
     return _subset(data_cfg, split, n)
 
 
-def num_classes(data_cfg: Any) -> int:
+def num_classes(data_cfg: DataConfig) -> int:
     name = _name(data_cfg)
     if name in CIFARS:
         return CIFARS[name]
@@ -135,7 +138,7 @@ def num_classes(data_cfg: Any) -> int:
     return fashion_mnist.NUM_CLASSES if name == "fashion_mnist" else int(data_cfg.num_classes)
 
 
-def normalization(data_cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def normalization(data_cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` per RGB channel, in [0, 1] pixel units, for the configured dataset and resize mode
     (``data.mean`` / ``data.std`` override it)."""
     name = _name(data_cfg)
@@ -205,7 +208,7 @@ def resize_square(images: torch.Tensor, image_size: int, chunk: int = 4096) -> t
     return out
 
 
-def load_split(data_cfg: Any, split: str) -> tuple[Any, torch.Tensor]:
+def load_split(data_cfg: DataConfig, split: str) -> tuple[Any, torch.Tensor]:
     """Return ``(images, labels int64 (N,))`` of ``split``: images are uint8 ``(N, 3, S, S)`` in memory, or a
     lazy :class:`~invprop.data.folder.FolderImages` for image folders."""
     name = _name(data_cfg)

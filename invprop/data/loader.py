@@ -10,8 +10,8 @@ device, so batches leave the loader as uint8.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -20,6 +20,9 @@ from invprop.data.crop import CROP_RATIO, sample_crop
 from invprop.data.geometric import resize_uint8
 from invprop.data.order import EpochOrder
 from invprop.data.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from invprop.config.data_schema import AugmentConfig, DataConfig
 
 
 class IndexedImageDataset(Dataset):
@@ -67,7 +70,7 @@ class IndexedImageDataset(Dataset):
         cls,
         images: torch.Tensor,
         labels: torch.Tensor,
-        aug_cfg: Mapping[str, Any] | Any,
+        aug_cfg: AugmentConfig,
         *,
         train: bool,
         seed: int,
@@ -160,22 +163,6 @@ def build_train_loader(
     )
 
 
-def build_eval_loader(
-    dataset: IndexedImageDataset, batch_size: int, num_workers: int, pin_memory: bool = False
-) -> DataLoader:
-    """Sequential loader over the whole dataset (last batch kept); yields (uint8 images, labels, indices)."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        drop_last=False,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
-
-
 def batch_generator(seed: int, epoch: int, batch: int, device: torch.device | str = "cpu") -> torch.Generator:
     """Generator for the colour augmentation of global batch ``batch`` of ``epoch``.
 
@@ -186,7 +173,7 @@ def batch_generator(seed: int, epoch: int, batch: int, device: torch.device | st
 
 
 def build_dataset(
-    data_cfg: Mapping[str, Any] | Any,
+    data_cfg: DataConfig,
     split: str,
     *,
     train: bool,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from invprop.atomic import write_text_atomic
 from invprop.eval.report import (
     RESULT_KEYS,
     RESULT_PATTERNS,
@@ -118,11 +118,5 @@ def write_html(run_dirs: list[Path], path: Path, title: str, layout: str = "auto
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     page = render_html(run_dirs, title, layout)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the page from others on a shared disk
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(page)
-    os.replace(tmp, path)
+    write_text_atomic(path, page)  # 0666 less the umask: readable by others on a shared disk
     return path

@@ -6,7 +6,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 
 from invprop.bank import ShardedBank
 from invprop.config.schema import Config
@@ -55,14 +54,14 @@ def pixel_vectors(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.nn.functional.normalize(x.reshape(x.shape[0], -1).to(device).float(), dim=1)
 
 
-def evaluate_pixels_knn(cfg: DictConfig, bank: ShardedBank, train_images: torch.Tensor, train_labels: torch.Tensor,
+def evaluate_pixels_knn(cfg: Config, bank: ShardedBank, train_images: torch.Tensor, train_labels: torch.Tensor,
                         device: torch.device) -> dict[str, float]:
     """The raw-pixel baselines on the same split and reference set: weighted kNN (same K, sigma) and 1-NN.
     None for image folders: at 224 px pixel vectors mean nothing and the reference set would not fit."""
     if is_lazy(train_images):
         return {}
     test_images, test_labels = load_split(cfg.data, eval_split(cfg.data))
-    classes, k, sigma = num_classes(cfg.data), int(cfg.eval.knn_k), float(cfg.eval.knn_sigma)
+    classes, k, sigma = num_classes(cfg.data), cfg.eval.knn_k, cfg.eval.knn_sigma
     queries = pixel_vectors(test_images, device)
     refs = pixel_vectors(train_images[bank.start : bank.stop], device)
     ref_labels = train_labels[bank.start : bank.stop].to(device)

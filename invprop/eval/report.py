@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from invprop.config.flat import flatten
 from invprop.metrics import read_jsonl
+from invprop.results import RunResults
 
 # Config keys that differ between any two runs without saying anything about them.
 IGNORED_CONFIG_KEYS = ("out_dir",)
@@ -63,20 +65,6 @@ def find_run_dirs(paths: Path | Iterable[Path]) -> list[Path]:
     return unique
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings -> ``{"a.b.c": leaf}``; lists are leaves."""
-    if not isinstance(tree, Mapping):
-        return {prefix: tree} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, name))
-        else:
-            out[name] = value
-    return out
-
-
 def load_config(run_dir: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
@@ -85,8 +73,7 @@ def load_config(run_dir: Path) -> dict[str, Any]:
 
 
 def load_results(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "results.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return RunResults.read(run_dir).to_dict()
 
 
 _MISSING = "-"

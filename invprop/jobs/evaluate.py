@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from invprop import checkpoint, distributed
+from invprop import checkpoint, config, distributed
 from invprop.bank import ShardedBank
 from invprop.collectives import Comm
 from invprop.config.schema import Config
@@ -22,7 +22,7 @@ from invprop.data import eval_split, load_split
 from invprop.eval.knn_eval import evaluate_knn_world
 from invprop.eval.linear_world import linear_eval
 from invprop.eval.semisup_world import semisup_world
-from invprop.jobs.pretrain import load_run_config
+from invprop.jobs.errors import fail
 from invprop.metrics import update_results, write_json_atomic
 from invprop.models import build_model
 from invprop.progress import Reporter
@@ -56,7 +56,7 @@ def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None,
     comm = comm or Comm()
     report = report if report is not None else Reporter(enabled=comm.is_main)
     run_dir = Path(run_dir)
-    cfg: Config = load_run_config(run_dir)
+    cfg = config.load_typed_run_config(run_dir / "config.yaml")
     if cfg.deterministic:
         from invprop.train.trainer import seed_everything
 
@@ -98,7 +98,7 @@ def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None,
 
 def evaluate_job(run_dir: Path, protocol: str) -> dict:
     """One rank of an evaluation world started by SLURM or spawn_ranks: join the world, evaluate, leave."""
-    cfg = load_run_config(Path(run_dir))
+    cfg = config.load_typed_run_config(Path(run_dir) / "config.yaml")
     env = distributed.read_env()
     comm = distributed.init(env, cfg.train.dist_timeout_s, rendezvous_dir=Path(run_dir) / "rendezvous")
     try:
@@ -112,8 +112,6 @@ def evaluate_rank(rank: int, world: int, run_dir: str, protocol: str) -> None:
     try:
         evaluate_job(Path(run_dir), protocol)
     except Exception as exc:  # noqa: BLE001 - the rank's top level
-        from invprop.jobs.submit import fail
-
         print(f"rank {rank}:", end=" ", file=sys.stderr)
         fail(exc)
 
@@ -121,7 +119,7 @@ def evaluate_rank(rank: int, world: int, run_dir: str, protocol: str) -> None:
 def evaluate_local(run_dir: Path, protocol: str, timeout_s: float = 3600.0) -> dict:
     """cluster=local: the evaluation world on this machine (eval.gpus spawned ranks; one rank: this process);
     returns results.json afterwards."""
-    cfg = load_run_config(Path(run_dir))
+    cfg = config.load_typed_run_config(Path(run_dir) / "config.yaml")
     nodes, ranks = eval_world(cfg)
     if nodes * ranks == 1:
         return evaluate_run(Path(run_dir), protocol)

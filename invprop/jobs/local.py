@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from invprop import checkpoint
-from invprop.config import world_size
+from invprop.config import Config, world_size
 from invprop.jobs.evaluate import evaluate_local
 from invprop.jobs.pretrain import finished, pretrain, pretrain_rank
 from invprop.jobs.spawn import spawn_ranks
+from invprop.results import RunResults
 
 
-def run_local(cfg: DictConfig, run_dir: Path) -> dict:
+def run_local(cfg: Config, run_dir: Path) -> RunResults:
     """Pretrain, then each of eval.protocols in the evaluation world (jobs/evaluate.py: eval.gpus ranks here),
     the same body the SLURM evaluation job runs.
 
@@ -28,17 +26,18 @@ def run_local(cfg: DictConfig, run_dir: Path) -> dict:
     if world == 1:
         results = pretrain(run_dir, evaluate=False, stop_signals=(signal.SIGTERM, signal.SIGINT))
     else:
-        spawn_ranks(pretrain_rank, world, (str(run_dir), False),
-                    timeout_s=3600.0 * float(cfg.cluster.run_timeout_h), forward=stops)
+        spawn_ranks(pretrain_rank, world, (str(run_dir), False), timeout_s=3600.0 * cfg.cluster.run_timeout_h,
+                    forward=stops)
         if finished(run_dir):
-            results = json.loads((Path(run_dir) / "results.json").read_text())
+            results = RunResults.read(run_dir)
         else:
             latest = checkpoint.latest(Path(run_dir) / "checkpoints", report=False)
-            results = {"preempted_at_step": -1 if latest is None else checkpoint.step_of(latest)}
-    if "preempted_at_step" in results:
+            results = RunResults(preempted_at_step=-1 if latest is None else checkpoint.step_of(latest))
+    if results.preempted_at_step is not None:
         return results
     for protocol in cfg.eval.protocols:
-        results = evaluate_local(run_dir, protocol, timeout_s=3600.0 * float(cfg.cluster.run_timeout_h))
-        if "preempted_at_step" in results:
+        # evaluate_local returns the merged results.json (or the stopped evaluation's record)
+        results = RunResults.from_dict(evaluate_local(run_dir, protocol, timeout_s=3600.0 * cfg.cluster.run_timeout_h))
+        if results.preempted_at_step is not None:
             return results
     return results

@@ -8,25 +8,22 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig
 from rich.console import Console
 
 from invprop import checkpoint, config, distributed
 from invprop.collectives import Comm
-from invprop.config import ConfigError, slurm_section
+from invprop.config import Config, ConfigError, slurm_section
 from invprop.data import eval_split, load_split
 from invprop.eval.knn_eval import evaluate_knn_world, evaluate_pixels_knn
+from invprop.jobs.errors import fail
 from invprop.jobs.runlock import RunLock
-from invprop.metrics import read_jsonl, update_results, write_json_atomic
+from invprop.metrics import read_jsonl, write_json_atomic
 from invprop.progress import Reporter
+from invprop.results import RunResults
 from invprop.train.boundary import StepBoundary
 from invprop.train.trainer import Trainer
 
 console = Console(stderr=True)
-
-
-def load_run_config(run_dir: Path) -> DictConfig:
-    return config.load_run_config(Path(run_dir) / "config.yaml")
 
 
 FINISHED = "FINISHED"
@@ -39,7 +36,7 @@ def finished(run_dir: Path) -> bool:
 
 
 def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Signals, ...] = (),
-             hold_run_dir: bool = False) -> dict:
+             hold_run_dir: bool = False) -> RunResults:
     """Train (this rank's part) from the newest committed checkpoint if any, save, then optionally evaluate.
 
     On USR2 (or one of `stop_signals`, or at `train.stop_at_step`) the ranks save a committed checkpoint at
@@ -49,12 +46,12 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
     """
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    cfg = config.load_typed_run_config(run_dir / "config.yaml")
     env = distributed.read_env()
-    comm = distributed.init(env, float(cfg.train.dist_timeout_s), rendezvous_dir=run_dir / "rendezvous")
+    comm = distributed.init(env, cfg.train.dist_timeout_s, rendezvous_dir=run_dir / "rendezvous")
     lock = _hold_run_dir(run_dir, env, comm) if hold_run_dir else None
     device = comm.device
-    boundary = StepBoundary(comm, int(cfg.train.checkpoint_every_steps), float(cfg.train.checkpoint_every_min),
+    boundary = StepBoundary(comm, cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_min,
                             also=stop_signals, stop_at_step=cfg.train.stop_at_step)
     trainer = None
     try:
@@ -78,25 +75,25 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
             return _preempted(trainer, boundary, env)
         trainer.save_checkpoint()
         digest = trainer.digest()
-        results = {}
+        results = RunResults()
         if env.is_main:
             losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-            results = {"state_digest": digest, "final_train_loss": losses[-1] if losses else float("nan"),
-                       "epochs": int(cfg.train.epochs), "images": trainer.n, "steps": trainer.state.step,
-                       "world_size": comm.world, "dist_backend": comm.backend,
-                       "train_wall_s": time.perf_counter() - start,
-                       "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-                       # what the bank's top-M ran: `auto`'s choice and its steady-state timings (ms per call)
-                       "bank_selection": trainer.bank.selection_in_use,
-                       "bank_selection_ms": dict(trainer.bank.tuning_ms)}
+            results = RunResults(
+                state_digest=digest, final_train_loss=losses[-1] if losses else float("nan"),
+                epochs=cfg.train.epochs, images=trainer.n, steps=trainer.state.step, world_size=comm.world,
+                dist_backend=comm.backend, train_wall_s=time.perf_counter() - start,
+                slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                bank_selection=trainer.bank.selection_in_use, bank_selection_ms=dict(trainer.bank.tuning_ms),
+                data_format=str(cfg.data.format), loader=trainer.source.name)
         if evaluate:
-            results.update(evaluate_knn_world(cfg, trainer.model, trainer.bank, (trainer.images, trainer.labels),
-                                              load_split(cfg.data, eval_split(cfg.data)),
-                                              report=Reporter(enabled=env.is_main)))
+            results = results.merge(evaluate_knn_world(cfg, trainer.model, trainer.bank,
+                                                       (trainer.images, trainer.labels),
+                                                       load_split(cfg.data, eval_split(cfg.data)),
+                                                       report=Reporter(enabled=env.is_main)))
         if env.is_main:
-            results["wall_s"] = time.perf_counter() - start
-            results = update_results(run_dir, results)
-            write_json_atomic(run_dir / FINISHED, {"step": trainer.state.step, "epochs": int(cfg.train.epochs),
+            results.wall_s = time.perf_counter() - start
+            results = results.write_into(run_dir)
+            write_json_atomic(run_dir / FINISHED, {"step": trainer.state.step, "epochs": cfg.train.epochs,
                                                    "time": time.time()})
         return results
     finally:
@@ -124,27 +121,27 @@ def _hold_run_dir(run_dir: Path, env: distributed.DistEnv, comm: Comm) -> RunLoc
     return lock
 
 
-def _untrained_baseline(cfg: DictConfig, trainer: Trainer, device, env: distributed.DistEnv) -> None:
+def _untrained_baseline(cfg: Config, trainer: Trainer, device, env: distributed.DistEnv) -> None:
     """kNN of the network before any step and of the raw pixels, on the same reference set: the bars training
     has to clear."""
     found = evaluate_knn_world(cfg, trainer.model, trainer.bank, (trainer.images, trainer.labels),
                                load_split(cfg.data, eval_split(cfg.data)), report=Reporter(enabled=env.is_main))
     pixels = evaluate_pixels_knn(cfg, trainer.bank, trainer.images, trainer.labels, device)
     if env.is_main:
-        update_results(Path(trainer.run_dir), {"knn_untrained_top1": found["knn_top1"],
-                                                  "knn_backbone_untrained_top1": found["knn_backbone_top1"],
-                                                  **pixels})
+        RunResults().merge({"knn_untrained_top1": found["knn_top1"],
+                            "knn_backbone_untrained_top1": found["knn_backbone_top1"], **pixels}
+                           ).write_into(Path(trainer.run_dir))
 
 
-def _preempted(trainer: Trainer, boundary: StepBoundary, env: distributed.DistEnv) -> dict:
+def _preempted(trainer: Trainer, boundary: StepBoundary, env: distributed.DistEnv) -> RunResults:
     """The committed checkpoint is on disk; requeue through submitit (rank 0) or tell a local user to rerun."""
     if env.is_main:
         console.print(f"preempted: committed checkpoint at step {trainer.state.step}; handing over for requeue")
         boundary.hand_over()  # submitit's handler: checkpoint() + scontrol requeue + exit
         console.print("no scheduler to requeue this run: start the same command again to resume")
     elif env.source == "slurm":
-        time.sleep(float(slurm_section(trainer.cfg).requeue_wait_s))  # rank 0's requeue ends this task
-    return {"preempted_at_step": trainer.state.step}
+        time.sleep(slurm_section(trainer.cfg).requeue_wait_s)  # rank 0's requeue ends this task
+    return RunResults(preempted_at_step=trainer.state.step)
 
 
 def pretrain_rank(rank: int, world: int, run_dir: str, evaluate: bool = True) -> None:
@@ -153,7 +150,5 @@ def pretrain_rank(rank: int, world: int, run_dir: str, evaluate: bool = True) ->
         # Ctrl-C: save at the next step like USR2
         pretrain(Path(run_dir), evaluate=evaluate, stop_signals=(signal.SIGINT,))
     except Exception as exc:  # noqa: BLE001 - the rank's top level
-        from invprop.jobs.submit import fail
-
         print(f"rank {rank}:", end=" ", file=sys.stderr)
         fail(exc)

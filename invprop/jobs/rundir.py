@@ -11,8 +11,6 @@ settings each stretch of training ran under, and config.yaml then holds the new 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from invprop import checkpoint
+from invprop.atomic import write_json_atomic, write_text_atomic
 from invprop.config import ConfigError
-from invprop.metrics import write_json_atomic
+from invprop.config.flat import flatten
 
 IDENTITY = "identity.json"
 HISTORY = "config_history.json"
@@ -30,18 +29,8 @@ FIXED = ("model", "method", "data.name", "data.subset", "data.image_size", "data
          "data.n_test", "data.num_classes", "data.seed", "data.noise", "train.batch_size", "seed")
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a.b": value} for every leaf of a nested dict (lists are leaves)."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"))
-    return flat
-
-
 def resolved(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    tree = OmegaConf.to_container(cfg, resolve=True)
+    tree = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     tree["out_dir"] = str(run_dir)
     return tree
 
@@ -57,13 +46,9 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def _recorded(run_dir: Path) -> dict[str, Any] | None:
-    """The identity the run recorded; for run dirs from before identity.json, the one config.yaml implies."""
+    """The identity the run recorded (None: the directory was not laid out by invprop's launcher)."""
     path = run_dir / IDENTITY
-    if path.exists():
-        return json.loads(path.read_text())
-    if (run_dir / "config.yaml").exists():
-        return identity(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False))
-    return None
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _show(value: Any) -> str:
@@ -91,15 +76,6 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
                           "changes to resume it, or pass a new out_dir= to start a new run")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, list[Any]]:
     """Create the run directory and write config.yaml (every job of the run reads it) and identity.json;
     returns the changes against the previous config.yaml, which are appended to config_history.json."""
@@ -119,5 +95,5 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, list[Any]]:
         write_json_atomic(run_dir / HISTORY, history)
     if changes or not (run_dir / IDENTITY).exists():
         write_json_atomic(run_dir / IDENTITY, identity(tree))
-    _write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(tree)))
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(tree)))
     return changes

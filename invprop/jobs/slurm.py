@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import submitit
-from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from invprop.config import ConfigError, slurm_section
+from invprop.config import Config, ConfigError, slurm_section
+from invprop.config.schema import SlurmClusterConfig
 from invprop.distributed import read_env
 from invprop.jobs.evaluate import eval_world, evaluate_job
 from invprop.jobs.pretrain import pretrain
@@ -51,14 +51,14 @@ class EvalJob:
         return submitit.helpers.DelayedSubmission(EvalJob(self.run_dir, self.protocol))
 
 
-def eval_timeout_min(cfg: DictConfig, protocol: str) -> int:
+def eval_timeout_min(cfg: Config, protocol: str) -> int:
     """`protocol`'s time limit per job: eval.timeout_min.<protocol>, or cluster.eval_timeout_min when null. A
     protocol that needs longer is carried on by the requeue (EvalJob.checkpoint), up to max_num_timeout times."""
-    own = (cfg.eval.timeout_min or {}).get(protocol)
+    own = getattr(cfg.eval.timeout_min, protocol)
     return own if own is not None else slurm_section(cfg).eval_timeout_min
 
 
-def evaluation_executors(cfg: DictConfig, run_dir: Path, after: str) -> dict[str, submitit.AutoExecutor]:
+def evaluation_executors(cfg: Config, run_dir: Path, after: str) -> dict[str, submitit.AutoExecutor]:
     """{protocol: executor} for eval.protocols: each afterok on pretraining (cancelled if it fails), with
     eval.nodes x eval.gpus tasks (one GPU each where the cluster has GPUs) and the protocol's time limit."""
     cluster = slurm_section(cfg)
@@ -69,7 +69,7 @@ def evaluation_executors(cfg: DictConfig, run_dir: Path, after: str) -> dict[str
             for protocol in cfg.eval.protocols}
 
 
-def submit_evaluations(cfg: DictConfig, run_dir: Path, after: str) -> dict[str, submitit.Job]:
+def submit_evaluations(cfg: Config, run_dir: Path, after: str) -> dict[str, submitit.Job]:
     """One job per protocol in eval.protocols (see :func:`evaluation_executors`)."""
     return {f"eval_{protocol}": ev.submit(EvalJob(str(run_dir), protocol))
             for protocol, ev in evaluation_executors(cfg, run_dir, after).items()}
@@ -122,7 +122,7 @@ def active_jobs(run_dir: Path) -> dict[str, str]:
     return found
 
 
-def check_submission(cluster: DictConfig, run_dir: Path) -> None:
+def check_submission(cluster: SlurmClusterConfig, run_dir: Path) -> None:
     """What a SLURM launch checks before it writes anything: the cluster's settings, and that no job of an
     earlier launch on this run directory is still queued or running."""
     check_cluster(cluster)
@@ -152,14 +152,14 @@ def max_gpus_per_node(partition: str | None) -> int | None:
     return most
 
 
-def check_cluster(cluster: DictConfig) -> None:
+def check_cluster(cluster: SlurmClusterConfig) -> None:
     """Checks that need the cluster itself, still before anything is submitted."""
     if shutil.which("sbatch") is None:
         raise ConfigError("cluster=slurm: sbatch is not on PATH; run on a SLURM login node or use cluster=local")
     partitions = available_partitions()
     if cluster.partition is not None and partitions is not None and cluster.partition not in partitions:
         raise ConfigError(f"cluster.partition={cluster.partition} does not exist; available: {', '.join(partitions)}")
-    wanted = int(cluster.gpus_per_node)
+    wanted = cluster.gpus_per_node
     offered = max_gpus_per_node(cluster.partition) if wanted else None
     if offered is not None and wanted > offered:
         where = f"partition {cluster.partition}" if cluster.partition is not None else "this cluster"
@@ -167,18 +167,18 @@ def check_cluster(cluster: DictConfig) -> None:
                           f"use cluster.gpus_per_node={offered}" + (" (CPU only)" if offered == 0 else ""))
 
 
-def _executor(cfg: DictConfig, folder: Path, name: str, nodes: int, tasks_per_node: int,
+def _executor(cfg: Config, folder: Path, name: str, nodes: int, tasks_per_node: int,
               gpus_per_node: int, timeout_min: int, dependency: str | None = None) -> submitit.AutoExecutor:
     cl = slurm_section(cfg)
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=int(cl.max_num_timeout))
-    extra = dict(OmegaConf.to_container(cl.additional_parameters, resolve=True) or {})
-    params = dict(name=name, nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=int(cl.cpus_per_task),
-                  mem_gb=int(cl.mem_gb), timeout_min=timeout_min, slurm_signal_delay_s=int(cl.signal_delay_s))
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=cl.max_num_timeout)
+    extra = dict(cl.additional_parameters or {})
+    params = dict(name=name, nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cl.cpus_per_task,
+                  mem_gb=cl.mem_gb, timeout_min=timeout_min, slurm_signal_delay_s=cl.signal_delay_s)
     if gpus_per_node:
         params["gpus_per_node"] = gpus_per_node
     for key in ("partition", "account", "qos", "constraint"):
-        if cl[key] is not None:
-            params[f"slurm_{key}"] = str(cl[key])
+        if getattr(cl, key) is not None:
+            params[f"slurm_{key}"] = str(getattr(cl, key))
     if dependency:
         extra.update(dependency=dependency, kill_on_invalid_dep="yes")
     if extra:
@@ -199,7 +199,7 @@ def _outside_job_env() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def run_array_element(cfg: DictConfig, run_dir: Path) -> int:
+def run_array_element(cfg: Config, run_dir: Path) -> int:
     """A sweep element: submit this element's evaluation (afterok on itself), then pretrain in this allocation."""
     env = read_env()
     if env.is_main:
@@ -215,12 +215,12 @@ def run_array_element(cfg: DictConfig, run_dir: Path) -> int:
     return 0
 
 
-def submit_run(cfg: DictConfig, run_dir: Path, console: Console) -> int:
+def submit_run(cfg: Config, run_dir: Path, console: Console) -> int:
     """Submit pretraining and its chained evaluation; print the jobs and return without waiting."""
     logs = run_dir / "submitit"
-    gpus_per_node = int(cfg.cluster.gpus_per_node) if cfg.cluster.gpus_per_node else 0
-    pre = _executor(cfg, logs, f"invprop-pretrain-{run_dir.name}", int(cfg.nodes), int(cfg.gpus), gpus_per_node,
-                    int(cfg.cluster.timeout_min)).submit(PretrainJob(str(run_dir)))
+    cluster = slurm_section(cfg)
+    pre = _executor(cfg, logs, f"invprop-pretrain-{run_dir.name}", cfg.nodes, cfg.gpus, cluster.gpus_per_node,
+                    cluster.timeout_min).submit(PretrainJob(str(run_dir)))
     evals = submit_evaluations(cfg, run_dir, after=pre.job_id)
     jobs = {"pretrain": pre.job_id, **{role: job.job_id for role, job in evals.items()}}
     write_json_atomic(run_dir / "jobs.json", jobs_record(jobs, logs))

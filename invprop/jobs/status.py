@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from invprop.results import RunResults
+
 
 def sacct_records(job_ids: list[str], slurm_conf: str | None = None) -> dict[str, list[dict[str, str]]]:
     """Every allocation record (requeued runs included, -D) per job id, oldest first.
@@ -41,8 +43,7 @@ def job_rows(run_dir: Path) -> list[dict[str, Any]]:
     record = json.loads((run_dir / "jobs.json").read_text())
     jobs = record["jobs"]
     records = sacct_records(list(jobs.values()), record.get("slurm_conf"))
-    results_path = run_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results = RunResults.read(run_dir).to_dict()
     rows = []
     for role, job_id in sorted(jobs.items(), key=lambda item: (item[0] != "pretrain", item[0])):
         recs = records.get(job_id) or [{"state": "UNKNOWN", "elapsed": "", "start": "", "end": "", "exit": ""}]

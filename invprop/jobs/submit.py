@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -14,22 +13,24 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from invprop.config import ConfigError, validate
+from invprop.config import Config, ConfigError, typed, validate
 from invprop.jobs import rundir
+from invprop.jobs.errors import fail
 from invprop.jobs.runlock import RunLock
+from invprop.results import RunResults
 
 console = Console()
 
 
-def resolve_run_dir(cfg: DictConfig) -> Path:
+def resolve_run_dir(cfg: Config) -> Path:
     """out_dir for a single run; each sweep element gets Hydra's own numbered folder under the sweep dir."""
     try:
         hydra_cfg = HydraConfig.get()
     except ValueError:  # called outside a Hydra app
-        return Path(str(cfg.out_dir)).absolute()
+        return Path(cfg.out_dir).absolute()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return Path(hydra_cfg.runtime.output_dir).absolute()
-    return Path(str(cfg.out_dir)).absolute()
+    return Path(cfg.out_dir).absolute()
 
 
 def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
@@ -47,16 +48,16 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
                       soft_wrap=True)
 
 
-def summary_table(results: dict, run_dir: Path, cfg: DictConfig) -> Table:
+def summary_table(results: RunResults, run_dir: Path, cfg: Config) -> Table:
     table = Table(title=f"invprop {cfg.method.name} on {cfg.data.name}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("knn_top1", "knn_backbone_top1", "knn_bank_top1", "knn_untrained_top1",
                 "knn_backbone_untrained_top1", "knn_pixels_top1", "linear_top1", "linear_top5",
                 "semisup_1pct_top1", "semisup_10pct_top1", "final_train_loss", "epochs", "images", "steps",
-                "world_size", "dist_backend", "wall_s"):
-        if key in results:
-            value = results[key]
+                "world_size", "dist_backend", "loader", "wall_s"):
+        value = results.get(key)
+        if value is not None:
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     table.add_row("run dir", str(run_dir))
     return table
@@ -71,16 +72,18 @@ def _sweep_element_on_slurm() -> bool:
 
 
 def main(cfg: DictConfig) -> int:
-    """Validate before anything runs or is submitted; then run locally or submit to SLURM."""
+    """Validate before anything runs or is submitted; then run locally or submit to SLURM. The components
+    receive the typed config; the composed DictConfig is only what the run directory records."""
     lock = None
     try:
         validate(cfg)
-        run_dir = resolve_run_dir(cfg)
+        conf = typed(cfg)
+        run_dir = resolve_run_dir(conf)
         if not _sweep_element_on_slurm():  # inside a SLURM job its rank 0 holds the run directory (pretrain)
-            if cfg.cluster.name == "slurm":
+            if conf.cluster.name == "slurm":
                 from invprop.jobs.slurm import check_submission
 
-                check_submission(cfg.cluster, run_dir)
+                check_submission(conf.cluster, run_dir)
             rundir.check_resume(cfg, run_dir)  # a refused resume leaves the run directory as it was, lock included
             lock = RunLock(run_dir).acquire("launch")
         prepare_run_dir(cfg, run_dir)
@@ -88,13 +91,13 @@ def main(cfg: DictConfig) -> int:
         console.print(f"[bold red]config error:[/] {escape(str(exc))}", soft_wrap=True)  # user text: no markup
         return 2
     try:
-        return _launch(cfg, run_dir)
+        return _launch(conf, run_dir)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _launch(cfg: DictConfig, run_dir: Path) -> int:
+def _launch(cfg: Config, run_dir: Path) -> int:
     if _sweep_element_on_slurm():
         from invprop.jobs.slurm import run_array_element
 
@@ -106,8 +109,8 @@ def _launch(cfg: DictConfig, run_dir: Path) -> int:
     from invprop.jobs.local import run_local
 
     results = run_local(cfg, run_dir)
-    if "preempted_at_step" in results:
-        step = results["preempted_at_step"]
+    if results.preempted_at_step is not None:
+        step = results.preempted_at_step
         where = f"at step {step} with a committed checkpoint" if step >= 0 else "before the first checkpoint"
         console.print(f"stopped {where} in {escape(str(run_dir))}; run the same command again to resume",
                       soft_wrap=True)
@@ -127,13 +130,3 @@ def run(cfg: DictConfig) -> None:
         fail(exc)
     if code:
         sys.exit(code)
-
-
-def fail(exc: BaseException) -> None:
-    """Print `exc` as one line (the traceback only with INVPROP_VERBOSE=1) and exit with status 1."""
-    if os.environ.get("INVPROP_VERBOSE", "") not in ("", "0"):
-        traceback.print_exc()
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    print(f"error: {message} ({type(exc).__name__}; INVPROP_VERBOSE=1 shows the traceback)", file=sys.stderr,
-          flush=True)
-    sys.exit(1)

@@ -4,10 +4,10 @@ missing option) becomes one line naming the field."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
@@ -16,9 +16,12 @@ from invprop.config import ConfigError, validate
 
 
 def sweep_elements(overrides: list[str]) -> list[list[str]]:
-    """The override list of each sweep element, as Hydra's basic sweeper expands them."""
+    """The override list of each sweep element, as Hydra's basic sweeper expands them: the cartesian product of
+    every sweep override's values, in command-line order (through Hydra's public override parser)."""
     parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra")])
-    return [element for batch in BasicSweeper.split_arguments(parsed, None) for element in batch]
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [f"{o.get_key_element()}={o.get_value_element_as_str()}"] for o in parsed]
+    return [list(element) for element in itertools.product(*choices)]
 
 
 def composition_message(exc: Exception) -> str:

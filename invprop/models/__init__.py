@@ -6,13 +6,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from invprop.models.heads import LinearHead, MLPHead, build_head
 from invprop.models.resnet import BACKBONES, CifarResNet, build_backbone, resnet18_cifar, resnet50, resnet_tiny
+
+if TYPE_CHECKING:  # the schema's type only: nothing of invprop is imported at run time
+    from invprop.config.schema import ModelConfig
 
 
 class EmbeddingModel(nn.Module):
@@ -33,7 +36,7 @@ class EmbeddingModel(nn.Module):
         return self.head(self.backbone(x))
 
 
-def build_model(model_cfg: Any) -> EmbeddingModel:
+def build_model(model_cfg: ModelConfig) -> EmbeddingModel:
     """Build an :class:`EmbeddingModel` from the ``model`` config section."""
     backbone, feature_dim = build_backbone(str(model_cfg.arch))
     hidden = model_cfg.hidden_dim

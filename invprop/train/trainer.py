@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,35 +13,37 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from invprop import checkpoint
 from invprop.bank import ShardedBank
 from invprop.collectives import Comm
-from invprop.config import n_background
+from invprop.config import Config
 from invprop.data import EpochOrder, eval_batches, load_split, normalization
 from invprop.data.augment import BatchColorAugment, eval_transform
-from invprop.data.device_batches import DeviceBatches
-from invprop.data.loader import IndexedImageDataset, batch_generator, build_train_loader
+from invprop.data.loader import batch_generator
 from invprop.data.order import DataPosition
+from invprop.data.sources import BatchSource, build_batch_source
 from invprop.digest import state_digest
 from invprop.graph import UNKNOWN, NeighbourGraph
 from invprop.logger import build_logger, config_markdown, views_grid
-from invprop.loss import StepOutput, build_criterion, monitor_floats
+from invprop.loss import StepOutput, monitor_floats
+from invprop.method import method_of
 from invprop.metrics import MetricsLog
 from invprop.models import build_model
 from invprop.models.sync_bn import convert_sync_batchnorm
+from invprop.schedules import warmup_cosine_lr
 from invprop.state import RunIdentity, Stateful, TorchRng
 from invprop.train.boundary import StepBoundary
 from invprop.train.progress import TrainProgress
 
 
-def bank_selection(cfg: DictConfig, device: torch.device) -> str:
+def bank_selection(cfg: Config, device: torch.device) -> str:
     """`bank.selection`, except that a deterministic run on an accelerator does not pick by timing: the
     strategies agree exactly on the selected set but not in the last bit of every score."""
-    selection = str(cfg.bank.selection)
-    if selection == "auto" and bool(cfg.deterministic) and device.type != "cpu":
+    selection = cfg.bank.selection
+    if selection == "auto" and cfg.deterministic and device.type != "cpu":
         return "topk"
     return selection
 
@@ -61,14 +62,6 @@ def window_means(window: list[dict[str, torch.Tensor | float]]) -> dict[str, flo
 
 class Diverged(RuntimeError):
     """The loss became NaN or inf: the run stops with what it has committed."""
-
-
-def warmup_cosine_lr(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0) -> float:
-    """Linear warm-up to `base_lr` over the first `warmup_steps`, then cosine to 0 at `total_steps`."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -103,19 +96,6 @@ class TrainState:
         self.step = int(state["step"])
 
 
-def ffcv_available(say: bool) -> bool:
-    """Whether FFCV imports (an optional extra: sites that cannot build it train through torchvision); says
-    so once, on the main rank, when it does not."""
-    try:
-        import ffcv  # noqa: F401
-    except ImportError as exc:
-        if say:
-            print(f"data.format=ffcv but FFCV is not installed ({exc}); training through the torchvision "
-                  "loader instead (`pip install invprop[ffcv]` for the FFCV path)", file=sys.stderr, flush=True)
-        return False
-    return True
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -132,41 +112,37 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, comm: Comm, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, comm: Comm, run_dir: Path) -> None:
         self.cfg, self.comm, self.run_dir = cfg, comm, Path(run_dir)
         self.device = device = comm.device
-        seed_everything(int(cfg.seed), bool(cfg.deterministic))
+        seed_everything(cfg.seed, cfg.deterministic)
         self.images, self.labels = load_split(cfg.data, "train")
         self.n = int(self.labels.shape[0])
         self.label_table = self.labels.to(device)
         self.model = build_model(cfg.model).to(device)
         if cfg.model.sync_bn and comm.world > 1:
             self.model = convert_sync_batchnorm(self.model, device)
-        self.channels_last = bool(cfg.train.channels_last)
+        self.channels_last = cfg.train.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.bf16 = cfg.train.precision == "bf16"
-        self.net = self._wrap(self.model, bool(cfg.train.compile))
-        self.bank = ShardedBank(self.n, int(cfg.model.embedding_dim), comm=comm, seed=int(cfg.seed),
+        self.net = self._wrap(self.model, cfg.train.compile)
+        self.bank = ShardedBank(self.n, cfg.model.embedding_dim, comm=comm, seed=cfg.seed,
                                 selection=bank_selection(cfg, device))
-        self.graph = NeighbourGraph(self.n, int(cfg.method.k), device) if cfg.method.name == "invp" else None
-        self.criterion = build_criterion(cfg.method, self.bank, self.graph, n_background(cfg, self.n))
-        self.order = EpochOrder(self.n, int(cfg.train.batch_size), int(cfg.seed))
-        aug_cfg = cfg.data.augment
-        self.dataset = IndexedImageDataset.from_config(self.images, self.labels, aug_cfg, train=True,
-                                                       seed=int(cfg.seed))
-        self.augment = BatchColorAugment.from_config(aug_cfg, *normalization(cfg.data)).to(device)
-        self.ffcv = self._build_ffcv() if cfg.data.format == "ffcv" and ffcv_available(
-            comm.is_main) else None
-        self.resident = DeviceBatches(self.images, self.labels, self.order, seed=int(cfg.seed),
-                                      out_size=int(self.images.shape[-1]), crop_scale=tuple(aug_cfg.crop_scale),
-                                      flip=bool(aug_cfg.flip), device=device) if cfg.data.format == "device" else None
-        self.base_lr = float(cfg.train.lr) * int(cfg.train.batch_size) / 128
+        self.method = method_of(cfg.method)
+        self.graph = NeighbourGraph(self.n, cfg.method.k, device) if self.method.uses_graph else None
+        self.criterion = self.method.criterion(cfg.method, self.bank, self.graph, self.n)
+        self.order = EpochOrder(self.n, cfg.train.batch_size, cfg.seed)
+        self.augment = BatchColorAugment.from_config(cfg.data.augment, *normalization(cfg.data)).to(device)
+        self.source: BatchSource = build_batch_source(
+            cfg.data, self.images, self.labels, self.order, seed=cfg.seed, workers=cfg.train.num_workers,
+            rank=comm.rank, world=comm.world, device=device, is_main=comm.is_main)
+        self.base_lr = cfg.train.lr * cfg.train.batch_size / 128
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.base_lr,
-                                         momentum=float(cfg.train.momentum),
-                                         weight_decay=float(cfg.train.weight_decay),
+                                         momentum=cfg.train.momentum,
+                                         weight_decay=cfg.train.weight_decay,
                                          fused=device.type == "cuda")  # one kernel for all parameters
-        self.total_steps = int(cfg.train.epochs) * self.order.num_batches
+        self.total_steps = cfg.train.epochs * self.order.num_batches
         self.state = TrainState(DataPosition(self.order.num_batches))
         self.rng = TorchRng()
         self.logger = build_logger(cfg, self.run_dir, enabled=comm.is_main)
@@ -174,29 +150,9 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self._selection_reported = False
 
-    def _build_ffcv(self) -> Any:
-        """The FFCV loader, built once per process and reused every epoch (its pipeline compiles once)."""
-        from invprop.data.beton_cache import ensure_beton
-        from invprop.data.ffcv.loader import build_ffcv_train_loader
-
-        beton = ensure_beton(self.cfg.data, "train", Path(str(self.cfg.data.beton_dir)),
-                             progress=self.comm.is_main)
-        aug = self.cfg.data.augment
-        return build_ffcv_train_loader(beton, self.order, self.comm.rank, self.comm.world,
-                                       int(self.cfg.train.num_workers), int(self.cfg.data.image_size),
-                                       int(self.cfg.seed), scale=tuple(aug.crop_scale),
-                                       flip=bool(aug.flip))
-
     def batches(self) -> Any:
-        """This rank's batches of the current epoch from the saved position: FFCV, the resident images
-        (`data.format=device`) or the torchvision path."""
-        if self.ffcv is not None:
-            return self.ffcv.epoch(self.state.epoch, self.state.batch)
-        if self.resident is not None:
-            return self.resident.epoch(self.state.epoch, self.state.batch, self.comm.rank, self.comm.world)
-        return build_train_loader(self.dataset, self.order, self.state.epoch, self.state.batch, self.comm.rank,
-                                  self.comm.world, int(self.cfg.train.num_workers),
-                                  pin_memory=self.device.type == "cuda")
+        """This rank's batches of the current epoch from the saved position."""
+        return self.source.epoch(self.state.epoch, self.state.batch)
 
     def _wrap(self, model: torch.nn.Module, compile_model: bool) -> torch.nn.Module:
         """DDP across ranks, then optionally torch.compile (DDP-aware graph breaks at bucket boundaries)."""
@@ -222,7 +178,7 @@ class Trainer:
         """
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         self.model.train()
-        local = max(1, int(self.cfg.train.batch_size) // self.comm.world)
+        local = max(1, self.cfg.train.batch_size // self.comm.world)
         mean, std = normalization(self.cfg.data)
         lo = self.bank.start
         for batch in eval_batches(self.images[self.bank.start : self.bank.stop], local):
@@ -240,7 +196,7 @@ class Trainer:
 
     # -- schedule ---------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        warm = int(self.cfg.train.lr_warmup_epochs) * self.order.num_batches
+        warm = self.cfg.train.lr_warmup_epochs * self.order.num_batches
         return warmup_cosine_lr(step, self.base_lr, self.total_steps, warm)
 
     def set_lr(self) -> float:
@@ -253,13 +209,12 @@ class Trainer:
     def augment_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Colour augmentations as batched ops on the device; parameters drawn for the whole global batch
         from (seed, epoch, batch), so they do not depend on the world size."""
-        gen = batch_generator(int(self.cfg.seed), self.state.epoch, self.state.batch, self.device)
+        gen = batch_generator(self.cfg.seed, self.state.epoch, self.state.batch, self.device)
         local = images.shape[0]
         x = images.to(self.device, non_blocking=True)
         return self.augment(x, gen, row_offset=self.comm.rank * local, rows_total=local * self.comm.world)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
-                   ) -> dict[str, torch.Tensor | float]:
+    def train_step(self, images: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor | float]:
         """One optimiser step. The monitors come back as device tensors, read only when a window is logged:
         on a GPU a per-step .item() would drain the queue and expose every kernel launch of the next step."""
         lr = self.set_lr()
@@ -291,7 +246,7 @@ class Trainer:
         At every step boundary the ranks poll `boundary` together; a stop or a periodic save writes a
         committed checkpoint first, so a requeued job continues from exactly this step.
         """
-        epochs = int(self.cfg.train.epochs)
+        epochs = self.cfg.train.epochs
         if self.state.step == 0:
             self.evaluate_epoch()  # the curve starts at the untrained network (and the initial bank)
         with TrainProgress(self.total_steps, self.state.step, enabled=self.comm.is_main,
@@ -300,17 +255,17 @@ class Trainer:
                 loader = self.batches()
                 window, tick = [], time.perf_counter()
                 steps_before = self.state.step
-                for images, labels, indices in loader:
+                for images, _labels, indices in loader:
                     if self.state.step == 0:
                         self.log_start(images)
-                    window.append(self.train_step(images, labels, indices))
+                    window.append(self.train_step(images, indices))
                     self.report_bank_selection(progress)
                     self.state.batch += 1
                     self.state.step += 1
                     if self.state.batch == self.order.num_batches:  # the epoch is complete
                         self.state.epoch += 1
                         self.state.batch = 0
-                    if self.state.step % int(self.cfg.train.log_every) == 0 or self.state.batch == 0:
+                    if self.state.step % self.cfg.train.log_every == 0 or self.state.batch == 0:
                         elapsed = time.perf_counter() - tick
                         record = self.log_window(window, len(window) * self.order.global_batch / max(elapsed, 1e-9))
                         progress.update(self.state.step, record)
@@ -378,7 +333,7 @@ class Trainer:
 
     def evaluate_epoch(self) -> None:
         """kNN accuracy over training (eval.every_epochs > 0) into metrics.jsonl, for the curves in reports."""
-        every = int(self.cfg.eval.every_epochs)
+        every = self.cfg.eval.every_epochs
         if every <= 0 or self.state.epoch % every:
             return
         from invprop.data import eval_split
@@ -395,9 +350,8 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this run."""
-        return {"n": self.n, "dim": int(self.cfg.model.embedding_dim), "arch": str(self.cfg.model.arch),
-                "method": str(self.cfg.method.name),
-                "k": int(self.cfg.method.k) if self.cfg.method.name == "invp" else 0}
+        return {"n": self.n, "dim": self.cfg.model.embedding_dim, "arch": self.cfg.model.arch,
+                "method": str(self.method.name), **self.method.identity(self.cfg.method)}
 
     def states(self) -> dict[str, Stateful]:
         """Every part of this run a resume needs, by name; each owns its state. The identity comes first so that
@@ -416,12 +370,9 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         return checkpoint.save(self.ckpt_root, self.state.step, self.states(), comm=self.comm,
-                               keep=int(self.cfg.train.keep_checkpoints))
+                               keep=self.cfg.train.keep_checkpoints)
 
     def digest(self) -> str:
         """Collective: sha256 of weights, the whole bank (gathered in row order) and the graph."""
         bank = self.bank.gather_full()
         return state_digest(self.model.state_dict(), bank, None if self.graph is None else self.graph.table)
-
-    def barrier(self) -> None:
-        self.comm.barrier()
