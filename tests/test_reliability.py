@@ -272,3 +272,23 @@ def test_export_refuses_existing_destination_and_leaves_no_tmp(finished_run: Pat
     assert export_backbone.main([str(finished_run), "--out", "/proc/b.pth"]) == 2
     assert not list(Path("/proc").glob(".b.pth*")) and sorted(p.name for p in tmp_path.iterdir()) == ["exists",
                                                                                                        "file"]
+
+
+def test_huge_image_size_is_one_line_naming_the_bound() -> None:
+    message = _error("data=synthetic", "data.image_size=100000")
+    assert message.startswith("data.image_size=100000 is larger than 2048 pixels per side; use at most 2048")
+
+
+def test_export_features_to_an_unwritable_place_is_one_line(finished_run: Path, tmp_path: Path, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import export_features
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    assert export_features.main([str(finished_run), "--out", "/proc/feats.npz"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out /proc/feats.npz: cannot write there (") and "\n" not in err
+    assert export_features.main([str(finished_run), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --out {tmp_path} is a folder; give a file name such as "
+                                               f"{tmp_path / 'features.npz'}")
+    assert list(tmp_path.iterdir()) == []
