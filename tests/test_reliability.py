@@ -292,3 +292,28 @@ def test_export_features_to_an_unwritable_place_is_one_line(finished_run: Path, 
     assert capsys.readouterr().err.strip() == (f"error: --out {tmp_path} is a folder; give a file name such as "
                                                f"{tmp_path / 'features.npz'}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_more_ranks_than_the_machine_has_is_refused_unless_forced() -> None:
+    from invprop.config import machine_slots
+
+    slots, what = machine_slots()  # CPU cores here (no GPU), GPUs on a GPU machine
+    ranks = slots + 1
+    many = ["data=synthetic", "data.n_train=2000", f"gpus={ranks}", f"train.batch_size={32 * ranks}"]
+    assert _error(*many) == (f"gpus={ranks} starts {ranks} ranks on this machine, which has {what}; use "
+                             f"gpus={slots} or fewer, or set cluster.allow_oversubscribe=true to run them anyway")
+    validate(_cfg(*many, "cluster.allow_oversubscribe=true"))
+    validate(_cfg(*many[:2], f"gpus={slots}", f"train.batch_size={32 * slots}"))
+    slurm = ["data=synthetic", "cluster=slurm", "nodes=2", "gpus=4", "train.batch_size=256"]
+    assert _error(*slurm, "cluster.gpus_per_node=2").startswith(
+        "gpus=4 ranks per node is more than the cluster.gpus_per_node=2 GPUs each node is given")
+    validate(_cfg(*slurm, "cluster.gpus_per_node=4"))
+
+
+def test_cpu_core_count_is_the_affinity_not_the_machine() -> None:
+    """A process limited to one core (taskset, a SLURM cgroup) may not start two ranks."""
+    code = ("import os, sys; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+            "from invprop.config import machine_slots; print(machine_slots())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.strip() == "(1, 'no GPU and 1 usable CPU core(s)')", proc.stderr[-2000:]
