@@ -56,18 +56,44 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 # -- 1. a finished command run again, and a periodic save on the last step ---------------------------------
-def test_rerun_of_finished_command_keeps_checkpoint_valid(finished_run: Path, tmp_path: Path) -> None:
-    before = {p.name: p.read_bytes() for p in (finished_run / "checkpoints" / "step_16").iterdir()}
-    for _ in range(2):  # the issue's third run retrained from step 0
+def _tree(run: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))
+            if p.is_file()}
+
+
+def test_rerun_of_finished_command_changes_nothing_and_says_so(finished_run: Path, tmp_path: Path) -> None:
+    before = _tree(finished_run)
+    for _ in range(2):  # the issue's third run retrained from step 0; later ones rewrote results.json's times
         proc = _launch(finished_run, *PERIODIC)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "resumed from" in proc.stderr and "warning" not in proc.stderr
-    assert {p.name: p.read_bytes() for p in (finished_run / "checkpoints" / "step_16").iterdir()} == before
+        assert proc.stdout.strip() == (f"{finished_run} already finished this command (step 16; results in "
+                                       "results.json): nothing to do; change a setting such as train.epochs to "
+                                       "continue it, or pass a new out_dir= for a new run")
+        assert proc.stderr == ""
+    assert _tree(finished_run) == before  # every file, bytes and modification time
     assert checkpoint.latest(finished_run / "checkpoints").name == "step_16"
     assert _steps(finished_run) == list(range(1, 17))
     export = subprocess.run([sys.executable, str(ROOT / "tools/export_backbone.py"), str(finished_run), "--out",
                              str(tmp_path / "b.pth")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert export.returncode == 0 and "from step_16" in export.stdout, export.stderr
+
+
+def test_a_finished_run_missing_a_requested_result_is_not_done(tmp_path: Path) -> None:
+    """Stopped during the linear probe (results.json without it), or run again with other settings: the
+    command goes on; the finished run with every result and the same settings is done."""
+    from invprop.jobs import rundir
+
+    cfg = _cfg("data=synthetic", "eval.protocols=[knn,linear]", f"out_dir={tmp_path}")
+    rundir.prepare(cfg, tmp_path)
+    (tmp_path / "FINISHED").write_text(json.dumps({"step": 8}))
+    (tmp_path / "results.json").write_text(json.dumps({"knn_top1": 0.5}))
+    assert rundir.finished_unchanged(cfg, tmp_path) is None
+    (tmp_path / "results.json").write_text(json.dumps({"knn_top1": 0.5, "eval_linear_checkpoint": "step_8"}))
+    assert rundir.finished_unchanged(cfg, tmp_path) == 8
+    assert rundir.finished_unchanged(_cfg("data=synthetic", "eval.protocols=[knn,linear]", "train.epochs=3",
+                                          f"out_dir={tmp_path}"), tmp_path) is None
+    (tmp_path / "FINISHED").unlink()
+    assert rundir.finished_unchanged(cfg, tmp_path) is None
 
 
 def test_periodic_save_on_the_last_step(finished_run: Path) -> None:

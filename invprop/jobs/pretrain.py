@@ -15,6 +15,7 @@ from invprop import checkpoint, config, distributed
 from invprop.collectives import Comm
 from invprop.config import ConfigError, slurm_section
 from invprop.eval.knn_eval import evaluate_knn, evaluate_pixels_knn
+from invprop.jobs.rundir import FINISHED
 from invprop.jobs.runlock import RunLock
 from invprop.metrics import read_jsonl, update_results, write_json_atomic
 from invprop.train.boundary import StepBoundary
@@ -25,9 +26,6 @@ console = Console(stderr=True)
 
 def load_run_config(run_dir: Path) -> DictConfig:
     return config.load_run_config(Path(run_dir) / "config.yaml")
-
-
-FINISHED = "FINISHED"
 
 
 def finished(run_dir: Path) -> bool:
