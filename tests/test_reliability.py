@@ -52,6 +52,7 @@ def finished_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("fin") / "run"
     proc = _launch(run, *PERIODIC)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (run.parent / "launch.out").write_text(proc.stdout + proc.stderr)
     return run
 
 
@@ -343,3 +344,20 @@ def test_cpu_core_count_is_the_affinity_not_the_machine() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)})
     assert proc.stdout.strip() == "(1, 'no GPU and 1 usable CPU core(s)')", proc.stderr[-2000:]
+
+
+def test_time_estimate_after_the_first_window() -> None:
+    from invprop.train.estimate import duration, steps_estimate
+
+    assert [duration(s) for s in (40, 89.6, 600, 5399, 12240, 200000)] == ["40 s", "90 s", "10 min", "90 min",
+                                                                          "3.4 h", "2.3 days"]
+    assert steps_estimate(10, 25.0, 10, 10010, 1000) == (
+        "10010 steps (1000 per epoch x 10 epochs), 10000 to go: about 6.9 h of training at 2.5 s per step (the pace "
+        "of the first 10 steps; evaluation not included)")
+    assert steps_estimate(1, 0.5, 5, 16, 8).startswith("16 steps (8 per epoch x 2 epochs), 11 to go: about 6 s ")
+    assert steps_estimate(4, 1.0, 16, 16, 8) is None  # the first window was the last
+
+
+def test_the_launch_prints_the_estimate_once(finished_run: Path) -> None:
+    lines = [line for line in (finished_run.parent / "launch.out").read_text().splitlines() if "to go: about" in line]
+    assert len(lines) == 1 and lines[0].startswith("16 steps (8 per epoch x 2 epochs), 15 to go: about "), lines
