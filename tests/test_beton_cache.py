@@ -1,10 +1,13 @@
 """The .beton cache checks what it opens (issue 30): a file whose sources were edited, or whose bytes were
-overwritten or cut short, is written again with one line saying why."""
+overwritten or cut short, is written again with one line saying why; a source image that cannot be read stops
+the write in one line naming it."""
 
 from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ from invprop.data import beton_check  # noqa: E402
 from invprop.data.beton import read_beton_arrays  # noqa: E402
 from invprop.data.beton_cache import ensure_beton, source_files  # noqa: E402
 from invprop.data.beton_check import problem, record_path  # noqa: E402
+from invprop.data.ffcv.compat import BetonSourceError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,3 +109,52 @@ def test_only_sampled_chunks_are_summed_above_the_full_check_size() -> None:
     assert beton_check._chunks_to_check(10, 10 * beton_check.CHUNK) == list(range(10))
     picked = beton_check._chunks_to_check(1000, beton_check.FULL_CHECK_BYTES + 1)
     assert picked[0] == 0 and picked[-1] == 999 and len(picked) == beton_check.SAMPLED_CHUNKS + 2
+
+
+def _bomb(path: Path) -> None:
+    """A small, valid JPEG whose header claims 65000 x 65000 pixels (PIL refuses it as a decompression bomb)."""
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(path, quality=90)
+    data = bytearray(path.read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 65000, 65000)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("bad", ["zero bytes", "text", "decompression bomb"])
+def test_an_unreadable_image_stops_the_write_in_one_line_naming_it(folder: Path, tmp_path: Path, capfd,
+                                                                    bad: str) -> None:
+    image = sorted((folder / "train").rglob("*.jpg"))[5]
+    if bad == "zero bytes":
+        image.write_bytes(b"")
+    elif bad == "text":
+        image.write_text("not a picture\n")
+    else:
+        _bomb(image)
+    capfd.readouterr()
+    with pytest.raises(BetonSourceError) as err:
+        _ensure(_folder_cfg(folder), tmp_path / "b")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("writing the .beton stopped at sample ")
+    assert f"{image} ({image.stat().st_size} bytes) cannot be read as an image (" in message
+    assert message.endswith("; remove or replace it")
+    if bad == "decompression bomb":
+        assert "DecompressionBomb" in message
+    assert "Traceback" not in capfd.readouterr().err  # the writer process ends quietly
+    assert [p.name for p in (tmp_path / "b").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_the_launcher_names_an_unreadable_image_in_one_line(folder: Path, tmp_path: Path) -> None:
+    image = sorted((folder / "train").rglob("*.jpg"))[2]
+    image.write_bytes(b"")
+    proc = subprocess.run([sys.executable, str(ROOT / "launchers/submit.py"), "data=folder", f"data.root={folder}",
+                           "data.image_size=32", f"data.beton_dir={tmp_path / 'b'}", "train.batch_size=4",
+                           "train.num_workers=0", "data.eval_workers=0", "method.k=2", "method.n_pos=2",
+                           "method.n_background=8", "eval.untrained_baseline=false", "train.epochs=1",
+                           f"out_dir={tmp_path / 'run'}", "train.allow_small_rank_batch=true"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{image} (0 bytes) cannot be read as an image" in errors[0], proc.stderr[-2000:]

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from invprop.data.cifar import load_cifar
-from invprop.data.folder import IMAGE_EXTENSIONS, class_folders, decode, list_images
+from invprop.data.folder import IMAGE_EXTENSIONS, FolderDataError, class_folders, decode, list_images
 from invprop.data.svhn import load_svhn
 
 __all__ = [
@@ -246,7 +246,7 @@ def write_beton(
         if isinstance(base, ArraySource) and base.images[0].size <= 2**19:
             page_size = 2 * 2**20
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    guard = GuardedSource(source)
+    guard = GuardedSource(source, user_errors=(FolderDataError,))
     writer = DatasetWriter(str(tmp), fields, num_workers=num_workers, page_size=int(page_size))
     try:
         with patched_writer(guard, n, description or f"writing {out.name}", progress):
