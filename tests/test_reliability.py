@@ -361,3 +361,18 @@ def test_time_estimate_after_the_first_window() -> None:
 def test_the_launch_prints_the_estimate_once(finished_run: Path) -> None:
     lines = [line for line in (finished_run.parent / "launch.out").read_text().splitlines() if "to go: about" in line]
     assert len(lines) == 1 and lines[0].startswith("16 steps (8 per epoch x 2 epochs), 15 to go: about "), lines
+
+
+def test_reliability_check_cases_that_compose_badly_or_could_run_code(tmp_path: Path, capsys) -> None:
+    """tools/reliability_check.py: values that do not compose are refused as the launcher refuses them, and the
+    malicious pickles (which would create a file when loaded) are refused without running."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import reliability_check
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    code = reliability_check.main(["--work", str(tmp_path), "--only", "7 seed=abc", "--only", "7 train.lr=abc",
+                                   "--only", "malicious CIFAR", "--only", "another method.tau"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "tried 4 / clean 4 / traceback 0 / silent 0 / lost 0" and code == 0, lines
+    assert not (tmp_path / "pickle_ran").exists()
