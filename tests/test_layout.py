@@ -108,8 +108,9 @@ DATA_LAYERS = {
     # readers, pure helpers, and every use of FFCV internals
     "invprop.data.seeding": 0, "invprop.data.color": 0, "invprop.data.geometric": 0, "invprop.data.batches": 0,
     "invprop.data.cifar": 0, "invprop.data.svhn": 0, "invprop.data.fashion_mnist": 0, "invprop.data.ffcv.compat": 0,
-    # the one crop box, the one data order (and row split), synthetic data, colour augmentation
+    # the one crop box, the one data order (and row split), synthetic data, colour augmentation; a beton's checks
     "invprop.data.crop": 1, "invprop.data.order": 1, "invprop.data.synthetic": 1, "invprop.data.augment": 1,
+    "invprop.data.beton_check": 1,
     # image folders; FFCV traversal orders and the seeded decoder
     "invprop.data.folder": 2, "invprop.data.ffcv.order": 2, "invprop.data.ffcv.decoder": 2,
     # datasets by config; the FFCV loaders

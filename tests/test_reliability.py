@@ -52,22 +52,49 @@ def finished_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("fin") / "run"
     proc = _launch(run, *PERIODIC)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (run.parent / "launch.out").write_text(proc.stdout + proc.stderr)
     return run
 
 
 # -- 1. a finished command run again, and a periodic save on the last step ---------------------------------
-def test_rerun_of_finished_command_keeps_checkpoint_valid(finished_run: Path, tmp_path: Path) -> None:
-    before = {p.name: p.read_bytes() for p in (finished_run / "checkpoints" / "step_16").iterdir()}
-    for _ in range(2):  # the issue's third run retrained from step 0
+def _tree(run: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))
+            if p.is_file()}
+
+
+def test_rerun_of_finished_command_changes_nothing_and_says_so(finished_run: Path, tmp_path: Path) -> None:
+    before = _tree(finished_run)
+    for _ in range(2):  # the issue's third run retrained from step 0; later ones rewrote results.json's times
         proc = _launch(finished_run, *PERIODIC)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "resumed from" in proc.stderr and "warning" not in proc.stderr
-    assert {p.name: p.read_bytes() for p in (finished_run / "checkpoints" / "step_16").iterdir()} == before
+        assert proc.stdout.strip() == (f"{finished_run} already finished this command (step 16; results in "
+                                       "results.json): nothing to do; change a setting such as train.epochs to "
+                                       "continue it, or pass a new out_dir= for a new run")
+        assert proc.stderr == ""
+    assert _tree(finished_run) == before  # every file, bytes and modification time
     assert checkpoint.latest(finished_run / "checkpoints").name == "step_16"
     assert _steps(finished_run) == list(range(1, 17))
     export = subprocess.run([sys.executable, str(ROOT / "tools/export_backbone.py"), str(finished_run), "--out",
                              str(tmp_path / "b.pth")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert export.returncode == 0 and "from step_16" in export.stdout, export.stderr
+
+
+def test_a_finished_run_missing_a_requested_result_is_not_done(tmp_path: Path) -> None:
+    """Stopped during the linear probe (results.json without it), or run again with other settings: the
+    command goes on; the finished run with every result and the same settings is done."""
+    from invprop.jobs import rundir
+
+    cfg = _cfg("data=synthetic", "eval.protocols=[knn,linear]", f"out_dir={tmp_path}")
+    rundir.prepare(cfg, tmp_path)
+    (tmp_path / "FINISHED").write_text(json.dumps({"step": 8}))
+    (tmp_path / "results.json").write_text(json.dumps({"knn_top1": 0.5}))
+    assert rundir.finished_unchanged(cfg, tmp_path) is None
+    (tmp_path / "results.json").write_text(json.dumps({"knn_top1": 0.5, "eval_linear_checkpoint": "step_8"}))
+    assert rundir.finished_unchanged(cfg, tmp_path) == 8
+    assert rundir.finished_unchanged(_cfg("data=synthetic", "eval.protocols=[knn,linear]", "train.epochs=3",
+                                          f"out_dir={tmp_path}"), tmp_path) is None
+    (tmp_path / "FINISHED").unlink()
+    assert rundir.finished_unchanged(cfg, tmp_path) is None
 
 
 def test_periodic_save_on_the_last_step(finished_run: Path) -> None:
@@ -272,3 +299,80 @@ def test_export_refuses_existing_destination_and_leaves_no_tmp(finished_run: Pat
     assert export_backbone.main([str(finished_run), "--out", "/proc/b.pth"]) == 2
     assert not list(Path("/proc").glob(".b.pth*")) and sorted(p.name for p in tmp_path.iterdir()) == ["exists",
                                                                                                        "file"]
+
+
+def test_huge_image_size_is_one_line_naming_the_bound() -> None:
+    message = _error("data=synthetic", "data.image_size=100000")
+    assert message.startswith("data.image_size=100000 is larger than 2048 pixels per side; use at most 2048")
+
+
+def test_export_features_to_an_unwritable_place_is_one_line(finished_run: Path, tmp_path: Path, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import export_features
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    assert export_features.main([str(finished_run), "--out", "/proc/feats.npz"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out /proc/feats.npz: cannot write there (") and "\n" not in err
+    assert export_features.main([str(finished_run), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --out {tmp_path} is a folder; give a file name such as "
+                                               f"{tmp_path / 'features.npz'}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_more_ranks_than_the_machine_has_is_refused_unless_forced() -> None:
+    from invprop.config import machine_slots
+
+    slots, what = machine_slots()  # CPU cores here (no GPU), GPUs on a GPU machine
+    ranks = slots + 1
+    many = ["data=synthetic", "data.n_train=2000", f"gpus={ranks}", f"train.batch_size={32 * ranks}"]
+    assert _error(*many) == (f"gpus={ranks} starts {ranks} ranks on this machine, which has {what}; use "
+                             f"gpus={slots} or fewer, or set cluster.allow_oversubscribe=true to run them anyway")
+    validate(_cfg(*many, "cluster.allow_oversubscribe=true"))
+    validate(_cfg(*many[:2], f"gpus={slots}", f"train.batch_size={32 * slots}"))
+    slurm = ["data=synthetic", "cluster=slurm", "nodes=2", "gpus=4", "train.batch_size=256"]
+    assert _error(*slurm, "cluster.gpus_per_node=2").startswith(
+        "gpus=4 ranks per node is more than the cluster.gpus_per_node=2 GPUs each node is given")
+    validate(_cfg(*slurm, "cluster.gpus_per_node=4"))
+
+
+def test_cpu_core_count_is_the_affinity_not_the_machine() -> None:
+    """A process limited to one core (taskset, a SLURM cgroup) may not start two ranks."""
+    code = ("import os, sys; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+            "from invprop.config import machine_slots; print(machine_slots())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.strip() == "(1, 'no GPU and 1 usable CPU core(s)')", proc.stderr[-2000:]
+
+
+def test_time_estimate_after_the_first_window() -> None:
+    from invprop.train.estimate import duration, steps_estimate
+
+    assert [duration(s) for s in (40, 89.6, 600, 5399, 12240, 200000)] == ["40 s", "90 s", "10 min", "90 min",
+                                                                          "3.4 h", "2.3 days"]
+    assert steps_estimate(10, 25.0, 10, 10010, 1000) == (
+        "10010 steps (1000 per epoch x 10 epochs), 10000 to go: about 6.9 h of training at 2.5 s per step (the pace "
+        "of the first 10 steps; evaluation not included)")
+    assert steps_estimate(1, 0.5, 5, 16, 8).startswith("16 steps (8 per epoch x 2 epochs), 11 to go: about 6 s ")
+    assert steps_estimate(4, 1.0, 16, 16, 8) is None  # the first window was the last
+
+
+def test_the_launch_prints_the_estimate_once(finished_run: Path) -> None:
+    lines = [line for line in (finished_run.parent / "launch.out").read_text().splitlines() if "to go: about" in line]
+    assert len(lines) == 1 and lines[0].startswith("16 steps (8 per epoch x 2 epochs), 15 to go: about "), lines
+
+
+def test_reliability_check_cases_that_compose_badly_or_could_run_code(tmp_path: Path, capsys) -> None:
+    """tools/reliability_check.py: values that do not compose are refused as the launcher refuses them, and the
+    malicious pickles (which would create a file when loaded) are refused without running."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import reliability_check
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    code = reliability_check.main(["--work", str(tmp_path), "--only", "7 seed=abc", "--only", "7 train.lr=abc",
+                                   "--only", "malicious CIFAR", "--only", "another method.tau"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "tried 4 / clean 4 / traceback 0 / silent 0 / lost 0" and code == 0, lines
+    assert not (tmp_path / "pickle_ran").exists()

@@ -107,7 +107,7 @@ def test_elastic_resume_reshards_bank_row_for_row_and_records_the_changes(tmp_pa
         assert [b.rows.shape[0] for b in banks] == [b.n_local for b in banks]
         assert torch.equal(torch.cat([b.rows for b in banks]), full)
     # continue the same run on 3 ranks for a second epoch, at another lr: continuable changes, recorded
-    proc = _launch(run, "gpus=3", "train.epochs=2", "train.lr=0.05")
+    proc = _launch(run, "gpus=3", "cluster.allow_oversubscribe=true", "train.epochs=2", "train.lr=0.05")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and _results(run)["world_size"] == 3
     assert (_results(run)["dist_backend"], _results(run)["epochs"]) == ("gloo", 2)
@@ -115,7 +115,8 @@ def test_elastic_resume_reshards_bank_row_for_row_and_records_the_changes(tmp_pa
     history = json.loads((run / "config_history.json").read_text())
     assert len(history) == 1 and history[0]["resumed"]
     assert history[0]["changes"] == {"gpus": {"from": 2, "to": 3}, "train.epochs": {"from": 1, "to": 2},
-                                     "train.lr": {"from": 0.03, "to": 0.05}}
+                                     "train.lr": {"from": 0.03, "to": 0.05},
+                                     "cluster.allow_oversubscribe": {"from": False, "to": True}}
 
 
 def test_lr_warms_up_linearly_then_follows_the_cosine() -> None:

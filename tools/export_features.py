@@ -33,20 +33,40 @@ def load_run_model(run_dir: Path, device: torch.device):
     return cfg, model.to(device).eval(), latest
 
 
+class ExportError(OSError):
+    """--out cannot be written; the message names it and the fix."""
+
+
+def _open_destination(out: Path) -> tuple[Path, object]:
+    """The temporary file beside `out`, opened before any work so an unwritable --out costs nothing."""
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a folder; give a file name such as {out / 'features.npz'}")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return tmp, open(tmp, "wb")  # a file object: np.savez would otherwise append ".npz" to the name
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose a writable "
+                          "place") from None
+
+
 def export_features(run_dir: Path, split: str, out: Path, *, embedding: bool = False, batch_size: int = 512,
                     device: str | None = None) -> dict[str, np.ndarray]:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg, model, latest = load_run_model(run_dir, dev)
-    images, labels = load_split(cfg.data, split)
-    feats = embed(model, images, cfg.data, dev, batch_size, pooled=not embedding)
-    arrays = {"features": feats.cpu().numpy().astype(np.float32), "labels": labels.numpy().astype(np.int64),
-              "checkpoint": np.array(latest.name)}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:  # a file object: np.savez would otherwise append ".npz" to the name
-        np.savez(fh, **arrays)
-    os.replace(tmp, out)
+    tmp, fh = _open_destination(out)
+    try:
+        with fh:
+            dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            cfg, model, latest = load_run_model(run_dir, dev)
+            images, labels = load_split(cfg.data, split)
+            feats = embed(model, images, cfg.data, dev, batch_size, pooled=not embedding)
+            arrays = {"features": feats.cpu().numpy().astype(np.float32),
+                      "labels": labels.numpy().astype(np.int64), "checkpoint": np.array(latest.name)}
+            np.savez(fh, **arrays)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return arrays
 
 
@@ -62,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         arrays = export_features(args.run_dir, args.split, args.out, embedding=args.embedding,
                                  batch_size=args.batch_size, device=args.device)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except OSError as err:  # no checkpoint, or an --out that cannot be written: one line
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: features {arrays['features'].shape}, labels {arrays['labels'].shape} "
           f"from {arrays['checkpoint']}")

@@ -131,6 +131,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.batch_size={batch} must be divisible by nodes*gpus={world}; "
                           f"use a multiple of {world}")
     check_rank_batch(batch, world, conf.train)
+    check_ranks_per_machine(conf.gpus, conf.cluster)
     n = _training_images(cfg.data)
     if batch > n:
         raise ConfigError(f"train.batch_size={batch} is larger than the {n} training images; lower it "
@@ -162,6 +163,35 @@ def check_rank_batch(batch: int, world: int, train: TrainConfig) -> None:
                       f"the lr then scales to {lr:g} = train.lr {train.lr:g} x {suggested}/128), add "
                       "model.sync_bn=true for statistics over the whole batch, or set "
                       "train.allow_small_rank_batch=true to run it anyway")
+
+
+def machine_slots() -> tuple[int, str]:
+    """(ranks this machine runs one each of, what they are): visible GPUs, else usable CPU cores."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus:
+        return gpus, f"{gpus} visible GPU(s)"
+    cores = len(os.sched_getaffinity(0))
+    return cores, f"no GPU and {cores} usable CPU core(s)"
+
+
+def check_ranks_per_machine(gpus: int, cluster: Any) -> None:
+    """Refuse more ranks per machine than it has GPUs (or CPU cores without one): they would share devices and
+    run slower than fewer ranks, or not fit, unless cluster.allow_oversubscribe says it is meant."""
+    if cluster.allow_oversubscribe:
+        return
+    if cluster.name == "slurm":  # the nodes are not this machine: what each is given is what the job asks for
+        per_node = int(cluster.gpus_per_node)
+        if per_node and gpus > per_node:
+            raise ConfigError(f"gpus={gpus} ranks per node is more than the cluster.gpus_per_node={per_node} GPUs "
+                              f"each node is given; use gpus={per_node} or fewer, or set "
+                              "cluster.allow_oversubscribe=true to share them")
+        return
+    slots, what = machine_slots()
+    if gpus > slots:
+        raise ConfigError(f"gpus={gpus} starts {gpus} ranks on this machine, which has {what}; use gpus={slots} "
+                          "or fewer, or set cluster.allow_oversubscribe=true to run them anyway")
 
 
 def _training_images(data: DictConfig) -> int:

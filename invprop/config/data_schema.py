@@ -7,6 +7,9 @@ from enum import StrEnum
 
 from invprop.config.checks import ConfigError, check_choice, check_int, check_number, check_positive_int
 
+# Pixels per side above which one training batch no longer fits any machine's memory (ImageNet trains at 224).
+MAX_IMAGE_SIZE = 2048
+
 
 @dataclass
 class AugmentConfig:
@@ -58,6 +61,9 @@ class DataConfig:
     def validate(self) -> None:
         check_int(self.subset, "data.subset", 0, " (0 = the whole training set)")
         check_int(self.image_size, "data.image_size", 8, " (pixels per side)")
+        if self.image_size > MAX_IMAGE_SIZE:  # else the first batch fails deep in an allocation
+            raise ConfigError(f"data.image_size={self.image_size} is larger than {MAX_IMAGE_SIZE} pixels per side; "
+                              f"use at most {MAX_IMAGE_SIZE} (the ImageNet recipes train at 224)")
         for key in ("mean", "std"):
             value = getattr(self, key)
             if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):

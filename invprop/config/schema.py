@@ -304,6 +304,7 @@ class InvpConfig(MethodConfig):
 class LocalClusterConfig:
     name: str
     run_timeout_h: float
+    allow_oversubscribe: bool   # more ranks than this machine's usable CPU cores / visible GPUs
 
     def validate(self) -> None:
         check_number(self.run_timeout_h, "cluster.run_timeout_h", 0, low_open=True)
@@ -325,6 +326,7 @@ class SlurmClusterConfig:
     additional_parameters: dict[str, Any]
     eval_timeout_min: int
     requeue_wait_s: float
+    allow_oversubscribe: bool   # more ranks per node than cluster.gpus_per_node GPUs
 
     def validate(self) -> None:
         check_positive_int(self.timeout_min, "cluster.timeout_min", " (minutes)")

@@ -30,7 +30,7 @@ import numpy as np
 
 from invprop.atomic import atomic_path
 from invprop.data.cifar import load_cifar
-from invprop.data.folder import IMAGE_EXTENSIONS, class_folders, decode, list_images
+from invprop.data.folder import IMAGE_EXTENSIONS, FolderDataError, class_folders, decode, list_images
 from invprop.data.svhn import load_svhn
 
 __all__ = [
@@ -245,7 +245,7 @@ def write_beton(
         base = source.source if isinstance(source, _Limited) else source
         if isinstance(base, ArraySource) and base.images[0].size <= 2**19:
             page_size = 2 * 2**20
-    guard = GuardedSource(source)
+    guard = GuardedSource(source, user_errors=(FolderDataError,))
     with atomic_path(out) as tmp:
         writer = DatasetWriter(str(tmp), fields, num_workers=num_workers, page_size=int(page_size))
         try:

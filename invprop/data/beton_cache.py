@@ -2,7 +2,9 @@
 
 The name encodes the dataset name, subset, split, size and write mode plus a hash of the whole config (minus
 loader-only keys), so a changed config never reuses a stale file; an ``flock`` beside the file lets only the
-first of several concurrent callers (ranks, jobs on a shared file system) write it.
+first of several concurrent callers (ranks, jobs on a shared file system) write it. A record beside the file
+(:mod:`invprop.data.beton_check`) ties it to its source files and its own bytes: a file whose sources were
+edited, or that was damaged or truncated, is written again with one line saying why, never read.
 """
 
 from __future__ import annotations
@@ -12,13 +14,24 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from invprop.data.beton import BETON_FORMAT_VERSION, FOLDER_NAMES, build_source, cfg_get, write_beton
+from invprop.data.beton import (
+    BETON_FORMAT_VERSION,
+    CIFAR_NAMES,
+    FOLDER_NAMES,
+    SVHN_NAMES,
+    FolderSource,
+    build_source,
+    cfg_get,
+    write_beton,
+)
+from invprop.data.beton_check import fingerprint, problem, record_path, write_record
 
-__all__ = ["beton_cache_name", "ensure_beton"]
+__all__ = ["beton_cache_name", "ensure_beton", "source_files"]
 
 # Keys of a data config that do not change the content of the file.
 # Keys that do not change what a beton holds (the evaluation split and normalisation are applied after reading).
@@ -72,6 +85,28 @@ def beton_cache_name(data_cfg: Any, split: str) -> str:
     return f"{stem}-{digest}.beton"
 
 
+def source_files(data_cfg: Any, split: str) -> list[str]:
+    """The files the beton of ``data_cfg`` / ``split`` is written from, in order (none for generated data)."""
+    from invprop.data.cifar import cifar_files
+    from invprop.data.datasets import _folder_rows
+    from invprop.data.fashion_mnist import find_files
+
+    name = str(cfg_get(data_cfg, "name", "")).lower()
+    root = cfg_get(data_cfg, "root")
+    if name in ("folder", "imagenet"):
+        paths, _, rows = _folder_rows(data_cfg, split)
+        return [paths[i] for i in rows.tolist()]
+    if name in FOLDER_NAMES:
+        return [path for path, _ in FolderSource(str(root), split).samples]
+    if name in CIFAR_NAMES:
+        return [str(p) for p in cifar_files(str(root), split, CIFAR_NAMES[name])]
+    if name in SVHN_NAMES:
+        return [str(Path(str(root)).expanduser() / f"{split}_32x32.mat")]
+    if name == "fashion_mnist":
+        return [str(p) for p in find_files(split, None if root is None else str(root))]
+    return []
+
+
 def ensure_beton(
     data_cfg: Any,
     split: str,
@@ -87,19 +122,26 @@ def ensure_beton(
     ranks, several jobs on a shared file system) serialise on an ``flock`` beside the file and only the first
     writes.
     Optional config keys: ``beton_mode`` (raw; jpg for folders), ``beton_max_resolution`` (none; 256 for
-    folders), ``beton_jpeg_quality`` (90). The source files are not checked again once the beton exists.
+    folders), ``beton_jpeg_quality`` (90). A file there is used only when its record says it was written from
+    these source files (names, sizes, modification times) and its bytes, header and index still check out;
+    otherwise it is written again (temporary file, then rename) with one line on stderr saying why.
     """
     out_dir = Path(out_dir).expanduser().absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / beton_cache_name(data_cfg, split)
-    if path.is_file():
+    sources = fingerprint(source_files(data_cfg, split))
+    if path.is_file() and problem(path, sources) is None:
         return path
     lock_path = out_dir / f".{path.name}.lock"
     with open(lock_path, "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
-            if path.is_file():
-                return path
+            if path.is_file():  # checked again: another caller may have rewritten it while this one waited
+                why = problem(path, sources)
+                if why is None:
+                    return path
+                print(f"rewriting {path}: {why}", file=sys.stderr, flush=True)
+            record_path(path).unlink(missing_ok=True)  # no record, no use: a write that stops is never read
             source = build_source(data_cfg, split)
             opts = _beton_options(data_cfg)
             write_beton(
@@ -109,10 +151,11 @@ def ensure_beton(
                 max_resolution=opts["max_resolution"],
                 jpeg_quality=opts["jpeg_quality"],
                 num_workers=num_workers,
-                overwrite=False,
+                overwrite=True,
                 progress=progress,
                 description=f"beton {path.name}",
             )
+            write_record(path, sources, len(source))
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
     return path

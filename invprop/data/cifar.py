@@ -50,10 +50,8 @@ def _unpickle(path: Path) -> dict:
     return found
 
 
-def load_cifar(root: str | os.PathLike, split: str, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10/100 from the python-pickle release. ``root`` is the extracted folder
-    (``cifar-10-batches-py`` / ``cifar-100-python``) or its parent. Returns images uint8 ``(N, 32, 32, 3)``
-    and labels int64 (fine labels for CIFAR-100), in the order of the release files."""
+def cifar_files(root: str | os.PathLike, split: str, num_classes: int = 10) -> list[Path]:
+    """The release files that hold `split`, in order; ``root`` as in :func:`load_cifar`."""
     if num_classes not in (10, 100):
         raise ValueError(f"CIFAR has 10 or 100 classes, not {num_classes}")
     if split not in ("train", "test"):
@@ -64,19 +62,25 @@ def load_cifar(root: str | os.PathLike, split: str, num_classes: int = 10) -> tu
     folder = root if (root / marker).is_file() else root / sub
     if num_classes == 10:
         names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        label_key = b"labels"
     else:
         names = [split]
-        label_key = b"fine_labels"
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(
             f"CIFAR-{num_classes} files {missing} not found in {folder} (give the folder of the python "
             f"release, '{sub}', or its parent)"
         )
+    return [folder / n for n in names]
+
+
+def load_cifar(root: str | os.PathLike, split: str, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10/100 from the python-pickle release. ``root`` is the extracted folder
+    (``cifar-10-batches-py`` / ``cifar-100-python``) or its parent. Returns images uint8 ``(N, 32, 32, 3)``
+    and labels int64 (fine labels for CIFAR-100), in the order of the release files."""
+    label_key = b"labels" if num_classes == 10 else b"fine_labels"
     data, labels = [], []
-    for n in names:
-        d = _unpickle(folder / n)
+    for path in cifar_files(root, split, num_classes):
+        d = _unpickle(path)
         data.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(d[label_key], dtype=np.int64))
     images = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))

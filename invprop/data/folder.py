@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -100,14 +101,22 @@ def decode(path: str, max_resolution: int | None) -> np.ndarray:
     .beton writer's size rounding (:func:`invprop.data.crop.stored_size`)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        h, w = stored_size(im.height, im.width, max_resolution)
-        if (h, w) != (im.height, im.width):
-            im.draft("RGB", (w, h))  # JPEG: decode at a reduced scale >= the target (much cheaper)
-            im = im.convert("RGB").resize((w, h), Image.Resampling.BOX)
-        else:
-            im = im.convert("RGB")
-        return np.array(im, dtype=np.uint8)  # own, writable copy
+    try:
+        with warnings.catch_warnings():  # PIL only warns up to twice its pixel limit: refuse those as well
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                h, w = stored_size(im.height, im.width, max_resolution)
+                if (h, w) != (im.height, im.width):
+                    im.draft("RGB", (w, h))  # JPEG: decode at a reduced scale >= the target (much cheaper)
+                    im = im.convert("RGB").resize((w, h), Image.Resampling.BOX)
+                else:
+                    im = im.convert("RGB")
+                return np.array(im, dtype=np.uint8)  # own, writable copy
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # zero bytes, not an image, cut short, or a header claiming billions of pixels: name the file
+        kind = f"{os.path.getsize(path)} bytes" if os.path.isfile(path) else "unreadable"
+        raise FolderDataError(f"{path} ({kind}) cannot be read as an image ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())}); remove or replace it") from None
 
 
 def center_square(img: torch.Tensor, ratio: float) -> torch.Tensor:

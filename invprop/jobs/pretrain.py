@@ -16,6 +16,7 @@ from invprop.config import Config, ConfigError, slurm_section
 from invprop.data import eval_split, load_split
 from invprop.eval.knn_eval import evaluate_knn_world, evaluate_pixels_knn
 from invprop.jobs.errors import fail
+from invprop.jobs.rundir import FINISHED
 from invprop.jobs.runlock import RunLock
 from invprop.metrics import read_jsonl, write_json_atomic
 from invprop.progress import Reporter
@@ -26,7 +27,6 @@ from invprop.train.trainer import Trainer
 console = Console(stderr=True)
 
 
-FINISHED = "FINISHED"
 
 
 def finished(run_dir: Path) -> bool:

@@ -24,6 +24,7 @@ from invprop.config.flat import flatten
 
 IDENTITY = "identity.json"
 HISTORY = "config_history.json"
+FINISHED = "FINISHED"  # written by pretraining (invprop/jobs/pretrain.py) when everything else is on disk
 # Whole sections, or single keys, that a resumed run must share with the run that wrote its checkpoints.
 FIXED = ("model", "method", "data.name", "data.subset", "data.image_size", "data.resize_mode", "data.n_train",
          "data.n_test", "data.num_classes", "data.seed", "data.noise", "train.batch_size", "seed")
@@ -74,6 +75,23 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
                             for k in differ)
         raise ConfigError(f"out_dir={run_dir} holds a run these settings cannot continue: {changes}; drop the "
                           "changes to resume it, or pass a new out_dir= to start a new run")
+
+
+def finished_unchanged(cfg: DictConfig, run_dir: Path) -> int | None:
+    """The step a finished run in `run_dir` ended at, when this command would only repeat it: its config.yaml
+    holds these very settings and results.json every requested protocol's result. None otherwise."""
+    run_dir = Path(run_dir)
+    paths = [run_dir / FINISHED, run_dir / "config.yaml", run_dir / "results.json"]
+    if not all(p.is_file() for p in paths):
+        return None
+    recorded = flatten(OmegaConf.to_container(OmegaConf.load(paths[1]), resolve=False))
+    if recorded != flatten(resolved(cfg, run_dir)):
+        return None
+    results = json.loads(paths[2].read_text())
+    wanted = [f"eval_{p}_checkpoint" for p in cfg.eval.protocols]
+    if not all(key in results for key in wanted):  # e.g. stopped during the linear probe
+        return None
+    return int(json.loads(paths[0].read_text()).get("step", -1))
 
 
 def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, list[Any]]:

@@ -85,6 +85,12 @@ def main(cfg: DictConfig) -> int:
 
                 check_submission(conf.cluster, run_dir)
             rundir.check_resume(cfg, run_dir)  # a refused resume leaves the run directory as it was, lock included
+            done_at = rundir.finished_unchanged(cfg, run_dir)
+            if done_at is not None:  # the same command again: touch nothing (not even the lock's holder line)
+                console.print(f"{escape(str(run_dir))} already finished this command (step {done_at}; results in "
+                              "results.json): nothing to do; change a setting such as train.epochs to continue "
+                              "it, or pass a new out_dir= for a new run", soft_wrap=True)
+                return 0
             lock = RunLock(run_dir).acquire("launch")
         prepare_run_dir(cfg, run_dir)
     except ConfigError as exc:

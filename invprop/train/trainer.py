@@ -36,6 +36,7 @@ from invprop.models.sync_bn import convert_sync_batchnorm
 from invprop.schedules import warmup_cosine_lr
 from invprop.state import RunIdentity, Stateful, TorchRng
 from invprop.train.boundary import StepBoundary
+from invprop.train.estimate import steps_estimate
 from invprop.train.progress import TrainProgress
 
 
@@ -249,6 +250,7 @@ class Trainer:
         epochs = self.cfg.train.epochs
         if self.state.step == 0:
             self.evaluate_epoch()  # the curve starts at the untrained network (and the initial bank)
+        estimated = False
         with TrainProgress(self.total_steps, self.state.step, enabled=self.comm.is_main,
                            epoch_steps=self.order.num_batches) as progress:
             while self.state.epoch < epochs:
@@ -269,6 +271,12 @@ class Trainer:
                         elapsed = time.perf_counter() - tick
                         record = self.log_window(window, len(window) * self.order.global_batch / max(elapsed, 1e-9))
                         progress.update(self.state.step, record)
+                        if not estimated:  # once per launch: what the whole run will take at this pace
+                            estimated = True
+                            line = steps_estimate(len(window), elapsed, self.state.step, self.total_steps,
+                                                  self.order.num_batches)
+                            if line:
+                                progress.note(line)
                         window, tick = [], time.perf_counter()
                     else:
                         progress.update(self.state.step, None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import multiprocessing as mp
+import os
 import queue
 import sys
 import threading
@@ -39,6 +40,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 __all__ = [
     "JPG_MODE",
+    "BetonSourceError",
     "BoundOrder",
     "GuardedSource",
     "imdecode",
@@ -154,15 +156,23 @@ def parallel_range() -> Callable[..., Any]:
 # ----------------------------------------------------------------------------------------------------
 
 
+class BetonSourceError(RuntimeError):
+    """A sample of the source could not be read while writing a .beton; the message is one line naming it."""
+
+
 class GuardedSource:
     """Wraps a source for FFCV's writer processes: counts fetched samples and records the first failure in
     shared memory so the parent can stop instead of waiting forever (FFCV's writer polls a counter that a
-    dead worker never advances)."""
+    dead worker never advances). An exception of a type in `user_errors` (bad data: its message names the
+    file) is recorded as its one-line message, and a writer process it stops ends without a traceback."""
 
-    def __init__(self, source: Any) -> None:
+    def __init__(self, source: Any, user_errors: tuple[type[BaseException], ...] = ()) -> None:
         self.source = source
+        self.user_errors = user_errors
+        self.parent = os.getpid()
         self.fetched = mp.Value(ctypes.c_int64, 0)
         self.failed = mp.Value(ctypes.c_int64, -1)
+        self.user = mp.Value(ctypes.c_bool, False)
         self.message = mp.Array(ctypes.c_char, 4096)
 
     def __len__(self) -> int:
@@ -175,13 +185,18 @@ class GuardedSource:
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
                 raise ValueError(f"sample {i}: image must be uint8 (H, W, 3), got {img.dtype} {img.shape}")
             out = (np.ascontiguousarray(img), int(label), int(index))
-        except BaseException:
-            text = traceback.format_exc()
+        except BaseException as exc:
+            user = isinstance(exc, self.user_errors)
+            text = " ".join(str(exc).split()) if user else traceback.format_exc()
             with self.failed.get_lock():
                 if self.failed.value < 0:
                     self.failed.value = int(i)
+                    self.user.value = user
                     self.message.value = text.encode("utf-8", "replace")[-4000:]
-            sys.stderr.write(f"beton writer: sample {i} failed:\n{text}")
+            if user and os.getpid() != self.parent:
+                os._exit(1)  # the parent's watchdog reports it in one line; no worker traceback on stderr
+            if not user:
+                sys.stderr.write(f"beton writer: sample {i} failed:\n{text}")
             raise
         with self.fetched.get_lock():
             self.fetched.value += 1
@@ -224,6 +239,8 @@ def patched_writer(guard: GuardedSource, total: int, description: str, show: boo
         time.sleep(seconds)
         if guard.failed.value >= 0:
             msg = guard.message.value.decode("utf-8", "replace")
+            if guard.user.value:
+                raise BetonSourceError(f"writing the .beton stopped at sample {guard.failed.value}: {msg}")
             raise RuntimeError(f"writing the beton failed on sample {guard.failed.value}:\n{msg}")
         alive = [p for p in mp.active_children() if p.pid not in before]
         if not alive and guard.fetched.value < total:
