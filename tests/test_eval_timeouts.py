@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from composed import compose_config
 
-from invprop.config import ConfigError, typed
+from invprop.config import ConfigError, validate
 from invprop.jobs.slurm import EvalJob, evaluation_executors
 
 
@@ -43,4 +43,4 @@ def test_a_job_past_its_limit_is_requeued_as_the_same_protocol() -> None:
 ])
 def test_bad_limits_are_refused(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        typed(compose_config(override)).validate()
+        validate(compose_config(override))  # what the launcher runs before submitting

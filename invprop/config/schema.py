@@ -160,9 +160,9 @@ class SemisupConfig:
 class EvalTimeouts:
     """Minutes per SLURM job for each protocol; null: cluster.eval_timeout_min."""
 
-    knn: int | None = None
-    linear: int | None = None
-    semisup: int | None = None
+    knn: int | None
+    linear: int | None
+    semisup: int | None
 
 
 @dataclass

@@ -88,7 +88,7 @@ def finished_unchanged(cfg: DictConfig, run_dir: Path) -> int | None:
     if recorded != flatten(resolved(cfg, run_dir)):
         return None
     results = json.loads(paths[2].read_text())
-    wanted = [f"eval_{p}_checkpoint" for p in cfg.eval.protocols]
+    wanted = ["knn_top1" if p == "knn" else f"eval_{p}_checkpoint" for p in cfg.eval.protocols]
     if not all(key in results for key in wanted):  # e.g. stopped during the linear probe
         return None
     return int(json.loads(paths[0].read_text()).get("step", -1))
