@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
 
 from invprop import checkpoint
 from invprop.bank import ShardedBank
 from invprop.collectives import Comm
+from invprop.config import compose_defaults, typed
+from invprop.config.identity import run_identity
 from invprop.data.order import DataPosition
 from invprop.graph import NeighbourGraph
-from invprop.state import TorchRng
+from invprop.state import RunIdentity, TorchRng
 from invprop.train.trainer import TrainState
 
 pytestmark = pytest.mark.timeout(120)
@@ -319,3 +322,32 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path: Path, stop: str) 
         assert [p.stat().st_size for p in partial.glob(".bank.0-of-1.*.tmp")] == [LIMIT]
     latest = checkpoint.latest(tmp_path)
     assert latest.name == "step_10" and _loaded(latest)["step"] == 10
+
+
+def test_one_identity_from_the_config_guards_a_resume(tmp_path: Path) -> None:
+    """The launcher's identity.json (from the composed DictConfig) and the checkpoint's identity part (from the
+    typed Config the trainer holds) are one dict; a checkpoint refuses a changed fixed setting in one line naming
+    it with both values, and takes another world size."""
+    def composed() -> DictConfig:
+        cfg = compose_defaults({"data": "synthetic"})
+        cfg.out_dir = str(tmp_path / "run")  # configs/ names it by the time of day (Hydra's resolver)
+        return cfg
+
+    cfg = composed()
+    mine = run_identity(typed(cfg))
+    assert mine == run_identity(cfg) and json.loads(json.dumps(mine)) == mine
+    assert {"train.batch_size", "seed", "model.arch", "method.tau", "data.subset"} <= set(mine)
+    assert not {k for k in mine if k.startswith(("gpus", "nodes", "train.epochs", "train.lr"))}
+    directory = checkpoint.save(tmp_path, 4, {"identity": RunIdentity(mine), "train": TrainState(step=4)})
+
+    elastic = composed()
+    elastic.gpus, elastic.train.epochs = 3, 99
+    checkpoint.load(directory, {"identity": RunIdentity(run_identity(typed(elastic)))})
+    changed = composed()
+    changed.method.tau, changed.train.batch_size = 0.3, 64
+    with pytest.raises(ValueError) as refused:
+        checkpoint.load(directory, {"identity": RunIdentity(run_identity(typed(changed)))})
+    assert str(refused.value) == (
+        f"checkpoint {directory} holds a run these settings cannot continue: method.tau=0.3 (run has "
+        f"{cfg.method.tau}), train.batch_size=64 (run has {cfg.train.batch_size}); drop the changes to resume it, "
+        "or pass a new out_dir= to start a new run")

@@ -20,6 +20,7 @@ from invprop import checkpoint
 from invprop.bank import ShardedBank
 from invprop.collectives import Comm
 from invprop.config import Config
+from invprop.config.identity import run_identity
 from invprop.data import EpochOrder, eval_batches, load_split, normalization
 from invprop.data.augment import BatchColorAugment, eval_transform
 from invprop.data.loader import batch_generator
@@ -339,15 +340,11 @@ class Trainer:
                             **{f"epoch_{k}": v for k, v in found.items()}})
 
     # -- state ------------------------------------------------------------------------------------------
-    def describe(self) -> dict[str, Any]:
-        """What a checkpoint must match to be resumed by this run."""
-        return {"n": self.n, "dim": self.cfg.model.embedding_dim, "arch": self.cfg.model.arch,
-                "method": str(self.method.name), **self.method.identity(self.cfg.method)}
-
     def states(self) -> dict[str, Stateful]:
-        """Every part of this run a resume needs, by name; each owns its state. The identity comes first so that
-        a checkpoint of another run is refused before anything is loaded."""
-        parts: dict[str, Stateful] = {"describe": RunIdentity(self.describe()), "model": self.model,
+        """Every part of this run a resume needs, by name; each owns its state. The identity (the config's settings
+        a resume cannot change) comes first so that a checkpoint this run cannot continue is refused before
+        anything is loaded."""
+        parts: dict[str, Stateful] = {"identity": RunIdentity(run_identity(self.cfg)), "model": self.model,
                                       "optimizer": self.optimizer, "bank": self.bank}
         if self.graph is not None:
             parts["graph"] = self.graph
