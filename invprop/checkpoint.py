@@ -1,13 +1,13 @@
 """Committed checkpoint directories (docs/DESIGN.md, "The checkpoint protocol").
 
 A checkpoint is a dict of named parts, each an `invprop.state.Stateful` that owns its state. step_<n>/ holds
-rank 0's `state.pt` (the replicated parts: model, optimiser, train and data positions, RNG, neighbour table)
-and every rank's `<part>.<r>-of-<W>` of each sharded part (the bank). Each file goes to a temporary name and is
-os.replace'd; each rank hashes what it wrote (from the bytes in memory, in parallel with the others) and rank 0
-writes COMMITTED (a manifest of every file's size, sha256 and, for a shard, its rows) last, from what the ranks
-report. Only committed, intact directories are loaded, and a directory is written once: a save to a step that
-already has an intact committed checkpoint changes nothing (the state of step n is the same whichever path saves
-it).
+rank 0's `state.pt` (the replicated parts, each under its own name: model, optimiser, train and data positions,
+RNG, neighbour table) and every rank's `<part>.<r>-of-<W>` of each sharded part (the bank). Each file goes to a
+temporary name and is os.replace'd; each rank hashes what it wrote (from the bytes in memory, in parallel with
+the others) and rank 0 writes COMMITTED (a manifest of every file's size, sha256 and, for a shard, its rows)
+last, from what the ranks report. Only committed, intact directories are loaded, and a directory is written once:
+a save to a step that already has an intact committed checkpoint changes nothing (the state of step n is the same
+whichever path saves it).
 
 I/O per rank is what the rank owns (docs/SCALING.md): on resume each rank reads and verifies only state.pt and
 the saved shards that overlap its own rows, once (the verified bytes are what it loads), and the ranks agree on
@@ -83,36 +83,6 @@ def _sharded(states: Mapping[str, Stateful]) -> list[str]:
     return [name for name, part in states.items() if isinstance(part, ShardedStateful)]
 
 
-# state.pt keeps the layout it had before the parts owned their state, so checkpoints written before still load
-# and tools that read state.pt["model"] keep working: a part is stored under its own name, except these four,
-# which had their own entries.
-def _to_file(parts: dict[str, Any]) -> dict[str, Any]:
-    out = dict(parts)
-    if "train" in out or "data" in out:  # one entry {epoch, batch, step}
-        out["train_state"] = {**out.pop("data", {}), **out.pop("train", {})}
-        out.setdefault("graph", None)  # a method without a neighbour graph saved None
-    if "graph" in out and out["graph"] is not None:
-        out["graph"] = out["graph"]["table"]  # the bare table
-    if "rng" in out:
-        out["rng_torch"] = out.pop("rng")["torch"]
-    return out
-
-
-def _from_file(saved: dict[str, Any]) -> dict[str, Any]:
-    parts = dict(saved)
-    if "train_state" in parts:
-        position = parts.pop("train_state")
-        parts["train"] = {"step": position["step"]}
-        parts["data"] = {"epoch": position["epoch"], "batch": position["batch"]}
-    if "graph" in parts:
-        table = parts.pop("graph")
-        if table is not None:
-            parts["graph"] = {"table": table}
-    if "rng_torch" in parts:
-        parts["rng"] = {"torch": parts.pop("rng_torch")}
-    return parts
-
-
 def save(root: Path, step: int, states: Mapping[str, Stateful], *, comm: Comm | None = None,
          keep: int = 3) -> Path:
     """Collective over `comm` (default: one process): every rank writes and hashes its shard of each sharded
@@ -144,8 +114,7 @@ def save(root: Path, step: int, states: Mapping[str, Stateful], *, comm: Comm | 
             entries[file]["rows"] = list(part.row_range())
     if rank == 0:  # the replicated parts are the same on every rank: one copy
         entries["state.pt"] = save_atomic(
-            _to_file({name: part.state_dict() for name, part in states.items() if name not in sharded}),
-            target / "state.pt")
+            {name: part.state_dict() for name, part in states.items() if name not in sharded}, target / "state.pt")
     reported = comm.gather_objects(entries)  # also the barrier: every rank's files are on disk
     if rank == 0:
         files = {name: entry for part in reported for name, entry in part.items()}
@@ -272,7 +241,7 @@ def load(directory: Path, states: Mapping[str, Stateful]) -> None:
     naming the checkpoint."""
     directory = Path(directory)
     sharded = _sharded(states)
-    saved = _from_file(load_state(directory)) if len(sharded) < len(states) else {}
+    saved = load_state(directory) if len(sharded) < len(states) else {}
     needed = needed_files(directory, {name: states[name] for name in sharded}) if sharded else []
     for name, part in states.items():
         try:

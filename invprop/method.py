@@ -1,8 +1,8 @@
 """What each training objective needs from the rest of a run, stated once per method.
 
-The trainer, the checkpoint identity and the config checks read a `Method` instead of switching on
-`method.name`: whether it keeps InvP's neighbour graph, which of its settings a checkpoint must match, the
-background size M it uses for N training images, and how its loss is built.
+The trainer and the config checks read a `Method` instead of switching on `method.name`: whether it keeps InvP's
+neighbour graph, the background size M it uses for N training images, and how its loss is built. (A checkpoint
+must match the whole method section: invprop/config/identity.py.)
 """
 
 from __future__ import annotations
@@ -23,12 +23,8 @@ Criterion = InvPLoss | NPIDLoss
 class Method:
     name: MethodName
     uses_graph: bool  # keeps the k-NN graph InvP propagates over (a checkpoint part of its own)
-    identity_keys: tuple[str, ...]  # settings beyond the sizes that a resumed checkpoint must share
     background: Callable[[Any, int], int]  # (section, N) -> M, the background neighbours per anchor
     build_loss: Callable[[Any, ShardedBank, NeighbourGraph | None, int], Criterion]
-
-    def identity(self, section: MethodConfig) -> dict[str, Any]:
-        return {key: getattr(section, key) for key in self.identity_keys}
 
     def criterion(self, section: MethodConfig, bank: ShardedBank, graph: NeighbourGraph | None,
                   n_train: int) -> Criterion:
@@ -53,9 +49,9 @@ def _invp_background(section: InvpConfig, n_train: int) -> int:
 
 METHODS: dict[MethodName, Method] = {
     # NPID's softmax is over all N rows
-    MethodName.npid: Method(MethodName.npid, uses_graph=False, identity_keys=(),
+    MethodName.npid: Method(MethodName.npid, uses_graph=False,
                             background=lambda section, n: n, build_loss=_npid_loss),
-    MethodName.invp: Method(MethodName.invp, uses_graph=True, identity_keys=("k",),
+    MethodName.invp: Method(MethodName.invp, uses_graph=True,
                             background=_invp_background, build_loss=_invp_loss),
 }
 

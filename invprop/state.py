@@ -8,7 +8,8 @@ every saved shard, from whatever world size saved them, and keeps its own rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -44,18 +45,36 @@ class TorchRng:
         torch.set_rng_state(state["torch"])
 
 
-class RunIdentity:
-    """What a checkpoint must match to be resumed by this run (sizes, architecture, method): saved with it, and
-    compared, not loaded, so that a checkpoint of another run is refused before any weight is touched."""
+_MISSING = object()
 
-    def __init__(self, fields: dict[str, Any]) -> None:
+
+def _show(value: Any) -> str:
+    return "(unset)" if value is _MISSING else json.dumps(value, default=str)
+
+
+def identity_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """'key=new (run has old), ...' for each recorded setting that `current` changes, or None. A key the record
+    lacks is a setting added since the run started (its value is what the code did then): not a change."""
+    differ = [k for k in sorted(recorded) if recorded[k] != current.get(k, _MISSING)]
+    if not differ:
+        return None
+    return ", ".join(f"{k}={_show(current.get(k, _MISSING))} (run has {_show(recorded[k])})" for k in differ)
+
+
+class RunIdentity:
+    """The settings a checkpoint must share with the run that resumes it (for training, the config's identity:
+    invprop/config/identity.py): saved with it, and compared, not loaded, so that a checkpoint this run cannot
+    continue is refused before any weight is touched. The one check of a resume: the launcher applies it to the
+    run directory's identity.json too."""
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
         self.fields = dict(fields)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.fields)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state != self.fields:
-            diff = ", ".join(f"{k}: checkpoint {state.get(k)!r} vs run {v!r}" for k, v in self.fields.items()
-                             if state.get(k) != v)
-            raise ValueError(f"does not match this run ({diff}); use a new out_dir or the original config")
+        changes = identity_changes(state, self.fields)
+        if changes:
+            raise ValueError(f"holds a run these settings cannot continue: {changes}; drop the changes to resume "
+                             "it, or pass a new out_dir= to start a new run")

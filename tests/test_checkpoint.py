@@ -5,19 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
 
 from invprop import checkpoint
 from invprop.bank import ShardedBank
 from invprop.collectives import Comm
+from invprop.config import compose_defaults, typed
+from invprop.config.identity import run_identity
 from invprop.data.order import DataPosition
 from invprop.graph import NeighbourGraph
-from invprop.state import TorchRng
+from invprop.state import RunIdentity, TorchRng
 from invprop.train.trainer import TrainState
 
 pytestmark = pytest.mark.timeout(120)
@@ -89,42 +93,40 @@ def test_bank_reshards_from_any_world_size() -> None:
         ShardedBank(n, 4).load_state_dict(shards[0])  # one shard of four does not cover a world of one
 
 
-def test_state_file_keeps_its_layout_and_parts_round_trip(tmp_path: Path) -> None:
-    """state.pt is laid out as it was before the parts owned their state (older checkpoints load, tools read
-    state.pt["model"]): one train_state entry, the bare neighbour table, rng_torch."""
+def test_state_file_holds_each_part_under_its_name_and_parts_round_trip(tmp_path: Path) -> None:
+    """state.pt is each replicated part's state_dict under the part's name (tools read state.pt["model"]); the
+    sharded bank is beside it. Loading puts every part back."""
     model = torch.nn.Linear(3, 2)
     graph = NeighbourGraph(10, 2)
     graph.update(torch.tensor([1, 4]), torch.tensor([[2, 3], [5, 6]]))
-    train = TrainState(DataPosition(num_batches=5, epoch=2, batch=3), step=13)
-    parts = {"model": model, "bank": _bank(10, 1.0), "graph": graph, "train": train, "data": train.data,
+    train, position = TrainState(step=13), DataPosition(num_batches=5, epoch=2, batch=3)
+    parts = {"model": model, "bank": _bank(10, 1.0), "graph": graph, "train": train, "data": position,
              "rng": TorchRng()}
     directory = checkpoint.save(tmp_path, 13, parts)
     saved = checkpoint.load_state(directory)
-    assert set(saved) == {"model", "graph", "train_state", "rng_torch"}
-    assert saved["train_state"] == {"epoch": 2, "batch": 3, "step": 13}
-    assert torch.equal(saved["graph"], graph.table) and torch.equal(saved["rng_torch"], torch.get_rng_state())
+    assert set(saved) == {"model", "graph", "train", "data", "rng"}
+    assert saved["train"] == {"step": 13} and saved["data"] == {"epoch": 2, "batch": 3}
+    assert torch.equal(saved["graph"]["table"], graph.table)
+    assert torch.equal(saved["rng"]["torch"], torch.get_rng_state())
     assert sorted(json.loads((directory / checkpoint.MARKER).read_text())["files"]) == ["bank.0-of-1", "state.pt"]
-    # a method without a graph saved None in its place
-    assert checkpoint.load_state(checkpoint.save(tmp_path / "npid", 1, {"train": train}))["graph"] is None
 
     rng = torch.get_rng_state()
     torch.rand(5)  # moves the generator on
-    other = TrainState(DataPosition(num_batches=5))
+    other, other_position = TrainState(), DataPosition(num_batches=5)
     fresh = {"model": torch.nn.Linear(3, 2), "bank": ShardedBank(10, 4), "graph": NeighbourGraph(10, 2),
-             "train": other, "data": other.data, "rng": TorchRng()}
+             "train": other, "data": other_position, "rng": TorchRng()}
     checkpoint.load(directory, fresh)
-    assert (other.epoch, other.batch, other.step) == (2, 3, 13)
+    assert (other_position.epoch, other_position.batch, other.step) == (2, 3, 13)
     assert torch.equal(fresh["graph"].table, graph.table) and torch.equal(fresh["bank"].rows, torch.ones(10, 4))
     assert torch.equal(fresh["model"].weight, model.weight) and torch.equal(torch.get_rng_state(), rng)
 
 
 def test_a_part_that_does_not_fit_names_the_checkpoint(tmp_path: Path) -> None:
-    train = TrainState(DataPosition(num_batches=8, batch=7), step=7)
-    directory = checkpoint.save(tmp_path, 7, {"train": train, "data": train.data})
-    shorter = TrainState(DataPosition(num_batches=4))
+    directory = checkpoint.save(tmp_path, 7, {"train": TrainState(step=7),
+                                              "data": DataPosition(num_batches=8, batch=7)})
     with pytest.raises(ValueError, match=f"checkpoint {directory} stopped at batch 7 of an epoch, but this run "
                                          "has 4 batches per epoch"):
-        checkpoint.load(directory, {"train": shorter, "data": shorter.data})
+        checkpoint.load(directory, {"train": TrainState(), "data": DataPosition(num_batches=4)})
     with pytest.raises(ValueError, match="has no 'model'"):
         checkpoint.load(directory, {"model": torch.nn.Linear(3, 2)})
 
@@ -261,6 +263,8 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path: Path) -> No
 
 
 KILLER = """
+import resource
+import signal
 import sys
 from invprop import checkpoint
 from invprop.bank import ShardedBank
@@ -277,36 +281,33 @@ class Gate:
         pass
 
 
-root, stop = sys.argv[1], sys.argv[2]
+root, stop, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
 print("ready", flush=True)
 sys.stdin.readline()  # go
-bank = ShardedBank(4096, 32)  # 512 KiB: more than a pipe holds, so a write into one stops midway
+bank = ShardedBank(4096, 32)  # 512 KiB
+if stop == "mid-shard-write":  # the kernel ends the process (SIGXFSZ) when a write passes this size
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it, which would turn the kill into an OSError
 checkpoint.save(root, 99, {"bank": bank, **({"gate": Gate()} if stop == "before-commit" else {})})
 """
+LIMIT = 65536  # bytes of the shard that reach the disk before the kill
 
 
 @pytest.mark.parametrize("stop", ["mid-shard-write", "before-commit"])
 def test_kill_during_save_leaves_previous_checkpoint(tmp_path: Path, stop: str) -> None:
-    """The saving process is killed at a known point, reached through pipes rather than by timing: while its
-    shard's bytes are half written (the temporary file is a FIFO this test reads a little of, so the write
-    blocks there), or with every shard in place but the commit not yet written."""
+    """The saving process is killed at a known point, reached without timing: by the kernel at a fixed byte of
+    its shard's write (a file-size limit; SIGXFSZ), or with every shard in place but the commit not yet
+    written (it waits on a pipe inside the save and is killed there)."""
     _save(tmp_path, 10)
-    proc = subprocess.Popen([sys.executable, "-c", KILLER, str(tmp_path), stop], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", KILLER, str(tmp_path), stop, str(LIMIT)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     partial = tmp_path / "step_99"
     try:
         assert proc.stdout.readline().strip() == "ready"
-        if stop == "mid-shard-write":
-            partial.mkdir()
-            fifo = partial / f".bank.0-of-1.tmp{proc.pid}"  # the name save_atomic writes the shard to
-            os.mkfifo(fifo)
         proc.stdin.write("go\n")
         proc.stdin.flush()
         if stop == "mid-shard-write":
-            with open(fifo, "rb") as fh:  # opens once the save opens it for writing
-                assert len(fh.read(4096)) == 4096  # the shard's bytes are flowing; the rest wait in the writer
-                proc.kill()  # while the pipe is open: closing it first would fail the write instead
-                proc.wait()
+            assert proc.wait() == -signal.SIGXFSZ
         else:
             assert proc.stdout.readline().strip() == "shards written"
             assert (partial / "bank.0-of-1").exists()
@@ -316,6 +317,37 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path: Path, stop: str) 
     assert not (partial / checkpoint.MARKER).exists()
     assert (partial / "bank.0-of-1").exists() == (stop == "before-commit")
     if stop == "mid-shard-write":
-        assert fifo.exists()  # the kill ended the write: save_atomic's own clean-up never ran
+        # the kill ended the write: the temporary file holds the bytes up to the limit, and the writer's own
+        # clean-up never ran
+        assert [p.stat().st_size for p in partial.glob(".bank.0-of-1.*.tmp")] == [LIMIT]
     latest = checkpoint.latest(tmp_path)
     assert latest.name == "step_10" and _loaded(latest)["step"] == 10
+
+
+def test_one_identity_from_the_config_guards_a_resume(tmp_path: Path) -> None:
+    """The launcher's identity.json (from the composed DictConfig) and the checkpoint's identity part (from the
+    typed Config the trainer holds) are one dict; a checkpoint refuses a changed fixed setting in one line naming
+    it with both values, and takes another world size."""
+    def composed() -> DictConfig:
+        cfg = compose_defaults({"data": "synthetic"})
+        cfg.out_dir = str(tmp_path / "run")  # configs/ names it by the time of day (Hydra's resolver)
+        return cfg
+
+    cfg = composed()
+    mine = run_identity(typed(cfg))
+    assert mine == run_identity(cfg) and json.loads(json.dumps(mine)) == mine
+    assert {"train.batch_size", "seed", "model.arch", "method.tau", "data.subset"} <= set(mine)
+    assert not {k for k in mine if k.startswith(("gpus", "nodes", "train.epochs", "train.lr"))}
+    directory = checkpoint.save(tmp_path, 4, {"identity": RunIdentity(mine), "train": TrainState(step=4)})
+
+    elastic = composed()
+    elastic.gpus, elastic.train.epochs = 3, 99
+    checkpoint.load(directory, {"identity": RunIdentity(run_identity(typed(elastic)))})
+    changed = composed()
+    changed.method.tau, changed.train.batch_size = 0.3, 64
+    with pytest.raises(ValueError) as refused:
+        checkpoint.load(directory, {"identity": RunIdentity(run_identity(typed(changed)))})
+    assert str(refused.value) == (
+        f"checkpoint {directory} holds a run these settings cannot continue: method.tau=0.3 (run has "
+        f"{cfg.method.tau}), train.batch_size=64 (run has {cfg.train.batch_size}); drop the changes to resume it, "
+        "or pass a new out_dir= to start a new run")

@@ -23,7 +23,7 @@ from invprop.eval.knn import knn_predict, knn_top1
 from invprop.eval.knn_eval import evaluate_knn_world, pixel_vectors
 from invprop.eval.linear import topk_accuracy
 from invprop.eval.linear_world import fit_head_world, held_out_rows, linear_eval
-from invprop.eval.semisup import FineTuneNet, finetune_optimizer, lr_factor, scaled_milestones
+from invprop.eval.semisup import FineTuneNet, finetune_optimizer
 from invprop.eval.semisup_world import finetune_world, semisup_world
 from invprop.eval.subsets import (
     balanced_subset,
@@ -36,6 +36,7 @@ from invprop.eval.subsets import (
 from invprop.metrics import update_results
 from invprop.models import build_model
 from invprop.progress import Reporter
+from invprop.schedules import milestone_factor, scaled_milestones
 
 CPU = torch.device("cpu")
 
@@ -310,7 +311,7 @@ def test_milestones_scale_with_epochs():
     assert scaled_milestones([15, 20, 25], 30, 3) == [1.5, 2.0, 2.5]
     assert scaled_milestones([5, 8], None, 3) == [5, 8]
     steps = [15, 20, 25]
-    assert [lr_factor(p, steps, 0.1) for p in (0, 14.9, 15, 19.99, 20, 25, 29.9)] == pytest.approx(
+    assert [milestone_factor(p, steps, 0.1) for p in (0, 14.9, 15, 19.99, 20, 25, 29.9)] == pytest.approx(
         [1, 1, 0.1, 0.1, 0.01, 0.001, 0.001])
 
 

@@ -81,7 +81,7 @@ def test_linear_probe_stopped_and_resumed_equals_uninterrupted_and_four_ranks_ag
     _set_eval(trained_run, stop_at_step=3)
     assert evaluate_run(trained_run, "linear") == {"preempted_at_step": 3}
     _set_eval(trained_run, stop_at_step=None, **{"linear.lrs": [0.25]})
-    with pytest.raises(ValueError, match=r"lrs: checkpoint \[0.5\] vs run \[0.25\]"):
+    with pytest.raises(ValueError, match=r"cannot continue: lrs=\[0.25\] \(run has \[0.5\]\)"):
         evaluate_run(trained_run, "linear")
     _set_eval(trained_run, **LINEAR)
     shutil.rmtree(trained_run / "eval")

@@ -129,8 +129,8 @@ def test_html_page_has_the_table_and_embedded_plots(sweep: Path) -> None:
 
 
 def test_html_layout_runs_has_a_row_per_run(sweep: Path) -> None:
-    from invprop.eval.html_report import table_html
-    from invprop.eval.report import find_run_dirs, table_rows
+    from invprop.report.html import table_html
+    from invprop.report.table import find_run_dirs, table_rows
 
     page = parse(table_html(*table_rows(find_run_dirs(sweep)), layout="runs"))
     assert page.table_layout == "runs"

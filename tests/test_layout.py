@@ -17,7 +17,7 @@ LAYERS = [
     ("invprop.collectives", 1), ("invprop.distributed", 1),
     ("invprop.bank", 2), ("invprop.graph", 2),
     ("invprop.loss", 3), ("invprop.method", 3), ("invprop.checkpoint", 3), ("invprop.testing", 3),
-    ("invprop.train", 4), ("invprop.eval", 4),
+    ("invprop.train", 4), ("invprop.eval", 4), ("invprop.report", 4),
     ("invprop.jobs", 5),
     ("launchers", 6),
 ]

@@ -119,8 +119,9 @@ def test_resume_refuses_fixed_changes_and_leaves_the_run_alone(finished_run: Pat
 
 @pytest.mark.slow
 def test_hand_edited_batch_size_is_refused_not_a_hang(tmp_path: Path) -> None:
-    """Below the launcher's check (a config.yaml edited by hand): a checkpoint at batch 7 of 8 cannot continue
-    with 4 batches per epoch, and the restore says so instead of looping on an empty epoch."""
+    """Below the launcher's check (a config.yaml edited by hand): the checkpoint's own identity refuses the
+    changed global batch (a checkpoint at batch 7 of 8 could not continue with 4 batches per epoch) instead of
+    looping on an empty epoch."""
     run = tmp_path / "run"
     assert _launch(run, "train.epochs=1", "train.checkpoint_every_steps=7").returncode == 0
     shutil.rmtree(run / "checkpoints" / "step_8")
@@ -129,7 +130,7 @@ def test_hand_edited_batch_size_is_refused_not_a_hang(tmp_path: Path) -> None:
             "except ValueError as e:\n    print(e)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(run)], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
-    assert "stopped at batch 7 of an epoch, but this run has 4 batches per epoch" in proc.stdout, proc.stderr
+    assert "cannot continue: train.batch_size=96 (run has 48)" in proc.stdout, proc.stderr
 
 
 def _signal_once_training(proc: subprocess.Popen, run: Path, sig: signal.Signals, group: bool = False) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from invprop.eval.seeds import Spread, render_seed_markdown, seed_table, write_seed_plots
+from invprop.report.seeds import Spread, render_seed_markdown, seed_table, write_seed_plots
 
 ARMS = {"invp": [0.72, 0.74, 0.73], "npid": [0.70, 0.71, 0.75]}
 

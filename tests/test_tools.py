@@ -19,7 +19,8 @@ from invprop import checkpoint
 from invprop.bank import ShardedBank
 from invprop.config import group_section
 from invprop.data import load_split, normalization
-from invprop.eval.report import (
+from invprop.models import build_backbone, build_model
+from invprop.report.table import (
     PLOT_DPI,
     differing_keys,
     find_run_dirs,
@@ -28,7 +29,6 @@ from invprop.eval.report import (
     read_metrics,
     table_rows,
 )
-from invprop.models import build_backbone, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ARGS = ("data=synthetic", "data.n_train=256", "data.n_test=128", "train.epochs=2", "train.batch_size=64",
@@ -191,7 +191,7 @@ def test_report_cli_without_runs(tmp_path):
 
 
 def test_report_baselines_once_per_reference_set(tmp_path):
-    from invprop.eval.report import baselines
+    from invprop.report.table import baselines
 
     runs = []
     for name, untrained in (("a", 0.55), ("b", 0.55), ("c", 0.61)):
@@ -206,7 +206,7 @@ def test_report_baselines_once_per_reference_set(tmp_path):
 
 
 def test_report_markdown_rows_and_percentages():
-    from invprop.eval.report import render_markdown
+    from invprop.report.table import render_markdown
 
     text = render_markdown(["run", "method.k", "knn_top1", "train_wall_s"],
                            [{"run": "0", "method.k": 4, "knn_top1": 0.6266, "train_wall_s": 78.6},
@@ -222,7 +222,7 @@ def test_knn_legend_names_each_run_and_each_measure_once() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from invprop.eval.report import _keyed_handles
+    from invprop.report.table import _keyed_handles
 
     fig, ax = plt.subplots()
     ax.axhline(0.5, label="raw pixels")

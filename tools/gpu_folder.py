@@ -55,7 +55,7 @@ def _sync(device: torch.device) -> None:
 def _epoch(trainer: Any, epoch: int, train: bool) -> tuple[int, int, float, float, tuple]:
     """One epoch as `Trainer.fit` runs it (loader -> device -> colour augment -> step); images, steps,
     seconds, seconds until the first batch came (a fresh epoch's loader start), and that first batch."""
-    trainer.state.epoch, trainer.state.batch = epoch, 0
+    trainer.position.epoch, trainer.position.batch = epoch, 0
     images = steps = 0
     start = time.perf_counter()
     first, kept = None, ()
@@ -65,7 +65,7 @@ def _epoch(trainer: Any, epoch: int, train: bool) -> tuple[int, int, float, floa
         if train:
             trainer.train_step(x, indices)
             trainer.state.step += 1
-        trainer.state.batch += 1
+        trainer.position.batch += 1
         images, steps = images + int(x.shape[0]), steps + 1
     _sync(trainer.device)
     return images, steps, time.perf_counter() - start, first or 0.0, kept

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from invprop.eval.html_report import write_html
-from invprop.eval.report import (
+from invprop.report.html import write_html
+from invprop.report.seeds import render_seed_markdown, seed_table, write_seed_plots
+from invprop.report.table import (
     default_out_dir,
     find_run_dirs,
     render_markdown,
@@ -26,7 +27,6 @@ from invprop.eval.report import (
     table_rows,
     write_plots,
 )
-from invprop.eval.seeds import render_seed_markdown, seed_table, write_seed_plots
 
 
 def main(argv: list[str] | None = None) -> int:

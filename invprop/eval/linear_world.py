@@ -15,7 +15,6 @@ feeds them all); the best is chosen on a seeded, class-balanced held-out part of
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +30,9 @@ from invprop.data.order import EpochOrder, shard_bounds
 from invprop.data.seeding import derive_seed
 from invprop.digest import state_digest
 from invprop.eval.linear import crop_batch, pooled_features
-from invprop.eval.semisup import lr_factor
 from invprop.eval.world import EvalCheckpoints, GlobalBatchNorm1d, gather_shards, run_epochs, sum_gradients
 from invprop.progress import SILENT, Reporter
+from invprop.schedules import cosine_factor, milestone_factor
 from invprop.state import RunIdentity
 
 SETTINGS = ("mode", "epochs", "lrs", "val_fraction", "schedule", "milestones", "gamma", "batch_size",
@@ -89,8 +88,8 @@ def split_features(cfg: Config, model: nn.Module, images, comm: Comm, views: int
 def lr_schedule(lin, epochs_done: float, step: int, total: int) -> float:
     """The factor on each head's lr: cosine to 0 over all steps, or x gamma at each milestone epoch."""
     if lin.schedule == "step":
-        return lr_factor(epochs_done, [float(m) for m in lin.milestones], lin.gamma)
-    return 0.5 * (1 + math.cos(math.pi * step / total))
+        return milestone_factor(epochs_done, [float(m) for m in lin.milestones], lin.gamma)
+    return cosine_factor(step, total)
 
 
 # batch features for a rank's indices into the train split, at (epoch, batch)

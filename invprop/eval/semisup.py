@@ -4,7 +4,8 @@ the evaluation world's fine-tune (invprop/eval/semisup_world.py) is built from.
 The whole network (a copy of the backbone plus a new linear classifier) is trained with SGD on a per-class
 balanced label subset (see :mod:`invprop.eval.subsets`), the classifier with ``classifier_lr_mult`` times the
 backbone's learning rate; the rate drops by ``gamma`` at each milestone epoch (30 epochs, steps at 15/20/25
-by default). Training images get a per-sample random resized crop on the CPU (``augment: crop``) or none.
+by default; invprop/schedules.py). Training images get a per-sample random resized crop on the CPU
+(``augment: crop``) or none.
 """
 
 from __future__ import annotations
@@ -14,19 +15,6 @@ from torch import nn
 
 from invprop.data import eval_batches
 from invprop.progress import Tracker
-
-
-def scaled_milestones(milestones: list[float], written_for: float | None, epochs: int) -> list[float]:
-    """Milestones (in epochs) stretched from a ``written_for``-epoch schedule to ``epochs``; unchanged when
-    ``written_for`` is null/0 or equal to ``epochs``. The result may be fractional (applied per step)."""
-    if not written_for or float(written_for) == float(epochs):
-        return sorted(float(m) for m in milestones)
-    return sorted(float(m) * epochs / float(written_for) for m in milestones)
-
-
-def lr_factor(progress: float, milestones: list[float], gamma: float) -> float:
-    """Step schedule: ``gamma`` to the number of milestones reached at ``progress`` (epochs, fractional)."""
-    return gamma ** sum(1 for m in milestones if m <= progress)
 
 
 def finetune_optimizer(net: FineTuneNet, lr: float, classifier_lr_mult: float, momentum: float,

@@ -19,11 +19,12 @@ from invprop.data.order import EpochOrder, shard_bounds
 from invprop.data.seeding import derive_seed
 from invprop.digest import state_digest
 from invprop.eval.linear import crop_batch
-from invprop.eval.semisup import FineTuneNet, _logits, _normalise, finetune_optimizer, lr_factor, scaled_milestones
+from invprop.eval.semisup import FineTuneNet, _logits, _normalise, finetune_optimizer
 from invprop.eval.subsets import fraction_tag, load_or_create_subset
 from invprop.eval.world import EvalCheckpoints, run_epochs, sum_gradients
 from invprop.models.sync_bn import convert_sync_batchnorm
 from invprop.progress import SILENT, Reporter
+from invprop.schedules import milestone_factor, scaled_milestones
 from invprop.state import RunIdentity
 
 SETTINGS = ("epochs", "milestones", "milestones_epochs", "gamma", "lr", "classifier_lr_mult", "batch_size",
@@ -61,7 +62,7 @@ def finetune_world(cfg: Config, model: nn.Module, comm: Comm, run_dir: Path, fra
 
     def step(epoch: int, b: int, idx: torch.Tensor, done: int) -> torch.Tensor:
         net.train()
-        factor = lr_factor(epoch + b / order.num_batches, milestones, opts.gamma)
+        factor = milestone_factor(epoch + b / order.num_batches, milestones, opts.gamma)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         if opts.augment == "crop":

@@ -9,13 +9,13 @@ list. For one seed the subsets are nested: the 1% list is contained in the 10% l
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from invprop.atomic import write_text_atomic
 from invprop.data.seeding import derive_seed
 
 
@@ -47,19 +47,10 @@ def balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.T
 
 
 def write_subset(path: Path, indices: torch.Tensor) -> None:
-    """One index per line, written to a temporary file in the same folder and os.replace'd."""
+    """One index per line, written whole or not at all (invprop/atomic.py)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write("".join(f"{int(i)}\n" for i in indices.tolist()))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(f"{int(i)}\n" for i in indices.tolist()))
 
 
 def read_subset(path: Path, n: int | None = None) -> torch.Tensor:

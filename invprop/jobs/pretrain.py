@@ -62,7 +62,7 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
         if latest is not None:
             trainer.restore(latest)
             if env.is_main:
-                console.print(f"resumed from {latest} (epoch {trainer.state.epoch}, batch {trainer.state.batch}, "
+                console.print(f"resumed from {latest} (epoch {trainer.position.epoch}, batch {trainer.position.batch}, "
                               f"step {trainer.state.step})", soft_wrap=True)
         else:
             # A fresh start: lines an earlier attempt wrote before its first checkpoint would repeat steps.

@@ -1,9 +1,8 @@
 """A run directory's contract with the commands that continue it.
 
-`identity.json` records what a resume cannot change (the model, the data and its subset, the method, the
-global batch, the seed): the checkpoint's weights, bank and data position only mean something under those.
-A command that reuses the out_dir of a run with a committed checkpoint is checked against it *before*
-anything in the directory is written. Every other change (more epochs, another lr, more ranks) is
+`identity.json` records what a resume cannot change (invprop/config/identity.py; each checkpoint holds the
+same dict). A command that reuses the out_dir of a run with a committed checkpoint is checked against it
+*before* anything in the directory is written. Every other change (more epochs, another lr, more ranks) is
 continuable; it is appended to `config_history.json` so results.json's numbers can be traced to the
 settings each stretch of training ran under, and config.yaml then holds the new settings.
 """
@@ -21,24 +20,19 @@ from invprop import checkpoint
 from invprop.atomic import write_json_atomic, write_text_atomic
 from invprop.config import ConfigError
 from invprop.config.flat import flatten
+from invprop.config.identity import run_identity
+from invprop.state import RunIdentity
 
 IDENTITY = "identity.json"
 HISTORY = "config_history.json"
 FINISHED = "FINISHED"  # written by pretraining (invprop/jobs/pretrain.py) when everything else is on disk
-# Whole sections, or single keys, that a resumed run must share with the run that wrote its checkpoints.
-FIXED = ("model", "method", "data.name", "data.subset", "data.image_size", "data.resize_mode", "data.n_train",
-         "data.n_test", "data.num_classes", "data.seed", "data.noise", "train.batch_size", "seed")
+_MISSING = object()
 
 
 def resolved(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tree = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     tree["out_dir"] = str(run_dir)
     return tree
-
-
-def identity(tree: dict[str, Any]) -> dict[str, Any]:
-    flat = flatten(tree)
-    return {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in FIXED)}
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -52,29 +46,19 @@ def _recorded(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _show(value: Any) -> str:
-    return "(unset)" if value is _MISSING else json.dumps(value)
-
-
-_MISSING = object()
-
-
 def check_resume(cfg: DictConfig, run_dir: Path) -> None:
-    """ConfigError (one line) naming every fixed key this command changes for a run that has checkpoints."""
+    """ConfigError (one line) naming every fixed key this command changes for a run that has checkpoints: the
+    checkpoint's own identity check (invprop.state.RunIdentity), applied before anything is written."""
     run_dir = Path(run_dir)
     if not has_checkpoint(run_dir):
         return
     recorded = _recorded(run_dir)
     if recorded is None:
         return
-    mine = identity(resolved(cfg, run_dir))
-    # A key the run's record lacks is a setting added since the run started; its value is what the code did then.
-    differ = [k for k in sorted(recorded) if recorded[k] != mine.get(k, _MISSING)]
-    if differ:
-        changes = ", ".join(f"{k}={_show(mine.get(k, _MISSING))} (run has {_show(recorded.get(k, _MISSING))})"
-                            for k in differ)
-        raise ConfigError(f"out_dir={run_dir} holds a run these settings cannot continue: {changes}; drop the "
-                          "changes to resume it, or pass a new out_dir= to start a new run")
+    try:
+        RunIdentity(run_identity(cfg)).load_state_dict(recorded)
+    except ValueError as exc:
+        raise ConfigError(f"out_dir={run_dir} {exc}") from None
 
 
 def finished_unchanged(cfg: DictConfig, run_dir: Path) -> int | None:
@@ -112,6 +96,6 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, list[Any]]:
                         "changes": {k: {"from": old, "to": new} for k, (old, new) in changes.items()}})
         write_json_atomic(run_dir / HISTORY, history)
     if changes or not (run_dir / IDENTITY).exists():
-        write_json_atomic(run_dir / IDENTITY, identity(tree))
+        write_json_atomic(run_dir / IDENTITY, run_identity(cfg))
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(tree)))
     return changes

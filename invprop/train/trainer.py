@@ -20,6 +20,7 @@ from invprop import checkpoint
 from invprop.bank import ShardedBank
 from invprop.collectives import Comm
 from invprop.config import Config
+from invprop.config.identity import run_identity
 from invprop.data import EpochOrder, eval_batches, load_split, normalization
 from invprop.data.augment import BatchColorAugment, eval_transform
 from invprop.data.loader import batch_generator
@@ -67,28 +68,10 @@ class Diverged(RuntimeError):
 
 @dataclass
 class TrainState:
-    """Where training stands: optimiser steps done in total (the learning-rate schedule's position) and the data
-    position it reached, whose epoch and batch it shows as its own. A checkpoint part that saves the step only;
-    the data position is a part of its own."""
+    """Optimiser steps done in total (the learning-rate schedule's position); a checkpoint part. Where the data
+    stream stands is the trainer's `position` (a DataPosition), a part of its own."""
 
-    data: DataPosition
     step: int = 0
-
-    @property
-    def epoch(self) -> int:  # completed epochs
-        return self.data.epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self.data.epoch = value
-
-    @property
-    def batch(self) -> int:  # global batches done inside the current epoch
-        return self.data.batch
-
-    @batch.setter
-    def batch(self, value: int) -> None:
-        self.data.batch = value
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
@@ -144,7 +127,8 @@ class Trainer:
                                          weight_decay=cfg.train.weight_decay,
                                          fused=device.type == "cuda")  # one kernel for all parameters
         self.total_steps = cfg.train.epochs * self.order.num_batches
-        self.state = TrainState(DataPosition(self.order.num_batches))
+        self.state = TrainState()
+        self.position = DataPosition(self.order.num_batches)
         self.rng = TorchRng()
         self.logger = build_logger(cfg, self.run_dir, enabled=comm.is_main)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=comm.is_main, mirror=self.logger)
@@ -153,7 +137,7 @@ class Trainer:
 
     def batches(self) -> Any:
         """This rank's batches of the current epoch from the saved position."""
-        return self.source.epoch(self.state.epoch, self.state.batch)
+        return self.source.epoch(self.position.epoch, self.position.batch)
 
     def _wrap(self, model: torch.nn.Module, compile_model: bool) -> torch.nn.Module:
         """DDP across ranks, then optionally torch.compile (DDP-aware graph breaks at bucket boundaries)."""
@@ -210,7 +194,7 @@ class Trainer:
     def augment_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Colour augmentations as batched ops on the device; parameters drawn for the whole global batch
         from (seed, epoch, batch), so they do not depend on the world size."""
-        gen = batch_generator(self.cfg.seed, self.state.epoch, self.state.batch, self.device)
+        gen = batch_generator(self.cfg.seed, self.position.epoch, self.position.batch, self.device)
         local = images.shape[0]
         x = images.to(self.device, non_blocking=True)
         return self.augment(x, gen, row_offset=self.comm.rank * local, rows_total=local * self.comm.world)
@@ -222,7 +206,7 @@ class Trainer:
         self.net.train()
         z = self.embed(self.augment_batch(images))
         # non_blocking: a blocking copy (or one from pageable memory) waits for the whole GPU queue
-        out = self.criterion(z, indices.to(self.device, non_blocking=True), self.state.epoch)
+        out = self.criterion(z, indices.to(self.device, non_blocking=True), self.position.epoch)
         self.optimizer.zero_grad(set_to_none=True)
         # out.loss sums to the global mean over ranks; DDP averages gradients, so scale back by W.
         (out.loss * self.comm.world).backward()
@@ -253,7 +237,7 @@ class Trainer:
         estimated = False
         with TrainProgress(self.total_steps, self.state.step, enabled=self.comm.is_main,
                            epoch_steps=self.order.num_batches) as progress:
-            while self.state.epoch < epochs:
+            while self.position.epoch < epochs:
                 loader = self.batches()
                 window, tick = [], time.perf_counter()
                 steps_before = self.state.step
@@ -262,12 +246,12 @@ class Trainer:
                         self.log_start(images)
                     window.append(self.train_step(images, indices))
                     self.report_bank_selection(progress)
-                    self.state.batch += 1
+                    self.position.batch += 1
                     self.state.step += 1
-                    if self.state.batch == self.order.num_batches:  # the epoch is complete
-                        self.state.epoch += 1
-                        self.state.batch = 0
-                    if self.state.step % self.cfg.train.log_every == 0 or self.state.batch == 0:
+                    if self.position.batch == self.order.num_batches:  # the epoch is complete
+                        self.position.epoch += 1
+                        self.position.batch = 0
+                    if self.state.step % self.cfg.train.log_every == 0 or self.position.batch == 0:
                         elapsed = time.perf_counter() - tick
                         record = self.log_window(window, len(window) * self.order.global_batch / max(elapsed, 1e-9))
                         progress.update(self.state.step, record)
@@ -280,7 +264,7 @@ class Trainer:
                         window, tick = [], time.perf_counter()
                     else:
                         progress.update(self.state.step, None)
-                    if self.state.batch == 0:
+                    if self.position.batch == 0:
                         self.evaluate_epoch()
                     if boundary is not None:
                         stop, save = boundary.poll(self.state.step)
@@ -289,10 +273,10 @@ class Trainer:
                             boundary.saved()
                         if stop:
                             return False
-                    if self.state.batch == 0:
+                    if self.position.batch == 0:
                         break  # the loader of a finished epoch has nothing left
                 if self.state.step == steps_before:  # asking again would spin forever on the same empty epoch
-                    raise RuntimeError(f"epoch {self.state.epoch} from batch {self.state.batch} yielded no batch "
+                    raise RuntimeError(f"epoch {self.position.epoch} from batch {self.position.batch} yielded no batch "
                                        f"({self.order.num_batches} batches of {self.order.global_batch} per epoch); "
                                        "the checkpoint's data position does not fit this run: use a new out_dir")
         return True
@@ -323,7 +307,7 @@ class Trainer:
 
     def log_window(self, window: list[dict[str, torch.Tensor | float]], img_s: float) -> dict[str, Any]:
         record: dict[str, Any] = window_means(window)
-        record.update(step=self.state.step, epoch=self.state.epoch + self.state.batch / self.order.num_batches,
+        record.update(step=self.state.step, epoch=self.position.epoch + self.position.batch / self.order.num_batches,
                       img_s=img_s, time=time.time())
         self.metrics.write(record)
         if not math.isfinite(float(record.get("loss", 0.0))):
@@ -342,7 +326,7 @@ class Trainer:
     def evaluate_epoch(self) -> None:
         """kNN accuracy over training (eval.every_epochs > 0) into metrics.jsonl, for the curves in reports."""
         every = self.cfg.eval.every_epochs
-        if every <= 0 or self.state.epoch % every:
+        if every <= 0 or self.position.epoch % every:
             return
         from invprop.data import eval_split
         from invprop.eval.knn_eval import evaluate_knn_world  # the evaluation layer sits beside the loop
@@ -352,23 +336,19 @@ class Trainer:
         images, labels = load_split(self.cfg.data, eval_split(self.cfg.data))
         found = evaluate_knn_world(self.cfg, self.model, self.bank, (self.images, self.labels),
                                    (images[:test], labels[:test]) if test else (images, labels))
-        self.metrics.write({"step": self.state.step, "epoch": self.state.epoch, "time": time.time(),
+        self.metrics.write({"step": self.state.step, "epoch": self.position.epoch, "time": time.time(),
                             **{f"epoch_{k}": v for k, v in found.items()}})
 
     # -- state ------------------------------------------------------------------------------------------
-    def describe(self) -> dict[str, Any]:
-        """What a checkpoint must match to be resumed by this run."""
-        return {"n": self.n, "dim": self.cfg.model.embedding_dim, "arch": self.cfg.model.arch,
-                "method": str(self.method.name), **self.method.identity(self.cfg.method)}
-
     def states(self) -> dict[str, Stateful]:
-        """Every part of this run a resume needs, by name; each owns its state. The identity comes first so that
-        a checkpoint of another run is refused before anything is loaded."""
-        parts: dict[str, Stateful] = {"describe": RunIdentity(self.describe()), "model": self.model,
+        """Every part of this run a resume needs, by name; each owns its state. The identity (the config's settings
+        a resume cannot change) comes first so that a checkpoint this run cannot continue is refused before
+        anything is loaded."""
+        parts: dict[str, Stateful] = {"identity": RunIdentity(run_identity(self.cfg)), "model": self.model,
                                       "optimizer": self.optimizer, "bank": self.bank}
         if self.graph is not None:
             parts["graph"] = self.graph
-        parts.update(train=self.state, data=self.state.data, rng=self.rng)
+        parts.update(train=self.state, data=self.position, rng=self.rng)
         return parts
 
     def restore(self, directory: Path) -> None:

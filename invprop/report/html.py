@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from invprop.atomic import write_text_atomic
-from invprop.eval.report import (
+from invprop.report.table import (
     RESULT_KEYS,
     RESULT_PATTERNS,
     TRAILING_RESULT_KEYS,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from invprop.eval.report import (
+from invprop.report.table import (
     BASELINE_KEYS,
     KNN_KEYS,
     PURITY_KEYS,
