@@ -196,3 +196,37 @@ def test_rank_zero_s_failure_is_named_on_every_rank(folder: Path, tmp_path: Path
     first, second = run_forked(_ensure_on_rank, 2, (_folder_cfg(folder), str(tmp_path / "b")), timeout_s=200)
     assert first[0] == second[0] == "" and "cannot be read as an image" in first[3]
     assert second[3].startswith("RuntimeError: rank 0 could not prepare the train .beton") and first[3] in second[3]
+
+
+def _training_source_on_rank(rank: int, world: int, cfg, where: str) -> tuple[str, str, int, int]:
+    """The training batch source of one of `world` gloo ranks under data.format=ffcv: (loader, beton, stats,
+    checks)."""
+    import torch
+
+    from invprop import distributed
+    from invprop.data import load_split
+    from invprop.data.beton_cache import CHECKS
+    from invprop.data.order import EpochOrder
+    from invprop.data.sources import build_batch_source
+
+    distributed.init(distributed.read_env(), 60.0)
+    CHECKS.reset()
+    try:
+        images, labels = load_split(cfg, "train")
+        source = build_batch_source(cfg, images, labels, EpochOrder(len(labels), 4, 0), seed=0, workers=1, rank=rank,
+                                    world=world, device=torch.device("cpu"), is_main=rank == 0)
+        return source.name, source.loader.beton_path, CHECKS.stats, CHECKS.checks
+    finally:
+        distributed.shutdown()
+
+
+def test_training_ranks_leave_the_check_to_rank_zero(folder: Path, tmp_path: Path) -> None:
+    from invprop.testing.forked_ranks import run_forked
+
+    cfg = group_section("data", "folder", root=str(folder), image_size=32, beton_max_resolution=48,
+                        beton_dir=str(tmp_path / "b"), format="ffcv")
+    n = len(source_files(cfg, "train"))
+    _ensure(cfg, tmp_path / "b")
+    first, second = run_forked(_training_source_on_rank, 2, (cfg, str(tmp_path / "b")), timeout_s=200)
+    assert first[:2] == second[:2] == ("ffcv", first[1]) and first[1].endswith(".beton")
+    assert (first[2:], second[2:]) == ((n, 1), (0, 0))
