@@ -28,6 +28,7 @@ from invprop.data import beton_cache, eval_split, load_split  # noqa: E402
 from invprop.data.order import shard_bounds  # noqa: E402
 from invprop.eval.features import embed_and_pool  # noqa: E402
 from invprop.eval.knn_eval import evaluate_knn_world  # noqa: E402
+from invprop.eval.linear_world import linear_eval  # noqa: E402
 from invprop.eval.readers import EvalReader  # noqa: E402
 from invprop.models import build_model  # noqa: E402
 from invprop.testing.forked_ranks import run_forked  # noqa: E402
@@ -39,12 +40,14 @@ N_TRAIN, N_VAL = 3 * 20, 3 * 8
 def _config(folder: Path, betons: Path) -> Config:
     return typed(compose_config("data=folder", f"data.root={folder}", "data.image_size=32",
                                 "data.beton_max_resolution=64", f"data.beton_dir={betons}", "data.eval_workers=1",
-                                "model=resnet_tiny", "eval.batch_size=16", "eval.knn_k=5"))
+                                "model=resnet_tiny", "eval.batch_size=16", "eval.knn_k=5", "eval.linear.mode=features",
+                                "eval.linear.epochs=3", "eval.linear.batch_size=20", "eval.linear.lrs=[0.1]",
+                                "eval.linear.val_fraction=0", "eval.linear.aug_views=0"))
 
 
 def _knn_rank(rank: int, world: int, cfg: Config, reader_name: str) -> dict:
-    """kNN over the evaluation world through `reader_name`, this rank's pooled test features, and the
-    .beton work this rank did."""
+    """kNN and the features-mode linear probe over the evaluation world through `reader_name`, this rank's
+    pooled test features, and the .beton work this rank did."""
     comm = distributed.init(distributed.read_env(), 60.0)
     try:
         beton_cache.CHECKS.reset()
@@ -58,8 +61,9 @@ def _knn_rank(rank: int, world: int, cfg: Config, reader_name: str) -> dict:
         _, pooled = embed_and_pool(model, reader.rows(test[0], eval_split(cfg.data), lo, hi), cfg.data,
                                    comm.device, 16)
         checks = beton_cache.CHECKS
+        probe = linear_eval(cfg, model, comm, train, test, reader=reader)  # features mode: both passes via reader
         return {**{k: found[k] for k in KNN_KEYS}, "pooled": pooled, "stats": checks.stats,
-                "checks": checks.checks}
+                "checks": checks.checks, "linear_top1": probe["linear_top1"], "linear_top5": probe["linear_top5"]}
     finally:
         distributed.shutdown()
 
@@ -98,3 +102,11 @@ def test_only_rank_zero_checks_the_betons(runs) -> None:
     # each of the two splits' betons: every source file stat-ed once, by rank 0 (once written, then checked)
     assert one["stats"] == first["stats"] == N_TRAIN + N_VAL
     assert first["checks"] >= 2 and second["stats"] == second["checks"] == 0
+
+
+def test_linear_probe_through_ffcv_matches_pil_and_one_rank(runs) -> None:
+    pil, one, two = runs["pil"][0], runs["ffcv"][0], runs["ffcv2"]
+    for key in ("linear_top1", "linear_top5"):
+        assert two[0][key] == two[1][key], key
+        assert abs(two[0][key] - one[key]) <= 0.001, key  # gradients summed over 2 ranks: float order only
+        assert abs(one[key] - pil[key]) <= 1.5 / N_VAL, key
