@@ -22,6 +22,10 @@ from invprop.data import is_lazy
 
 __all__ = ["BetonRows", "EvalReader"]
 
+# The betons this process has had checked, by (beton_dir, file name): training's kNN curves build a reader each
+# time they run, and one check per split per job is enough (training's own loader opens its file once too).
+_CHECKED: dict[tuple[str, str], Path] = {}
+
 
 class BetonRows:
     """Rows ``[start, stop)`` of a split's .beton, as evaluation sees them; :func:`invprop.data.eval_batches`
@@ -67,7 +71,6 @@ class EvalReader:
 
     def __init__(self, data_cfg: Any, comm: Comm, name: str) -> None:
         self.data_cfg, self.comm, self.name = data_cfg, comm, name
-        self._betons: dict[str, Path] = {}
 
     @classmethod
     def for_config(cls, data_cfg: Any, comm: Comm, lazy: bool = True) -> EvalReader:
@@ -87,9 +90,10 @@ class EvalReader:
         """Rows ``lo:hi`` of ``split`` (``images``: its load_split images) for :func:`invprop.data.eval_batches`."""
         if self.name != "ffcv" or not is_lazy(images):
             return images[lo:hi]
-        if split not in self._betons:
-            from invprop.data.beton_cache import ensure_beton_world
+        from invprop.data.beton_cache import beton_cache_name, ensure_beton_world
 
-            self._betons[split] = ensure_beton_world(self.data_cfg, split, Path(self.data_cfg.beton_dir), self.comm,
-                                                     progress=self.comm.is_main)
-        return BetonRows(self._betons[split], lo, hi, images.image_size, images.eval_crop_ratio, images.eval_workers)
+        key = (str(self.data_cfg.beton_dir), beton_cache_name(self.data_cfg, split))
+        if key not in _CHECKED:  # the same on every rank: they all call rows() at the same points
+            _CHECKED[key] = ensure_beton_world(self.data_cfg, split, Path(self.data_cfg.beton_dir), self.comm,
+                                               progress=self.comm.is_main)
+        return BetonRows(_CHECKED[key], lo, hi, images.image_size, images.eval_crop_ratio, images.eval_workers)
