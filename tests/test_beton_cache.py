@@ -158,3 +158,75 @@ def test_the_launcher_names_an_unreadable_image_in_one_line(folder: Path, tmp_pa
     assert "Traceback" not in proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"{image} (0 bytes) cannot be read as an image" in errors[0], proc.stderr[-2000:]
+
+
+def _ensure_on_rank(rank: int, world: int, cfg, where: str) -> tuple[str, int, int, str]:
+    """ensure_beton_world on one of `world` gloo ranks: (path, files stat-ed, checks run, error line)."""
+    from invprop import distributed
+    from invprop.data.beton_cache import CHECKS, ensure_beton_world
+
+    comm = distributed.init(distributed.read_env(), 60.0)
+    CHECKS.reset()
+    try:
+        path, error = str(ensure_beton_world(cfg, "train", Path(where), comm, num_workers=1, progress=False,
+                                             poll_s=0.05)), ""
+    except Exception as exc:  # noqa: BLE001 - the test compares what each rank says
+        path, error = "", f"{type(exc).__name__}: {exc}"
+    finally:
+        distributed.shutdown()
+    return path, CHECKS.stats, CHECKS.checks, error
+
+
+def test_rank_zero_alone_checks_the_file_for_the_job(folder: Path, tmp_path: Path) -> None:
+    from invprop.testing.forked_ranks import run_forked
+
+    cfg = _folder_cfg(folder)
+    n = len(source_files(cfg, "train"))
+    written = run_forked(_ensure_on_rank, 2, (cfg, str(tmp_path / "b")), timeout_s=200)
+    again = run_forked(_ensure_on_rank, 2, (cfg, str(tmp_path / "b")), timeout_s=200)
+    assert written[0][0] == written[1][0] == again[0][0] == again[1][0] != ""
+    assert [r[1:] for r in written] == [(n, 0, ""), (0, 0, "")]  # rank 0 stat-ed the sources, then wrote it
+    assert [r[1:] for r in again] == [(n, 1, ""), (0, 0, "")]  # rank 0 checked it; rank 1 did neither
+
+
+def test_rank_zero_s_failure_is_named_on_every_rank(folder: Path, tmp_path: Path) -> None:
+    from invprop.testing.forked_ranks import run_forked
+
+    _bomb(next((folder / "train").glob("*/*.jpg")))
+    first, second = run_forked(_ensure_on_rank, 2, (_folder_cfg(folder), str(tmp_path / "b")), timeout_s=200)
+    assert first[0] == second[0] == "" and "cannot be read as an image" in first[3]
+    assert second[3].startswith("RuntimeError: rank 0 could not prepare the train .beton") and first[3] in second[3]
+
+
+def _training_source_on_rank(rank: int, world: int, cfg, where: str) -> tuple[str, str, int, int]:
+    """The training batch source of one of `world` gloo ranks under data.format=ffcv: (loader, beton, stats,
+    checks)."""
+    import torch
+
+    from invprop import distributed
+    from invprop.data import load_split
+    from invprop.data.beton_cache import CHECKS
+    from invprop.data.order import EpochOrder
+    from invprop.data.sources import build_batch_source
+
+    distributed.init(distributed.read_env(), 60.0)
+    CHECKS.reset()
+    try:
+        images, labels = load_split(cfg, "train")
+        source = build_batch_source(cfg, images, labels, EpochOrder(len(labels), 4, 0), seed=0, workers=1, rank=rank,
+                                    world=world, device=torch.device("cpu"), is_main=rank == 0)
+        return source.name, source.loader.beton_path, CHECKS.stats, CHECKS.checks
+    finally:
+        distributed.shutdown()
+
+
+def test_training_ranks_leave_the_check_to_rank_zero(folder: Path, tmp_path: Path) -> None:
+    from invprop.testing.forked_ranks import run_forked
+
+    cfg = group_section("data", "folder", root=str(folder), image_size=32, beton_max_resolution=48,
+                        beton_dir=str(tmp_path / "b"), format="ffcv")
+    n = len(source_files(cfg, "train"))
+    _ensure(cfg, tmp_path / "b")
+    first, second = run_forked(_training_source_on_rank, 2, (cfg, str(tmp_path / "b")), timeout_s=200)
+    assert first[:2] == second[:2] == ("ffcv", first[1]) and first[1].endswith(".beton")
+    assert (first[2:], second[2:]) == ((n, 1), (0, 0))

@@ -40,6 +40,9 @@ def eval_batches(images: Any, batch_size: int, num_workers: int | None = None) -
         for lo in range(0, images.shape[0], batch_size):
             yield images[lo : lo + batch_size]
         return
+    if hasattr(images, "batches"):  # rows of a .beton (invprop.eval.readers.BetonRows): FFCV decodes them
+        yield from images.batches(batch_size)
+        return
     workers = int(images.eval_workers if num_workers is None else num_workers)
     yield from DataLoader(_EvalViews(images), batch_size=batch_size, shuffle=False, num_workers=workers,
                           persistent_workers=False)

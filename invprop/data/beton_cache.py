@@ -5,6 +5,10 @@ loader-only keys), so a changed config never reuses a stale file; an ``flock`` b
 first of several concurrent callers (ranks, jobs on a shared file system) write it. A record beside the file
 (:mod:`invprop.data.beton_check`) ties it to its source files and its own bytes: a file whose sources were
 edited, or that was damaged or truncated, is written again with one line saying why, never read.
+
+That check stats every source file and checksums the whole file (1.28M stats for ImageNet), so a job of W ranks
+runs it once: :func:`ensure_beton_world` has rank 0 check (or write) and hands the path to the others.
+:data:`CHECKS` counts the work each process did.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from invprop.data.beton import (
     BETON_FORMAT_VERSION,
@@ -31,7 +36,29 @@ from invprop.data.beton import (
 )
 from invprop.data.beton_check import fingerprint, problem, record_path, write_record
 
-__all__ = ["beton_cache_name", "ensure_beton", "source_files"]
+if TYPE_CHECKING:
+    from invprop.collectives import Comm
+
+__all__ = ["CHECKS", "beton_cache_name", "ensure_beton", "ensure_beton_world", "source_files"]
+
+
+@dataclasses.dataclass
+class CheckCount:
+    """What this process's :func:`ensure_beton` calls did: source files stat-ed and file checks run."""
+
+    stats: int = 0
+    checks: int = 0
+
+    def reset(self) -> None:
+        self.stats = self.checks = 0
+
+
+CHECKS = CheckCount()
+
+
+def _problem(path: Path, sources: str) -> str | None:
+    CHECKS.checks += 1
+    return problem(path, sources)
 
 # Keys of a data config that do not change the content of the file.
 # Keys that do not change what a beton holds (the evaluation split and normalisation are applied after reading).
@@ -129,15 +156,17 @@ def ensure_beton(
     out_dir = Path(out_dir).expanduser().absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / beton_cache_name(data_cfg, split)
-    sources = fingerprint(source_files(data_cfg, split))
-    if path.is_file() and problem(path, sources) is None:
+    files = source_files(data_cfg, split)
+    CHECKS.stats += len(files)
+    sources = fingerprint(files)
+    if path.is_file() and _problem(path, sources) is None:
         return path
     lock_path = out_dir / f".{path.name}.lock"
     with open(lock_path, "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             if path.is_file():  # checked again: another caller may have rewritten it while this one waited
-                why = problem(path, sources)
+                why = _problem(path, sources)
                 if why is None:
                     return path
                 print(f"rewriting {path}: {why}", file=sys.stderr, flush=True)
@@ -158,4 +187,56 @@ def ensure_beton(
             write_record(path, sources, len(source))
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return path
+
+
+def ensure_beton_world(
+    data_cfg: Any,
+    split: str,
+    out_dir: str | os.PathLike,
+    comm: Comm,
+    *,
+    num_workers: int | None = None,
+    progress: bool = True,
+    poll_s: float = 2.0,
+) -> Path:
+    """:func:`ensure_beton` once for the ranks of ``comm``: rank 0 checks (or writes) the file, the others get
+    its path and open it without checking again. Every rank calls it.
+
+    Rank 0 works in a thread while every rank joins a one-flag all-reduce each ``poll_s``: no collective waits
+    longer than a poll, so a first write that takes hours never hits ``train.dist_timeout_s``. A rank that does
+    not see rank 0's file (``beton_dir`` on a node-local disk) checks or writes its own copy. An error on rank 0
+    is raised there and named on the others.
+    """
+    if comm.world == 1:
+        return ensure_beton(data_cfg, split, out_dir, num_workers=num_workers, progress=progress)
+    outcome: dict[str, Any] = {}
+    worker = None
+    if comm.is_main:
+        def check() -> None:
+            try:
+                outcome["path"] = str(ensure_beton(data_cfg, split, out_dir, num_workers=num_workers,
+                                                   progress=progress))
+            except BaseException as exc:  # noqa: BLE001 - re-raised on this rank, named on the others
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=check, name=f"ensure-beton-{split}", daemon=True)
+        worker.start()
+    while True:
+        if worker is not None:
+            worker.join(poll_s)
+        if comm.host_flags_any([worker is not None and not worker.is_alive()])[0]:
+            break
+    error = outcome.get("error")
+    answer = comm.gather_objects(
+        (None if error is None else f"{type(error).__name__}: {error}", outcome.get("path")) if comm.is_main
+        else None)[0]
+    if error is not None:
+        raise error
+    failed, shared = answer
+    if failed is not None:
+        raise RuntimeError(f"rank 0 could not prepare the {split} .beton in {out_dir}: {failed}")
+    path = Path(shared)
+    if not comm.is_main and not path.is_file():  # not on this node's disk: its own check (or write)
+        return ensure_beton(data_cfg, split, out_dir, num_workers=num_workers, progress=False)
     return path

@@ -90,10 +90,13 @@ def build_batch_source(data: DataConfig, images: torch.Tensor, labels: torch.Ten
     """The source `data.format` names, or the torchvision loader when it names FFCV and FFCV does not import."""
     aug = data.augment
     if data.format == DataFormat.ffcv and ffcv_available(is_main):
-        from invprop.data.beton_cache import ensure_beton
+        from invprop.collectives import Comm
+        from invprop.data.beton_cache import ensure_beton_world
         from invprop.data.ffcv.loader import build_ffcv_train_loader
 
-        beton = ensure_beton(data, "train", Path(data.beton_dir), progress=is_main)
+        # rank 0 checks the file once for the job (the default group holds every rank)
+        beton = ensure_beton_world(data, "train", Path(data.beton_dir), Comm(rank, world, device),
+                                   progress=is_main)
         return FFCVBatches(build_ffcv_train_loader(beton, order, rank, world, workers, data.image_size, seed,
                                                    scale=tuple(aug.crop_scale), flip=aug.flip))
     if data.format == DataFormat.device:

@@ -25,11 +25,12 @@ from torch import nn
 
 from invprop.collectives import Comm
 from invprop.config.schema import Config
-from invprop.data import num_classes
+from invprop.data import eval_split, is_lazy, num_classes
 from invprop.data.order import EpochOrder, shard_bounds
 from invprop.data.seeding import derive_seed
 from invprop.digest import state_digest
 from invprop.eval.linear import crop_batch, pooled_features
+from invprop.eval.readers import EvalReader
 from invprop.eval.world import EvalCheckpoints, GlobalBatchNorm1d, gather_shards, run_epochs, sum_gradients
 from invprop.progress import SILENT, Reporter
 from invprop.schedules import cosine_factor, milestone_factor
@@ -69,15 +70,19 @@ class HeadGrid(nn.Module):
 
 
 def split_features(cfg: Config, model: nn.Module, images, comm: Comm, views: int = 0,
-                   report: Reporter = SILENT, label: str = "linear features") -> torch.Tensor:
-    """(1 + views, N, D) pooled features of the whole split on every rank, each rank featuring its shard once;
-    `report` tells this rank's images done."""
+                   report: Reporter = SILENT, label: str = "linear features",
+                   reader: EvalReader | None = None) -> torch.Tensor:
+    """(1 + views, N, D) pooled features of the whole train split on every rank, each rank featuring its shard
+    once (the test-transform pass through `reader`, default :meth:`EvalReader.for_config`); `report` tells this
+    rank's images done."""
     n = len(images)
     lo, hi = shard_bounds(n, comm.rank, comm.world)
     part = images[lo:hi]
     lin, bs = cfg.eval.linear, cfg.eval.batch_size
+    reader = reader or EvalReader.for_config(cfg.data, comm, is_lazy(images))
+    plain = reader.rows(images, "train", lo, hi)
     with report.track(label, (hi - lo) * (1 + views), unit="img") as progress:
-        own = [pooled_features(model, part, cfg.data, comm.device, bs, progress=progress)]
+        own = [pooled_features(model, plain, cfg.data, comm.device, bs, progress=progress)]
         for view in range(views):
             own.append(pooled_features(model, part, cfg.data, comm.device, bs, view=view, seed=lin.seed,
                                        crop_scale=tuple(cfg.data.augment.crop_scale), flip=cfg.data.augment.flip,
@@ -203,11 +208,14 @@ def held_out_rows(labels: torch.Tensor, fraction: float, seed: int) -> tuple[tor
 
 
 def score_heads(grid: HeadGrid, cfg: Config, model: nn.Module, images, labels: torch.Tensor, comm: Comm,
-                report: Reporter = SILENT, label: str = "linear features test") -> torch.Tensor:
-    """(H, 2) top-1 / top-5 fractions of each head on a split, each rank featuring and scoring its shard."""
+                report: Reporter = SILENT, label: str = "linear features test",
+                rows: Callable[[int, int], object] | None = None) -> torch.Tensor:
+    """(H, 2) top-1 / top-5 fractions of each head on a split, each rank featuring and scoring its shard;
+    `rows(lo, hi)` gives the shard's images to feature (default: ``images[lo:hi]``)."""
     lo, hi = shard_bounds(len(labels), comm.rank, comm.world)
+    part = images[lo:hi] if rows is None else rows(lo, hi)
     with report.track(label, hi - lo, unit="img") as progress:
-        feats = pooled_features(model, images[lo:hi], cfg.data, comm.device, cfg.eval.batch_size, progress=progress)
+        feats = pooled_features(model, part, cfg.data, comm.device, cfg.eval.batch_size, progress=progress)
     return count_hits(grid, feats, labels[lo:hi], comm) / len(labels)
 
 
@@ -230,22 +238,25 @@ def count_hits(grid: HeadGrid, feats: torch.Tensor, labels: torch.Tensor, comm: 
 
 def linear_eval(cfg: Config, model: nn.Module, comm: Comm, train_split: tuple,
                 test_split: tuple | Callable[[], tuple], root: Path | None = None,
-                report: Reporter = SILENT) -> dict:
+                report: Reporter = SILENT, reader: EvalReader | None = None) -> dict:
     """linear_top1 / linear_top5 (0..1) on the test split of the head whose lr (linear_lr) scored best on the
     held-out training rows (linear_val_top1, and linear_val_top1_by_lr for each lr); the same on every rank.
     `test_split` may be a loader, called only once the head is chosen. With `root`, committed evaluation
     checkpoints go there and a stopped probe returns {"preempted_at_step": n}. `report` tells the feature
-    passes, the probe's steps and the choice."""
+    passes, the probe's steps and the choice. `reader` says how the test-transform passes read pixels (default:
+    :meth:`EvalReader.for_config`: FFCV for image folders under data.format=ffcv)."""
     start = time.perf_counter()
     lin = cfg.eval.linear
     lrs = [float(lr) for lr in lin.lrs]
     train_images, train_labels = train_split
+    reader = reader or EvalReader.for_config(cfg.data, comm, is_lazy(train_images))
     rows, held = held_out_rows(train_labels, lin.val_fraction, lin.seed)
     if lin.mode == "online":
         dim = model.feature_dim
         batches = online_batches(cfg, model, train_images, comm)
     else:
-        train_feats = split_features(cfg, model, train_images, comm, lin.aug_views, report, "linear features train")
+        train_feats = split_features(cfg, model, train_images, comm, lin.aug_views, report, "linear features train",
+                                     reader)
         dim, batches = train_feats.shape[2], feature_batches(train_feats, cfg)
     features_s = time.perf_counter() - start
     saver = None if root is None else EvalCheckpoints(root, comm, cfg.eval.checkpoint_every_steps,
@@ -279,7 +290,8 @@ def linear_eval(cfg: Config, model: nn.Module, comm: Comm, train_split: tuple,
     # the test split is read only now that the head is chosen
     test_images, test_labels = test_split() if callable(test_split) else test_split
     grid.heads = nn.ModuleList([grid.heads[best]])
-    top1, top5 = score_heads(grid, cfg, model, test_images, test_labels, comm, report)[0].tolist()
+    top1, top5 = score_heads(grid, cfg, model, test_images, test_labels, comm, report,
+                             rows=lambda lo, hi: reader.rows(test_images, eval_split(cfg.data), lo, hi))[0].tolist()
     results.update(linear_top1=top1, linear_top5=top5,
                    linear_head_digest=state_digest(grid.heads[0].state_dict(), torch.empty(0), None),
                    linear_eval_s=time.perf_counter() - start)

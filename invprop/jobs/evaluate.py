@@ -18,9 +18,10 @@ from invprop import checkpoint, config, distributed
 from invprop.bank import ShardedBank
 from invprop.collectives import Comm
 from invprop.config.schema import Config
-from invprop.data import eval_split, load_split
+from invprop.data import eval_split, is_lazy, load_split
 from invprop.eval.knn_eval import evaluate_knn_world
 from invprop.eval.linear_world import linear_eval
+from invprop.eval.readers import EvalReader
 from invprop.eval.semisup_world import semisup_world
 from invprop.jobs.errors import fail
 from invprop.metrics import update_results, write_json_atomic
@@ -69,15 +70,16 @@ def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None,
     checkpoint.load(latest, {"model": model})
     model.eval()
     train_split = load_split(cfg.data, "train")
+    reader = EvalReader.for_config(cfg.data, comm, is_lazy(train_split[0]))  # how the feature passes read pixels
     if protocol == "knn":
         bank = ShardedBank(len(train_split[1]), cfg.model.embedding_dim, comm=comm, device=device)
         checkpoint.load(latest, {"bank": bank})  # the saved shards overlapping this rank's rows
         results = evaluate_knn_world(cfg, model, bank, train_split, load_split(cfg.data, eval_split(cfg.data)),
-                                     report)
+                                     report, reader)
     elif protocol == "linear":
         # the test split is loaded only once the probe has chosen its lr (on held-out training images)
         results = linear_eval(cfg, model, comm, train_split, lambda: load_split(cfg.data, eval_split(cfg.data)),
-                              root=eval_root(run_dir, protocol, latest), report=report)
+                              root=eval_root(run_dir, protocol, latest), report=report, reader=reader)
     else:
         results = semisup_world(cfg, model, comm, run_dir, train_split, load_split(cfg.data, eval_split(cfg.data)),
                                 root=eval_root(run_dir, protocol, latest), report=report)
@@ -92,6 +94,8 @@ def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None,
     results[f"eval_{protocol}_checkpoint"] = latest.name
     results[f"eval_{protocol}_wall_s"] = time.perf_counter() - start
     results[f"eval_{protocol}_world_size"] = comm.world
+    if protocol != "semisup":  # semisup reads its test split through PIL still (not wired to the reader)
+        results[f"eval_{protocol}_loader"] = reader.name
     merged = update_results(run_dir, results) if comm.is_main else {}
     return comm.gather_objects(merged)[0]  # rank 0's merged results on every rank
 

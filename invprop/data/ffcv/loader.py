@@ -257,7 +257,8 @@ class FFCVTrainLoader(_LoaderBase):
 
 
 class FFCVEvalLoader(_LoaderBase):
-    """All rows of rank ``rank``'s shard in file order, for feature extraction / kNN / linear probes."""
+    """All rows of rank ``rank``'s shard (or the given ``rows``, ``(start, stop)``) in file order, for feature
+    extraction / kNN / linear probes."""
 
     def __init__(
         self,
@@ -268,6 +269,7 @@ class FFCVEvalLoader(_LoaderBase):
         *,
         rank: int = 0,
         world: int = 1,
+        rows: tuple[int, int] | None = None,
         center_crop_ratio: float | None = None,
         batches_ahead: int = 3,
         os_cache: bool = True,
@@ -279,6 +281,11 @@ class FFCVEvalLoader(_LoaderBase):
         self.beton_path = beton_path
         self.channels_last = bool(channels_last)
         self.traversal = ShardOrder(n, rank, world)
+        if rows is not None:  # explicit rows [start, stop) instead of the rank's shard
+            start, stop = int(rows[0]), int(rows[1])
+            if not 0 <= start <= stop <= n:
+                raise ValueError(f"rows {rows} are not within the {n} rows of {beton_path}")
+            self.traversal.start, self.traversal.stop = start, stop
         self.start, self.stop = self.traversal.start, self.traversal.stop
         s = int(image_size)
         constant = heights.min() == heights.max() == s and widths.min() == widths.max() == s
