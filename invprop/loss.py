@@ -93,11 +93,13 @@ class InvPLoss:
 
     def __init__(self, bank: ShardedBank, graph: NeighbourGraph, *, tau: float, n_background: int,
                  n_pos: int, layers: int, lambda_inv: float, warmup_epochs: int, propagation: str = "concat",
-                 positives: str = "hard", denominator: str = "code", bank_momentum: float = 0.5) -> None:
+                 positives: str = "hard", denominator: str = "code", bank_momentum: float = 0.5,
+                 edges: str = "all") -> None:
         self.bank, self.graph, self.comm = bank, graph, bank.comm
         self.tau, self.m, self.p, self.layers = tau, min(n_background, bank.n), n_pos, layers
         self.lambda_inv, self.warmup_epochs, self.momentum = lambda_inv, warmup_epochs, bank_momentum
         self.propagation, self.positives, self.denominator = propagation, positives, denominator
+        self.mutual = edges == "mutual"
 
     def __call__(self, z: torch.Tensor, ids: torch.Tensor, epoch: int) -> StepOutput:
         zg, idg = self.comm.gather_rows(z), self.comm.gather_rows(ids).long()
@@ -109,7 +111,7 @@ class InvPLoss:
 
         w = warmup_weight(epoch, self.warmup_epochs)
         with torch.no_grad():
-            cands = self.graph.candidates(idg, self.layers, self.propagation)
+            cands = self.graph.candidates(idg, self.layers, self.propagation, self.mutual)
         cand_valid = cands != UNKNOWN
         picked = self.bank.pair_scores(zg, torch.cat([idg.view(-1, 1), cands], dim=1))
         self_score, cand_scores = picked[:, 0], picked[:, 1:]

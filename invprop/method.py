@@ -39,7 +39,7 @@ def _invp_loss(section: InvpConfig, bank: ShardedBank, graph: NeighbourGraph | N
     return InvPLoss(bank, graph, tau=section.tau, n_background=m, n_pos=section.n_pos, layers=section.l,
                     lambda_inv=section.lambda_inv, warmup_epochs=section.warmup_epochs,
                     propagation=section.propagation, positives=section.positives, denominator=section.denominator,
-                    bank_momentum=section.bank_momentum)
+                    bank_momentum=section.bank_momentum, edges=section.edges)
 
 
 def _invp_background(section: InvpConfig, n_train: int) -> int:

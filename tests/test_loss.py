@@ -42,6 +42,17 @@ def test_bfs_is_distinct_nodes_within_distance_excluding_self() -> None:
         assert got == set(bfs_candidates(g.table.long(), anchor, layers))
 
 
+def test_mutual_edges_drop_one_way_neighbours_at_every_layer() -> None:
+    # HAND's two-way edges: 0 <-> 1 only (2 -> 3 and 3 -> 4 are one-way, 0 -> 2 too: 2 does not list 0)
+    g = _graph(HAND)
+    assert g.candidates(torch.tensor([0]), 2, "concat", mutual=True)[0].tolist() == [1, UNKNOWN, 0] + [UNKNOWN] * 3
+    assert g.candidates(torch.tensor([2]), 2, "concat", mutual=True)[0].tolist() == [UNKNOWN] * 6
+    ring = _graph([[1, 3], [2, 0], [3, 1], [0, 2]])  # every edge two-way: mutual changes nothing
+    for anchor in range(4):
+        a = torch.tensor([anchor])
+        assert torch.equal(ring.candidates(a, 3, "concat", mutual=True), ring.candidates(a, 3, "concat"))
+
+
 def test_concat_and_bfs_differ_where_paths_repeat() -> None:
     g = _graph(HAND)
     concat = [c for c in g.candidates(torch.tensor([0]), 2, "concat")[0].tolist() if c != UNKNOWN]

@@ -269,6 +269,7 @@ class InvpConfig(MethodConfig):
     n_background: int | None
     lambda_inv: float
     propagation: str
+    edges: str
     positives: str
     denominator: str
 
@@ -281,6 +282,7 @@ class InvpConfig(MethodConfig):
             check_positive_int(self.n_background, "method.n_background", " (background neighbours M)")
         check_number(self.lambda_inv, "method.lambda_inv", 0)
         check_choice(self.propagation, "method.propagation", ("concat", "bfs"))
+        check_choice(self.edges, "method.edges", ("all", "mutual"))
         check_choice(self.positives, "method.positives", ("hard", "easy"))
         check_choice(self.denominator, "method.denominator", ("code", "paper"))
 
