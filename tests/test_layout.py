@@ -14,7 +14,7 @@ LAYERS = [
     ("invprop", 0), ("invprop.config", 0), ("invprop.data", 0), ("invprop.models", 0), ("invprop.metrics", 0),
     ("invprop.digest", 0), ("invprop.train.progress", 0), ("invprop.logger", 0), ("invprop.kernels", 0),
     ("invprop.state", 0), ("invprop.results", 0), ("invprop.atomic", 0), ("invprop.schedules", 0),
-    ("invprop.collectives", 1), ("invprop.distributed", 1),
+    ("invprop.collectives", 0), ("invprop.distributed", 1),  # collectives: a leaf over torch.distributed
     ("invprop.bank", 2), ("invprop.graph", 2),
     ("invprop.loss", 3), ("invprop.method", 3), ("invprop.checkpoint", 3), ("invprop.testing", 3),
     ("invprop.train", 4), ("invprop.eval", 4), ("invprop.report", 4),

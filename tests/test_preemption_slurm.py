@@ -63,6 +63,38 @@ def test_stop_requeue_mid_epoch_ends_equal_to_uninterrupted(slurm_cluster, tmp_p
     assert results["state_digest"] == json.loads((reference / "results.json").read_text())["state_digest"]
 
 
+# a linear probe (3 epochs of 3 steps) and a 10% fine-tune (2 epochs of 6 steps), both small enough for CI
+EVALS = ["eval.protocols=[linear,semisup]", "eval.untrained_baseline=false", "eval.linear.epochs=3",
+         "eval.linear.lrs=[0.1]", "eval.linear.val_fraction=0", "eval.semisup.fractions=[0.1]",
+         "eval.semisup.epochs=2", "eval.semisup.batch_size=16"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_evaluations_stopped_mid_protocol_requeue_and_end_equal(slurm_cluster, tmp_path: Path) -> None:
+    """eval.stop_at_step=4 raises USR2 in the linear probe (mid-epoch 2) and in the fine-tune (mid-epoch 1): each
+    evaluation job commits its evaluation checkpoint, submitit requeues it, and the resumed job ends with the
+    head / network of an uninterrupted evaluation of the same pretraining (bit-equal digests: no step repeated or
+    skipped)."""
+    run = tmp_path / "run"
+    proc = _launch(slurm_cluster.env, "cluster=slurm", "cluster.timeout_min=20", *EVALS, "eval.stop_at_step=4",
+                   f"out_dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = tmp_path / "reference"  # the same chain locally, never stopped
+    proc = _launch(slurm_cluster.env, *EVALS, f"out_dir={reference}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = json.loads((run / "jobs.json").read_text())["jobs"]
+    for name in ("eval_linear", "eval_semisup"):
+        assert slurm_cluster.wait_sacct(jobs[name], timeout=600)["State"] == "COMPLETED", name
+    results = json.loads((run / "results.json").read_text())
+    expected = json.loads((reference / "results.json").read_text())
+    assert results["state_digest"] == expected["state_digest"]
+    assert results["eval_linear_slurm_restart_count"] == 1 and results["eval_semisup_slurm_restart_count"] == 1
+    for key in ("linear_head_digest", "linear_top1", "semisup_10pct_digest", "semisup_10pct_top1"):
+        assert results[key] == expected[key], key
+    assert not (run / "eval").exists()  # finished evaluations leave no evaluation checkpoint behind
+
+
 @pytest.mark.slow
 @pytest.mark.extended
 @pytest.mark.timeout(900)

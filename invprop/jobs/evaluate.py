@@ -8,6 +8,7 @@ environment, like pretraining). Rank 0 alone writes results.json.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sys
@@ -94,6 +95,8 @@ def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None,
     results[f"eval_{protocol}_checkpoint"] = latest.name
     results[f"eval_{protocol}_wall_s"] = time.perf_counter() - start
     results[f"eval_{protocol}_world_size"] = comm.world
+    # how often SLURM requeued this evaluation job before it finished (0 for cluster=local)
+    results[f"eval_{protocol}_slurm_restart_count"] = int(os.environ.get("SLURM_RESTART_COUNT", 0))
     if protocol != "semisup":  # semisup reads its test split through PIL still (not wired to the reader)
         results[f"eval_{protocol}_loader"] = reader.name
     merged = update_results(run_dir, results) if comm.is_main else {}
