@@ -7,7 +7,8 @@ Two modes (eval.linear.mode):
   `eval.linear.aug_views` seeded cropped views), the parts are gathered and the heads train on those tensors;
 - ``online`` (the authors' ImageNet protocol): every step crops its images afresh (RandomResizedCrop at the
   evaluation size, scale eval.linear.crop_scale, horizontal flip; seeded by (seed, epoch, image)) and runs
-  them through the frozen backbone in eval mode, so each epoch sees new views.
+  them through the frozen backbone in eval mode, so each epoch sees new views; under data.format=ffcv the crops
+  are FFCV's (invprop/eval/crops.py), else PIL's.
 One head per learning rate of eval.linear.lrs trains side by side on the same features (one backbone pass
 feeds them all); the best is chosen on a seeded, class-balanced held-out part of the TRAINING split
 (eval.linear.val_fraction), and only then is the test split read and scored, in shards (counts summed).
@@ -29,6 +30,7 @@ from invprop.data import eval_split, is_lazy, num_classes
 from invprop.data.order import EpochOrder, shard_bounds
 from invprop.data.seeding import derive_seed
 from invprop.digest import state_digest
+from invprop.eval.crops import FFCVCrops
 from invprop.eval.linear import crop_batch, pooled_features
 from invprop.eval.readers import EvalReader
 from invprop.eval.world import EvalCheckpoints, GlobalBatchNorm1d, gather_shards, run_epochs, sum_gradients
@@ -97,8 +99,13 @@ def lr_schedule(lin, epochs_done: float, step: int, total: int) -> float:
     return cosine_factor(step, total)
 
 
-# batch features for a rank's indices into the train split, at (epoch, batch)
-BatchFeatures = Callable[[int, torch.Tensor], torch.Tensor]
+# batch features for a rank's indices into the train split, at (epoch, global batch, indices)
+BatchFeatures = Callable[[int, int, torch.Tensor], torch.Tensor]
+
+
+def probe_order(lin, n_rows: int) -> EpochOrder:
+    """The probe's seeded global order over its n_rows training rows (what run_epochs steps through)."""
+    return EpochOrder(n_rows, min(lin.batch_size, n_rows), lin.seed)
 
 
 def fit_heads(batch_features: BatchFeatures, dim: int, n: int, train_labels: torch.Tensor, n_classes: int,
@@ -110,7 +117,7 @@ def fit_heads(batch_features: BatchFeatures, dim: int, n: int, train_labels: tor
     stopped at a step boundary (a committed checkpoint is saved). `report` tells the steps with the loss."""
     lin = cfg.eval.linear
     rows = torch.arange(n) if rows is None else rows
-    order = EpochOrder(len(rows), min(lin.batch_size, len(rows)), lin.seed)
+    order = probe_order(lin, len(rows))
     local = order.local_batch_size(comm.world)
     device = comm.device
     grid = HeadGrid(dim, n_classes, comm, len(lrs), lin.seed).to(device).train()
@@ -122,7 +129,7 @@ def fit_heads(batch_features: BatchFeatures, dim: int, n: int, train_labels: tor
 
     def step(epoch: int, b: int, positions: torch.Tensor, done: int) -> torch.Tensor:
         idx = rows[positions]
-        x = batch_features(epoch, idx)
+        x = batch_features(epoch, b, idx)
         factor = lr_schedule(lin, epoch + b / order.num_batches, done, total)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
@@ -167,7 +174,7 @@ def feature_batches(train_feats: torch.Tensor, cfg: Config) -> BatchFeatures:
     n_views, n, _ = train_feats.shape
     views: dict[int, torch.Tensor] = {}
 
-    def lookup(epoch: int, idx: torch.Tensor) -> torch.Tensor:
+    def lookup(epoch: int, b: int, idx: torch.Tensor) -> torch.Tensor:
         if epoch not in views:  # seeded by the epoch, so a resumed epoch draws the same views
             gen = torch.Generator().manual_seed(derive_seed(lin.seed, 0xF1E, epoch))
             views.clear()
@@ -178,16 +185,21 @@ def feature_batches(train_feats: torch.Tensor, cfg: Config) -> BatchFeatures:
     return lookup
 
 
-def online_batches(cfg: Config, model: nn.Module, images, comm: Comm) -> BatchFeatures:
+def online_batches(cfg: Config, model: nn.Module, images, comm: Comm,
+                   ffcv: FFCVCrops | None = None) -> BatchFeatures:
     """Online mode: each step crops its images afresh (seeded by (seed, epoch, image)) and features them
-    through the frozen backbone in eval mode."""
+    through the frozen backbone in eval mode; the crops come from `ffcv` when given (the rank's rows of each
+    global batch from the .beton, :mod:`invprop.eval.crops`), else from PIL or memory (:func:`crop_batch`)."""
     lin = cfg.eval.linear
 
-    def crop_and_feature(epoch: int, idx: torch.Tensor) -> torch.Tensor:
-        ids = idx.tolist()
-        crops = crop_batch(images, ids, [derive_seed(lin.seed, 0x0C40, epoch, i) for i in ids],
-                           tuple(lin.crop_scale), True)
-        return pooled_features(model, crops, cfg.data, comm.device, len(ids))
+    def crop_and_feature(epoch: int, b: int, idx: torch.Tensor) -> torch.Tensor:
+        if ffcv is not None:
+            crops = ffcv(epoch, b, idx)
+        else:
+            ids = idx.tolist()
+            crops = crop_batch(images, ids, [derive_seed(lin.seed, 0x0C40, epoch, i) for i in ids],
+                               tuple(lin.crop_scale), True)
+        return pooled_features(model, crops, cfg.data, comm.device, len(idx))
 
     return crop_and_feature
 
@@ -251,9 +263,12 @@ def linear_eval(cfg: Config, model: nn.Module, comm: Comm, train_split: tuple,
     train_images, train_labels = train_split
     reader = reader or EvalReader.for_config(cfg.data, comm, is_lazy(train_images))
     rows, held = held_out_rows(train_labels, lin.val_fraction, lin.seed)
+    ffcv = None
     if lin.mode == "online":
         dim = model.feature_dim
-        batches = online_batches(cfg, model, train_images, comm)
+        ffcv = reader.crops(train_images, "train", probe_order(lin, len(rows)), rows, derive_seed(lin.seed, 0x0C40),
+                            tuple(lin.crop_scale), True)
+        batches = online_batches(cfg, model, train_images, comm, ffcv)
     else:
         train_feats = split_features(cfg, model, train_images, comm, lin.aug_views, report, "linear features train",
                                      reader)
@@ -271,6 +286,8 @@ def linear_eval(cfg: Config, model: nn.Module, comm: Comm, train_split: tuple,
     finally:
         if saver is not None:
             saver.close()
+        if ffcv is not None:
+            ffcv.close()
     results: dict = {"linear_features_s": features_s}
     best = 0
     if len(held):

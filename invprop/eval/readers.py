@@ -2,9 +2,11 @@
 
 With ``data.format=ffcv`` and an image folder, each rank reads its rows of the split's .beton (one per split,
 :func:`invprop.data.beton_cache.ensure_beton_world`: checked or written once per job) through FFCV's
-centre-crop loader, about seven times PIL's decode rate (docs/results/eval_loader.json). Otherwise, or where
-FFCV does not import, the folder's files go through PIL (:func:`invprop.data.eval_batches`), and images in
-memory are sliced. :attr:`EvalReader.name` says which ran (ffcv | pil | memory); results record it.
+centre-crop loader, about seven times PIL's decode rate (docs/results/eval_loader.json), and the online
+probe's and semisup's training crops come from its seeded RandomResizedCrop loader (:meth:`EvalReader.crops`).
+Otherwise, or where FFCV does not import, the folder's files go through PIL (:func:`invprop.data.eval_batches`,
+:func:`invprop.eval.linear.crop_batch`), and images in memory are sliced. :attr:`EvalReader.name` says which
+ran (ffcv | pil | memory); results record it.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from invprop.collectives import Comm
 from invprop.config.data_schema import DataFormat
 from invprop.data import is_lazy
+from invprop.data.order import EpochOrder
+
+if TYPE_CHECKING:
+    from invprop.eval.crops import FFCVCrops
 
 __all__ = ["BetonRows", "EvalReader"]
 
@@ -90,10 +96,26 @@ class EvalReader:
         """Rows ``lo:hi`` of ``split`` (``images``: its load_split images) for :func:`invprop.data.eval_batches`."""
         if self.name != "ffcv" or not is_lazy(images):
             return images[lo:hi]
+        return BetonRows(self._beton(split), lo, hi, images.image_size, images.eval_crop_ratio, images.eval_workers)
+
+    def crops(self, images: Any, split: str, order: EpochOrder, rows: torch.Tensor, seed: int,
+              scale: tuple[float, float], flip: bool) -> FFCVCrops | None:
+        """The FFCV reader of a trained evaluation's training crops (:mod:`invprop.eval.crops`: position p of
+        `order` is row ``rows[p]`` of ``split``, crops keyed by `seed`), or None where they go through PIL or
+        come from memory (:func:`invprop.eval.linear.crop_batch`). Every rank calls it at the same point."""
+        if self.name != "ffcv" or not is_lazy(images):
+            return None
+        from invprop.eval.crops import FFCVCrops
+
+        return FFCVCrops(self._beton(split), order, rows, len(images), self.comm.rank, self.comm.world,
+                         images.eval_workers, images.image_size, seed, scale, flip)
+
+    def _beton(self, split: str) -> Path:
+        """The split's .beton, checked (or written) once per job."""
         from invprop.data.beton_cache import beton_cache_name, ensure_beton_world
 
         key = (str(self.data_cfg.beton_dir), beton_cache_name(self.data_cfg, split))
-        if key not in _CHECKED:  # the same on every rank: they all call rows() at the same points
+        if key not in _CHECKED:  # the same on every rank: they all call rows() / crops() at the same points
             _CHECKED[key] = ensure_beton_world(self.data_cfg, split, Path(self.data_cfg.beton_dir), self.comm,
                                                progress=self.comm.is_main)
-        return BetonRows(_CHECKED[key], lo, hi, images.image_size, images.eval_crop_ratio, images.eval_workers)
+        return _CHECKED[key]

@@ -14,11 +14,12 @@ from torch import nn
 
 from invprop.collectives import Comm
 from invprop.config.schema import Config
-from invprop.data import materialize, normalization, num_classes
+from invprop.data import eval_split, is_lazy, materialize, normalization, num_classes
 from invprop.data.order import EpochOrder, shard_bounds
 from invprop.data.seeding import derive_seed
 from invprop.digest import state_digest
 from invprop.eval.linear import crop_batch
+from invprop.eval.readers import EvalReader
 from invprop.eval.semisup import FineTuneNet, _logits, _normalise, finetune_optimizer
 from invprop.eval.subsets import fraction_tag, load_or_create_subset
 from invprop.eval.world import EvalCheckpoints, run_epochs, sum_gradients
@@ -33,9 +34,11 @@ SETTINGS = ("epochs", "milestones", "milestones_epochs", "gamma", "lr", "classif
 
 def finetune_world(cfg: Config, model: nn.Module, comm: Comm, run_dir: Path, fraction: float,
                    train_split: tuple, test_split: tuple, root: Path | None = None,
-                   report: Reporter = SILENT) -> dict:
+                   report: Reporter = SILENT, reader: EvalReader | None = None) -> dict:
     """``semisup_<pct>_top1`` / ``_top5`` (0..1), the same on every rank; {"preempted_at_step": n} when
-    stopped at a step boundary (checkpoints under `root`). `report` tells the steps and this rank's test pass."""
+    stopped at a step boundary (checkpoints under `root`). `report` tells the steps and this rank's test pass.
+    `reader` (default :meth:`EvalReader.for_config`) says where the training crops and the test pass read
+    pixels: FFCV's seeded crop and centre-crop loaders under data.format=ffcv, else PIL or memory."""
     start = time.perf_counter()
     opts, device = cfg.eval.semisup, comm.device
     tag = fraction_tag(fraction)
@@ -59,13 +62,19 @@ def finetune_world(cfg: Config, model: nn.Module, comm: Comm, run_dir: Path, fra
     mean, std = normalization(cfg.data)
     mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    reader = reader or EvalReader.for_config(cfg.data, comm, is_lazy(train_images))
+    ffcv = None if opts.augment != "crop" else reader.crops(
+        train_images, "train", order, subset, derive_seed(opts.seed, 0xF17E), tuple(opts.crop_scale),
+        cfg.data.augment.flip)
 
     def step(epoch: int, b: int, idx: torch.Tensor, done: int) -> torch.Tensor:
         net.train()
         factor = milestone_factor(epoch + b / order.num_batches, milestones, opts.gamma)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        if opts.augment == "crop":
+        if ffcv is not None:  # the subset's rows of the .beton, cropped by FFCV
+            x = ffcv(epoch, b, subset[idx])
+        elif opts.augment == "crop":
             ids = idx.tolist()
             x = crop_batch(images, ids, [derive_seed(opts.seed, 0xF17E, epoch, i) for i in ids],
                            tuple(opts.crop_scale), cfg.data.augment.flip)
@@ -91,9 +100,12 @@ def finetune_world(cfg: Config, model: nn.Module, comm: Comm, run_dir: Path, fra
     finally:
         if saver is not None:
             saver.close()
+        if ffcv is not None:
+            ffcv.close()
     lo, hi = shard_bounds(len(test_labels), comm.rank, comm.world)
     with report.track(f"semisup {tag} test", hi - lo, unit="img") as progress:
-        logits = _logits(net, test_images[lo:hi], mean_t, std_t, device, cfg.eval.batch_size, progress)
+        logits = _logits(net, reader.rows(test_images, eval_split(cfg.data), lo, hi), mean_t, std_t, device,
+                         cfg.eval.batch_size, progress)
     mine = test_labels[lo:hi].to(device)
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     counts = torch.stack([(top[:, 0] == mine).sum(), (top == mine.view(-1, 1)).any(1).sum()]).double()
@@ -113,12 +125,14 @@ def _plain(value: object) -> object:
 
 
 def semisup_world(cfg: Config, model: nn.Module, comm: Comm, run_dir: Path, train_split: tuple,
-                  test_split: tuple, root: Path | None = None, report: Reporter = SILENT) -> dict:
+                  test_split: tuple, root: Path | None = None, report: Reporter = SILENT,
+                  reader: EvalReader | None = None) -> dict:
     """:func:`finetune_world` for every fraction of eval.semisup.fractions; stops at the first one stopped."""
     start = time.perf_counter()
     results: dict = {}
     for fraction in cfg.eval.semisup.fractions:
-        found = finetune_world(cfg, model, comm, run_dir, fraction, train_split, test_split, root, report)
+        found = finetune_world(cfg, model, comm, run_dir, fraction, train_split, test_split, root, report,
+                               reader)
         if "preempted_at_step" in found:
             return found
         results.update(found)

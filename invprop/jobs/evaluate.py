@@ -83,7 +83,7 @@ def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None,
                               root=eval_root(run_dir, protocol, latest), report=report, reader=reader)
     else:
         results = semisup_world(cfg, model, comm, run_dir, train_split, load_split(cfg.data, eval_split(cfg.data)),
-                                root=eval_root(run_dir, protocol, latest), report=report)
+                                root=eval_root(run_dir, protocol, latest), report=report, reader=reader)
     stopped = eval_root(run_dir, protocol) / STOPPED
     if "preempted_at_step" in results:
         if comm.is_main:
@@ -97,8 +97,7 @@ def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None,
     results[f"eval_{protocol}_world_size"] = comm.world
     # how often SLURM requeued this evaluation job before it finished (0 for cluster=local)
     results[f"eval_{protocol}_slurm_restart_count"] = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-    if protocol != "semisup":  # semisup reads its test split through PIL still (not wired to the reader)
-        results[f"eval_{protocol}_loader"] = reader.name
+    results[f"eval_{protocol}_loader"] = reader.name
     merged = update_results(run_dir, results) if comm.is_main else {}
     return comm.gather_objects(merged)[0]  # rank 0's merged results on every rank
 
