@@ -7,6 +7,7 @@ environment, like pretraining). Rank 0 alone writes results.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -91,6 +92,8 @@ def evaluate_run(run_dir: Path, protocol: str = "knn", comm: Comm | None = None,
         return results
     if comm.is_main:  # done: a later evaluation (other settings perhaps) starts afresh
         shutil.rmtree(eval_root(run_dir, protocol), ignore_errors=True)
+        with contextlib.suppress(OSError):  # the last protocol to finish removes eval/ (others may still use it)
+            eval_root(run_dir, protocol).parent.rmdir()
     # per-protocol bookkeeping keys: concurrent evaluation jobs must not overwrite each other's
     results[f"eval_{protocol}_checkpoint"] = latest.name
     results[f"eval_{protocol}_wall_s"] = time.perf_counter() - start
