@@ -26,6 +26,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -52,6 +53,15 @@ def format_rate(rate: float) -> str:
     """About three significant digits, never an exponent: ``0.412``, ``4.12``, ``41.2``, ``412``, ``4120``."""
     digits = 0 if rate >= 100 else 1 if rate >= 10 else 2 if rate >= 1 else 3
     return f"{rate:.{digits}f}"
+
+
+def rich_bar(*extra: ProgressColumn, percent: bool = False, **options: Any) -> Progress:
+    """A live rich bar with the columns of every bar here: description, bar, done/total, the percentage when
+    ``percent``, elapsed, remaining, then ``extra``; ``options`` go to rich's ``Progress``."""
+    counts = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if percent:
+        counts.append(TextColumn("{task.percentage:>5.1f}%"))
+    return Progress(*counts, TimeElapsedColumn(), TimeRemainingColumn(), *extra, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +97,7 @@ class Tracker:
         self.terminal = enabled and self.console.is_terminal
         self.bar: Progress | None = None
         if self.terminal:
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[info]}", markup=False), console=self.console, get_time=clock)
+            self.bar = rich_bar(TextColumn("{task.fields[info]}", markup=False), console=self.console, get_time=clock)
             self.task = self.bar.add_task(escape(label), total=self.total, completed=self.done, info="")
         self.info: Info = None
         self._info_new, self._info_shown_at = False, -math.inf

@@ -1,5 +1,5 @@
 """Records the calls that would make the host wait for a GPU (a device-to-host read or a data-dependent shape),
-so a CPU test can check that a training step has none. CUDA's own sync debug mode (tools/gpu_check.py) is the
+so a CPU test can check that a training step has none. CUDA's own sync debug mode (tools/gpu/check.py) is the
 check on a real GPU; this one sees Python-level calls only."""
 
 from __future__ import annotations

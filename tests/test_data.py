@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,7 @@ from invprop.data import (
 from invprop.data import color as C
 from invprop.data import fashion_mnist as fm
 from invprop.data import geometric as G
-from invprop.data.crop import sample_crop
+from invprop.data.crop import box_from_uniforms, sample_crop
 from invprop.data.datasets import normalization_from_data
 
 FASHION_DIR = fm.DEFAULT_ROOT
@@ -247,6 +249,23 @@ def test_crop_params_within_bounds():
         top, left, h, w = G.random_resized_crop_params(20, 30, (0.2, 1.0), (3 / 4, 4 / 3), g)
         assert 0 <= top and top + h <= 20 and 0 <= left and left + w <= 30 and h > 0 and w > 0
         assert 0.2 * 600 * 0.8 <= h * w <= 600
+
+
+def test_box_from_uniforms_places_the_first_fit_else_centres_the_clamped_aspect():
+    """The one RandomResizedCrop sampler of both callers, on draws chosen by hand."""
+    draws = np.array([[0.0, 0.5, 0.5, 0.0]] * 10)
+    # a quarter of a 100 x 100 image at aspect 1: 50 x 50, top at 0.5 of the 51 places, left at the first
+    assert box_from_uniforms(100, 100, 0.25, 0.25, 0.0, 0.0, 1.0, 1.0, draws) == (25, 0, 50, 50)
+    # aspect 4 at full area never fits: the centred full-width box with the aspect clamped to r_lo = 4
+    log4 = math.log(4.0)
+    assert box_from_uniforms(100, 100, 1.0, 1.0, log4, log4, 4.0, 4.0, draws) == (37, 0, 25, 100)
+    # the probe's path (torch draws) gives what the sampler gives on those same draws
+    g = torch.Generator().manual_seed(3)
+    tries, pos = torch.rand(10, 2, generator=g), torch.rand(2, generator=g)
+    mine = np.concatenate([tries.numpy(), np.broadcast_to(pos.numpy(), (10, 2))], axis=1).astype(np.float64)
+    expected = box_from_uniforms(20, 30, 0.2, 1.0, math.log(3 / 4), math.log(4 / 3), 3 / 4, 4 / 3, mine)
+    got = G.random_resized_crop_params(20, 30, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(3))
+    assert got == expected
 
 
 def test_dataset_crop_is_function_of_seed_epoch_index():

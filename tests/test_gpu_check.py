@@ -1,4 +1,4 @@
-"""tools/gpu_check.sh --dry-run: the prepared GPU check runs the same code on the CPU at tiny sizes, and the parts
+"""tools/gpu/check.sh --dry-run: the prepared GPU check runs the same code on the CPU at tiny sizes, and the parts
 that judge correctness (not speed) pass there."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(600)
 def test_gpu_check_dry_run_passes_its_correctness_checks(tmp_path: Path) -> None:
     out = tmp_path / "check.json"
-    proc = subprocess.run(["bash", str(ROOT / "tools/gpu_check.sh"), "--dry-run", "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run(["bash", str(ROOT / "tools/gpu/check.sh"), "--dry-run", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
@@ -40,7 +40,7 @@ def test_gpu_check_dry_run_passes_its_correctness_checks(tmp_path: Path) -> None
     assert folder["images"] == folder["steps"] * folder["batch"]
     # the goal table is the judgement of the figures written beside it; speed is never "met" in a dry run
     sys.path.insert(0, str(ROOT / "tools"))
-    from gpu_check import goals
+    from gpu.check import goals
 
     assert summary["goals"] == goals(summary)
     assert not any(g["met"] for g in summary["goals"] if isinstance(g["measured"], float))
@@ -50,7 +50,7 @@ def test_goals_judge_the_issue_targets() -> None:
     import sys
 
     sys.path.insert(0, str(ROOT / "tools"))
-    from gpu_check import goals
+    from gpu.check import goals
 
     bank = {"rows": 1_281_167, "ms": {"auto": 1.9}, "ms_pipelined": {"auto": 2.1}, "auto_chose": "triton"}
     summary = {"env": {"dry_run": False}, "bank_step_1281167": bank,
@@ -75,7 +75,7 @@ def test_selection_exact_flags_a_selection_that_misses_rows(monkeypatch: pytest.
     import torch
 
     sys.path.insert(0, str(ROOT / "tools"))
-    from gpu_probes import selection_exact
+    from gpu.probes import selection_exact
 
     from invprop.bank import ShardedBank
 
@@ -102,7 +102,7 @@ def test_a_failing_profile_costs_only_its_own_entry() -> None:
     import torch
 
     sys.path.insert(0, str(ROOT / "tools"))
-    from gpu_probes import profile_steps
+    from gpu.probes import profile_steps
 
     def refused() -> None:
         raise RuntimeError("CUPTI refused")
@@ -135,7 +135,7 @@ def test_audit_flags_a_dropped_top_row_even_when_a_tie_fills_its_place(monkeypat
 
 
     sys.path.insert(0, str(ROOT / "tools"))
-    from gpu_probes import audit_selection
+    from gpu.probes import audit_selection
 
     from invprop.bank import ShardedBank
 
@@ -159,7 +159,7 @@ def test_audit_of_bound_fallback_takes_the_exact_route(exact_topk_calls) -> None
     import torch
 
     sys.path.insert(0, str(ROOT / "tools"))
-    from gpu_probes import audit_selection
+    from gpu.probes import audit_selection
 
     from invprop.bank import ShardedBank
 
@@ -178,7 +178,7 @@ def test_folder_part_names_the_torchvision_fallback_and_why(monkeypatch: pytest.
     import sys
 
     sys.path.insert(0, str(ROOT / "tools"))
-    from gpu_folder import loader_choice
+    from gpu.folder import loader_choice
 
     assert loader_choice()[0] == "ffcv"
     monkeypatch.setitem(sys.modules, "ffcv", None)  # `import ffcv` now raises ImportError
@@ -196,7 +196,7 @@ def test_folder_part_runs_through_torchvision_without_ffcv(monkeypatch: pytest.M
     import torch
 
     sys.path.insert(0, str(ROOT / "tools"))
-    from gpu_folder import folder_pipeline
+    from gpu.folder import folder_pipeline
 
     monkeypatch.setitem(sys.modules, "ffcv", None)
     found = folder_pipeline(torch.device("cpu"), 48, 32, 8, "resnet_tiny", 2, 1, (40, 80),

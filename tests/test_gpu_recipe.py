@@ -1,4 +1,4 @@
-"""tools/gpu_recipe.sh --dry-run: the prepared GPU recipe check, end to end on tiny synthetic data."""
+"""tools/gpu/recipe.sh --dry-run: the prepared GPU recipe check, end to end on tiny synthetic data."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _recipe(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "recipe.json"
-    proc = subprocess.run(["bash", str(ROOT / "tools/gpu_recipe.sh"), "--dry-run", "--out", str(out), *args],
+    proc = subprocess.run(["bash", str(ROOT / "tools/gpu/recipe.sh"), "--dry-run", "--out", str(out), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text())

@@ -14,7 +14,7 @@ from invprop.kernels import topm as topm_module
 from invprop.kernels.topm import topm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from gpu_probes import crowded_rows, float32_tolerance  # noqa: E402
+from gpu.probes import crowded_rows, float32_tolerance  # noqa: E402
 
 # The interpreter runs each kernel instance in numpy: small blocks keep every test to seconds.
 KERNEL = {"block_q": 16, "block_n": 64}

@@ -12,13 +12,15 @@ FFCV's pipelines); the functions are compiled on first use (about a second) and 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
 from invprop.data.seeding import derive_seed
 
-__all__ = ["CROP_RATIO", "CROP_STREAM", "crop_box", "crop_epoch_key", "flip_bit", "sample_crop", "sample_crops",
-           "sample_key", "stored_size"]
+__all__ = ["CROP_ATTEMPTS", "CROP_RATIO", "CROP_STREAM", "box_from_uniforms", "crop_box", "crop_epoch_key",
+           "flip_bit", "sample_crop", "sample_crops", "sample_key", "stored_size"]
 
 # The aspect-ratio range of every training crop (both loaders and the resident batches draw with it).
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -53,34 +55,57 @@ def sample_key(epoch_key, index):
     return _mix64(np.uint64(epoch_key) ^ _mix64(np.uint64(index) * _GOLDEN + np.uint64(1)))
 
 
+# Uniform draws per crop proposal and their columns in the ``draws`` array of :func:`box_from_uniforms`.
+CROP_ATTEMPTS = 10
+U_AREA, U_ASPECT, U_TOP, U_LEFT = 0, 1, 2, 3
+
+
 @_jit
-def crop_box(key, height, width, scale_lo, scale_hi, log_r_lo, log_r_hi):
-    """RandomResizedCrop box ``(top, left, h, w)``: up to 10 draws of (area share, log aspect); the first
-    that fits is placed uniformly at random; otherwise the largest centred box whose aspect is in range."""
+def box_from_uniforms(height, width, scale_lo, scale_hi, log_r_lo, log_r_hi, r_lo, r_hi, draws):
+    """The RandomResizedCrop box ``(top, left, h, w)`` that uniform draws in [0, 1) select: the one sampler of
+    both the training crops (:func:`crop_box`, hashed draws) and the linear probe's (``invprop.data.geometric``,
+    ``torch.Generator`` draws); each caller keeps its own draws, so its random stream stays what it was.
+
+    ``draws`` is ``(attempts, 4)``: per proposal the area share, the log aspect, then the top and left
+    position (columns ``U_*``). The first proposal that fits is placed; otherwise the largest centred box with
+    its aspect clamped into ``[r_lo, r_hi]``. The clamp bounds are parameters, not ``exp(log_r_*)``, because
+    the two callers differ there: :func:`crop_box` only receives log ratios (FFCV's compiled decoder passes
+    them) and clamps to ``exp(log r)``, the probe clamps to ``r`` itself; the two can differ in the last bit,
+    and unifying them could move a fallback box by a pixel.
+    """
     area = float(height) * float(width)
-    for attempt in range(10):
-        c = 4 * attempt
-        share = scale_lo + (scale_hi - scale_lo) * _uniform(key, c)
-        aspect = np.exp(log_r_lo + (log_r_hi - log_r_lo) * _uniform(key, c + 1))
-        w = int(np.round(np.sqrt(area * share * aspect)))
-        h = int(np.round(np.sqrt(area * share / aspect)))
+    for attempt in range(draws.shape[0]):
+        share = scale_lo + (scale_hi - scale_lo) * draws[attempt, U_AREA]
+        aspect = math.exp(log_r_lo + (log_r_hi - log_r_lo) * draws[attempt, U_ASPECT])
+        w = int(round(math.sqrt(area * share * aspect)))
+        h = int(round(math.sqrt(area * share / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top = min(int(_uniform(key, c + 2) * (height - h + 1)), height - h)
-            left = min(int(_uniform(key, c + 3) * (width - w + 1)), width - w)
+            top = min(int(draws[attempt, U_TOP] * (height - h + 1)), height - h)
+            left = min(int(draws[attempt, U_LEFT] * (width - w + 1)), width - w)
             return top, left, h, w
     in_ratio = float(width) / float(height)
-    r_lo = np.exp(log_r_lo)
-    r_hi = np.exp(log_r_hi)
     if in_ratio < r_lo:
         w = width
-        h = min(height, int(np.round(w / r_lo)))
+        h = min(height, int(round(w / r_lo)))
     elif in_ratio > r_hi:
         h = height
-        w = min(width, int(np.round(h * r_hi)))
+        w = min(width, int(round(h * r_hi)))
     else:
         w = width
         h = height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+@_jit
+def crop_box(key, height, width, scale_lo, scale_hi, log_r_lo, log_r_hi):
+    """RandomResizedCrop box ``(top, left, h, w)`` of the sample whose key is ``key``: :func:`box_from_uniforms`
+    of the hashed uniforms ``4 * attempt + column``."""
+    draws = np.empty((CROP_ATTEMPTS, 4))
+    for attempt in range(CROP_ATTEMPTS):
+        for column in range(4):
+            draws[attempt, column] = _uniform(key, 4 * attempt + column)
+    return box_from_uniforms(height, width, scale_lo, scale_hi, log_r_lo, log_r_hi,
+                             np.exp(log_r_lo), np.exp(log_r_hi), draws)
 
 
 @_jit

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from invprop.data.crop import CROP_ATTEMPTS, U_AREA, U_ASPECT, U_LEFT, U_TOP, box_from_uniforms
 
 __all__ = [
     "geometric_augment",
@@ -20,10 +23,6 @@ __all__ = [
     "random_resized_crop_params",
     "resize_uint8",
 ]
-
-
-def _uniform(lo: float, hi: float, u: float) -> float:
-    return lo + (hi - lo) * u
 
 
 def random_resized_crop_params(
@@ -35,29 +34,20 @@ def random_resized_crop_params(
 ) -> tuple[int, int, int, int]:
     """Sample ``(top, left, h, w)``: a crop of a ``scale`` fraction of the area, aspect ratio in ``ratio``.
 
-    Up to 10 proposals; if none fits, a centre crop with the aspect ratio clamped into ``ratio``.
+    Up to 10 proposals; if none fits, a centre crop with the aspect ratio clamped into ``ratio``. The box is
+    :func:`~invprop.data.crop.box_from_uniforms` of ten (area, aspect) draws and one position pair shared by
+    all proposals, drawn from ``generator`` in that order.
     """
-    area = height * width
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    tries = torch.rand(10, 2, generator=generator).tolist()
-    pos = torch.rand(2, generator=generator).tolist()  # drawn always: fixed generator consumption
-    for u_area, u_ratio in tries:
-        target = area * _uniform(scale[0], scale[1], u_area)
-        aspect = math.exp(_uniform(log_r[0], log_r[1], u_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = min(int(pos[0] * (height - h + 1)), height - h)
-            left = min(int(pos[1] * (width - w + 1)), width - w)
-            return top, left, h, w
-    aspect = width / height
-    if aspect < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif aspect > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        h, w = height, width
-    return (height - h) // 2, (width - w) // 2, h, w
+    tries = torch.rand(CROP_ATTEMPTS, 2, generator=generator)
+    pos = torch.rand(2, generator=generator)  # drawn always: fixed generator consumption
+    draws = np.empty((CROP_ATTEMPTS, 4))
+    draws[:, [U_AREA, U_ASPECT]] = tries.numpy()
+    draws[:, [U_TOP, U_LEFT]] = pos.numpy()
+    top, left, h, w = box_from_uniforms(
+        np.int64(height), np.int64(width), float(scale[0]), float(scale[1]),
+        math.log(ratio[0]), math.log(ratio[1]), float(ratio[0]), float(ratio[1]), draws,
+    )
+    return int(top), int(left), int(h), int(w)
 
 
 def resize_uint8(img: torch.Tensor, out_size: int | tuple[int, int]) -> torch.Tensor:

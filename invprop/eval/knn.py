@@ -11,6 +11,30 @@ import torch
 from invprop.collectives import Comm
 
 
+def _local_topk(queries: torch.Tensor, ref_feats: torch.Tensor, ref_labels: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's K most similar rows of this rank's shard: (similarities, labels), both Q x K. A shard
+    smaller than K is padded (similarity -inf, label 0) so that every rank exchanges the same shape."""
+    sims = queries @ ref_feats.t()
+    take = min(k, sims.shape[1])
+    vals, cols = sims.topk(take, dim=1)
+    labels = ref_labels[cols]
+    if take < k:
+        vals = torch.nn.functional.pad(vals, (0, k - take), value=float("-inf"))
+        labels = torch.nn.functional.pad(labels, (0, k - take), value=0)
+    return vals, labels
+
+
+def _vote(cand_vals: torch.Tensor, cand_labels: torch.Tensor, num_classes: int, k: int,
+          sigma: float) -> torch.Tensor:
+    """Class scores (Q x C, float64) from the K best of each query's gathered candidates: the sum of
+    exp(sim / sigma) per label; padding (-inf) weighs exp(-inf) = 0."""
+    best_vals, best = cand_vals.topk(min(k, cand_vals.shape[1]), dim=1)
+    votes = torch.zeros(cand_vals.shape[0], num_classes, dtype=torch.float64, device=cand_vals.device)
+    votes.scatter_add_(1, cand_labels.gather(1, best), torch.exp(best_vals.double() / sigma))
+    return votes
+
+
 @torch.no_grad()
 def knn_predict(queries: torch.Tensor, ref_feats: torch.Tensor, ref_labels: torch.Tensor, num_classes: int,
                 k: int = 200, sigma: float = 0.07, chunk: int = 1024, comm: Comm | None = None) -> torch.Tensor:
@@ -23,20 +47,10 @@ def knn_predict(queries: torch.Tensor, ref_feats: torch.Tensor, ref_labels: torc
     out = []
     for lo in range(0, queries.shape[0], chunk):
         q = queries[lo : lo + chunk]
-        sims = q @ ref_feats.t()
-        take = min(k, sims.shape[1])
-        vals, cols = sims.topk(take, dim=1)
-        labels = ref_labels[cols]
-        if take < k:  # a shard smaller than K: pad so every rank gathers the same shape
-            vals = torch.nn.functional.pad(vals, (0, k - take), value=float("-inf"))
-            labels = torch.nn.functional.pad(labels, (0, k - take), value=0)
+        vals, labels = _local_topk(q, ref_feats, ref_labels, k)
         all_vals = comm.gather_stack(vals).permute(1, 0, 2).reshape(q.shape[0], -1)
         all_labels = comm.gather_stack(labels).permute(1, 0, 2).reshape(q.shape[0], -1)
-        best_vals, best = all_vals.topk(min(k, all_vals.shape[1]), dim=1)
-        votes = torch.zeros(q.shape[0], num_classes, dtype=torch.float64, device=q.device)
-        weights = torch.exp(best_vals.double() / sigma)  # exp(-inf) = 0 drops padding
-        votes.scatter_add_(1, all_labels.gather(1, best), weights)
-        out.append(votes)
+        out.append(_vote(all_vals, all_labels, num_classes, k, sigma))
     return torch.cat(out)
 
 
@@ -66,20 +80,11 @@ def knn_correct(queries: torch.Tensor, query_labels: torch.Tensor, ref_feats: to
         q = queries[i * chunk : (i + 1) * chunk].to(device)
         mine = q.shape[0]
         q = torch.nn.functional.pad(q, (0, 0, 0, chunk - mine))  # every rank sends `chunk` rows
-        all_q = comm.gather_rows(q)
-        sims = all_q @ ref_feats.t()
-        take = min(k, sims.shape[1])
-        vals, cols = sims.topk(take, dim=1)
-        labels = ref_labels[cols]
-        if take < k:  # a shard smaller than K: pad so every rank sends the same shape
-            vals = torch.nn.functional.pad(vals, (0, k - take), value=float("-inf"))
-            labels = torch.nn.functional.pad(labels, (0, k - take), value=0)
+        vals, labels = _local_topk(comm.gather_rows(q), ref_feats, ref_labels, k)
         # row block r of vals holds rank r's queries: send it there; receive every rank's candidates for ours
         got_vals = comm.all_to_all_rows(vals).view(comm.world, chunk, k).permute(1, 0, 2).reshape(chunk, -1)
         got_labels = comm.all_to_all_rows(labels).view(comm.world, chunk, k).permute(1, 0, 2).reshape(chunk, -1)
-        best_vals, best = got_vals[:mine].topk(min(k, got_vals.shape[1]), dim=1)
-        votes = torch.zeros(mine, num_classes, dtype=torch.float64, device=device)
-        votes.scatter_add_(1, got_labels[:mine].gather(1, best), torch.exp(best_vals.double() / sigma))
+        votes = _vote(got_vals[:mine], got_labels[:mine], num_classes, k, sigma)
         correct += (votes.argmax(1) == query_labels[i * chunk : (i + 1) * chunk].to(device)).sum()
     counts = torch.stack([correct, torch.tensor(queries.shape[0], device=device)])
     if comm.world > 1:

@@ -33,7 +33,14 @@ from invprop.digest import state_digest
 from invprop.eval.crops import FFCVCrops
 from invprop.eval.linear import crop_batch, pooled_features
 from invprop.eval.readers import EvalReader
-from invprop.eval.world import EvalCheckpoints, GlobalBatchNorm1d, gather_shards, run_epochs, sum_gradients
+from invprop.eval.world import (
+    EvalCheckpoints,
+    GlobalBatchNorm1d,
+    eval_checkpoints,
+    gather_shards,
+    run_epochs,
+    sum_gradients,
+)
 from invprop.progress import SILENT, Reporter
 from invprop.schedules import cosine_factor, milestone_factor
 from invprop.state import RunIdentity
@@ -274,18 +281,13 @@ def linear_eval(cfg: Config, model: nn.Module, comm: Comm, train_split: tuple,
                                      reader)
         dim, batches = train_feats.shape[2], feature_batches(train_feats, cfg)
     features_s = time.perf_counter() - start
-    saver = None if root is None else EvalCheckpoints(root, comm, cfg.eval.checkpoint_every_steps,
-                                                      cfg.eval.stop_at_step)
     try:
-        grid = fit_heads(batches, dim, len(train_labels), train_labels, num_classes(cfg.data), cfg, comm,
-                         lrs, saver, report, rows)
-        if grid is None:
-            if comm.is_main:
-                saver.boundary.hand_over()  # under SLURM: submitit's checkpoint() + requeue
-            return {"preempted_at_step": saver.stopped_at}
+        with eval_checkpoints(root, comm, cfg.eval.checkpoint_every_steps, cfg.eval.stop_at_step) as saver:
+            grid = fit_heads(batches, dim, len(train_labels), train_labels, num_classes(cfg.data), cfg, comm,
+                             lrs, saver, report, rows)
+            if grid is None:
+                return saver.preempted()
     finally:
-        if saver is not None:
-            saver.close()
         if ffcv is not None:
             ffcv.close()
     results: dict = {"linear_features_s": features_s}

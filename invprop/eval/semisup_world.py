@@ -22,7 +22,7 @@ from invprop.eval.linear import crop_batch
 from invprop.eval.readers import EvalReader
 from invprop.eval.semisup import FineTuneNet, _logits, _normalise, finetune_optimizer
 from invprop.eval.subsets import fraction_tag, load_or_create_subset
-from invprop.eval.world import EvalCheckpoints, run_epochs, sum_gradients
+from invprop.eval.world import eval_checkpoints, run_epochs, sum_gradients
 from invprop.models.sync_bn import convert_sync_batchnorm
 from invprop.progress import SILENT, Reporter
 from invprop.schedules import milestone_factor, scaled_milestones
@@ -88,18 +88,14 @@ def finetune_world(cfg: Config, model: nn.Module, comm: Comm, run_dir: Path, fra
         optimizer.step()
         return loss.detach() * comm.world  # this rank's mean loss, for the progress line
 
-    saver = None if root is None else EvalCheckpoints(root / tag, comm, cfg.eval.checkpoint_every_steps,
-                                                      cfg.eval.stop_at_step)
     settings = RunIdentity({"fraction": fraction, **{key: _plain(getattr(opts, key)) for key in SETTINGS}})
     try:
-        if not run_epochs(order, opts.epochs, comm, step, saver,
-                          {"settings": settings, "net": net, "optimizer": optimizer}, report, f"semisup {tag}"):
-            if comm.is_main:
-                saver.boundary.hand_over()  # under SLURM: submitit's checkpoint() + requeue
-            return {"preempted_at_step": saver.stopped_at}
+        with eval_checkpoints(None if root is None else root / tag, comm, cfg.eval.checkpoint_every_steps,
+                              cfg.eval.stop_at_step) as saver:
+            if not run_epochs(order, opts.epochs, comm, step, saver,
+                              {"settings": settings, "net": net, "optimizer": optimizer}, report, f"semisup {tag}"):
+                return saver.preempted()
     finally:
-        if saver is not None:
-            saver.close()
         if ffcv is not None:
             ffcv.close()
     lo, hi = shard_bounds(len(test_labels), comm.rank, comm.world)

@@ -9,8 +9,9 @@ invprop/checkpoint.py) at step boundaries: every `eval.checkpoint_every_steps` a
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,28 @@ class EvalCheckpoints:
             self.stopped_at = step
         return stop
 
+    def preempted(self) -> dict[str, Any]:
+        """What a stopped evaluation returns; the main rank first hands over to SLURM (submitit's checkpoint() +
+        requeue) when it runs under it."""
+        if self.comm.is_main:
+            self.boundary.hand_over()
+        return {"preempted_at_step": self.stopped_at}
+
     def close(self) -> None:
         self.boundary.close()
+
+
+@contextlib.contextmanager
+def eval_checkpoints(root: Path | None, comm: Comm, every_steps: int,
+                     stop_at_step: int | None) -> Iterator[EvalCheckpoints | None]:
+    """The :class:`EvalCheckpoints` under ``root`` for the length of a ``with`` (None where ``root`` is None:
+    nothing is saved), closed however the block ends."""
+    saver = None if root is None else EvalCheckpoints(root, comm, every_steps, stop_at_step)
+    try:
+        yield saver
+    finally:
+        if saver is not None:
+            saver.close()
 
 
 class Steps:

@@ -223,14 +223,7 @@ _WRITER_PATCH_LOCK = threading.Lock()
 @contextlib.contextmanager
 def patched_writer(guard: GuardedSource, total: int, description: str, show: bool) -> Iterator[None]:
     """Swap ``ffcv.writer``'s tqdm for a rich bar, and its poll ``sleep`` for one that watches the workers."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from invprop.progress import rich_bar
 
     fw = _ffcv_writer
     before = {p.pid for p in mp.active_children()}
@@ -249,16 +242,7 @@ def patched_writer(guard: GuardedSource, total: int, description: str, show: boo
                 "(killed? out of memory?)"
             )
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.percentage:>5.1f}%"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not show,
-        transient=False,
-    )
+    progress = rich_bar(percent=True, disable=not show, transient=False)
     task = progress.add_task(description, total=total)
     with _WRITER_PATCH_LOCK:
         old_tqdm, old_sleep = fw.tqdm, fw.sleep

@@ -1,7 +1,7 @@
 """The prepared recipe check for one lent GPU: several Fashion-MNIST configurations side by side, one JSON.
 
-    tools/gpu_recipe.sh --out $OUT/gpu_recipe.json --fmnist-root DIR     # one H100/H200, < 9 minutes
-    tools/gpu_recipe.sh --dry-run --out /tmp/recipe.json                  # CPU, tiny (the test suite runs this)
+    tools/gpu/recipe.sh --out $OUT/gpu_recipe.json --fmnist-root DIR     # one H100/H200, < 9 minutes
+    tools/gpu/recipe.sh --dry-run --out /tmp/recipe.json                  # CPU, tiny (the test suite runs this)
 
 Each configuration is a plain `launchers/submit.py` run (all 60,000 images, CIFAR ResNet-18, the images resident
 on the GPU: `data.format=device`, the torchvision path's crops without its workers; FFCV may not build on the GPU
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from invprop.metrics import read_jsonl, write_json_atomic  # noqa: E402

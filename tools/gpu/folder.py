@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def compose_config(groups: dict[str, str]) -> DictConfig:
@@ -93,7 +93,7 @@ def folder_pipeline(device: torch.device, n_images: int, image_size: int, batch:
         start = time.perf_counter()
         trainer = Trainer(cfg, Comm(device=device), work / "run")  # FFCV: writes the .beton here
         build_s = time.perf_counter() - start
-        built = "ffcv" if trainer.ffcv is not None else "torchvision"
+        built = trainer.source.name  # the loader the trainer runs: ffcv or torchvision
         try:
             warmup_s = _epoch(trainer, 0, train=True)[2]
             drained, _, drain_s, _, _ = _epoch(trainer, 1, train=False)
@@ -106,8 +106,8 @@ def folder_pipeline(device: torch.device, n_images: int, image_size: int, batch:
             fixed_s = _fixed_batch(trainer, kept, steps)
         finally:
             trainer.close()
-            if trainer.ffcv is not None:
-                trainer.ffcv.close()
+            if built == "ffcv":
+                trainer.source.loader.close()
     img_s = images / seconds
     fixed_img_s = steps * batch / fixed_s
     reference = (in_memory or {}).get("invp_img_s_pipelined")

@@ -1,7 +1,7 @@
 """One prepared GPU check (issue: GPU path). Writes a JSON summary; `--dry-run` runs the same code on the CPU, tiny.
 
-    python tools/gpu_check.py --out gpu_check.json            # on one H100/H200, < 8 minutes
-    python tools/gpu_check.py --dry-run --out /tmp/check.json  # CPU, tiny sizes, synthetic data (slow tests)
+    python tools/gpu/check.py --out gpu_check.json            # on one H100/H200, < 8 minutes
+    python tools/gpu/check.py --dry-run --out /tmp/check.json  # CPU, tiny sizes, synthetic data (slow tests)
 
 Measures: images/s of an InvP training step against a plain supervised step of the same backbone and input
 pipeline (ResNet-50 at 224 px, CIFAR ResNet-18 at 32 px), the bank step (scores, exact top-M, candidates,
@@ -31,7 +31,7 @@ from pathlib import Path
 if "--dry-run" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import invprop  # noqa: E402, F401  (before torch: it sets OpenMP's wait policy, which torch reads when it loads)
 
@@ -47,17 +47,17 @@ from invprop.loss import InvPLoss  # noqa: E402
 from invprop.models import build_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
-from gpu_folder import compose_config, default_workers, folder_pipeline  # noqa: E402
-from gpu_kernel_steps import kernel_steps, weighted_rows_steps  # noqa: E402
-from gpu_probes import (  # noqa: E402
+from gpu.folder import compose_config, default_workers, folder_pipeline  # noqa: E402
+from gpu.kernel_steps import kernel_steps, weighted_rows_steps  # noqa: E402
+from gpu.probes import (  # noqa: E402
     SELECTIONS_CHECKED,
     kernel_backends,
     kernel_exact,
     profile_steps,
     selection_exact,
 )
-from gpu_shared_ranks import shared_device_check  # noqa: E402
-from gpu_timing import enqueue_time, host_syncs, pipelined, timed  # noqa: E402
+from gpu.shared_ranks import shared_device_check  # noqa: E402
+from gpu.timing import enqueue_time, host_syncs, pipelined, timed  # noqa: E402
 
 
 def make_criterion(n: int, device: torch.device, m: int = 4096, selection: str = "auto") -> InvPLoss:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The prepared GPU check: `tools/gpu_check.sh [--dry-run] [--out FILE] [--fmnist-root DIR]`.
+# The prepared GPU check: `tools/gpu/check.sh [--dry-run] [--out FILE] [--fmnist-root DIR]`.
 # Uses .venv/bin/python when present, else python3 (a GPU machine's own PyTorch).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 py=python3
 [ -x .venv/bin/python ] && py=.venv/bin/python
-exec "$py" tools/gpu_check.py "$@"
+exec "$py" tools/gpu/check.py "$@"

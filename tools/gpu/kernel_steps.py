@@ -4,9 +4,9 @@ backward (embedding_bag against the Triton kernel), each on the bank's own row l
 from __future__ import annotations
 
 import torch
-from gpu_probes import kernel_backends, profile_steps
-from gpu_timing import timed
 
+from gpu.probes import kernel_backends, profile_steps
+from gpu.timing import timed
 from invprop.bank import ShardedBank
 
 

@@ -158,7 +158,7 @@ def audit_topm(z: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor, ids: tor
 
 def kernel_backends(device: torch.device) -> tuple[str, ...]:
     """The fused top-M routes this machine can run: the torch one always; the Triton one where Triton is
-    installed and either a GPU or Triton's interpreter (TRITON_INTERPRET=1, set by gpu_check's dry run) is."""
+    installed and either a GPU or Triton's interpreter (TRITON_INTERPRET=1, set by tools/gpu/check.py's dry run) is."""
     from invprop.kernels import topm
 
     if not topm.available():
