@@ -340,3 +340,28 @@ def test_more_workers_than_cores_gives_the_same_epoch(data, reference_epoch):
                                    4 * len(os.sched_getaffinity(0)), 24, SEED)
     for (img, lab, idx), (ref_img, ref_lab, ref_idx) in zip(_epoch(wide, EPOCH), reference_epoch, strict=True):
         assert torch.equal(idx, ref_idx) and torch.equal(lab, ref_lab) and torch.equal(img, ref_img)
+
+
+@pytest.mark.slow  # a fresh interpreter imports FFCV and compiles its pipeline: about a minute
+def test_beton_writer_prints_plain_lines_in_a_job_log(tmp_path: Path) -> None:
+    """Without a terminal (a SLURM log) the writer's progress is a plain line with a rate, not a squeezed bar."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from pathlib import Path\n"
+        "from composed import compose_config\n"
+        "from datafiles import write_image_folder\n"
+        "from invprop.config import typed\n"
+        "from invprop.data.beton_cache import ensure_beton\n"
+        f"root = write_image_folder(Path({str(tmp_path / 'img')!r}), classes=3, per_class=(20, 5))\n"
+        "cfg = typed(compose_config('data=folder', f'data.root={root}', 'data.format=ffcv', 'data.image_size=32'))\n"
+        f"ensure_beton(cfg.data, 'train', {str(tmp_path / 'betons')!r}, num_workers=1)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "━" not in out.stdout
+    assert "img 60/60 100.0%" in out.stdout and "img/s" in out.stdout

@@ -203,18 +203,18 @@ class GuardedSource:
         return out
 
 
-class _RichTqdm:
-    """The part of tqdm's interface that ``ffcv.writer`` uses (``update``, ``close``), drawn with rich."""
+class _TrackedTqdm:
+    """The part of tqdm's interface that ``ffcv.writer`` uses (``update``, ``close``), told through a progress
+    tracker: a rich bar on a terminal, plain periodic lines in a job log."""
 
-    def __init__(self, progress: Any, task: Any) -> None:
-        self.progress = progress
-        self.task = task
+    def __init__(self, tracker: Any) -> None:
+        self.tracker = tracker
 
     def update(self, n: int = 1) -> None:
-        self.progress.update(self.task, advance=n)
+        self.tracker.advance(n)
 
     def close(self) -> None:
-        self.progress.refresh()
+        pass
 
 
 _WRITER_PATCH_LOCK = threading.Lock()
@@ -222,8 +222,9 @@ _WRITER_PATCH_LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def patched_writer(guard: GuardedSource, total: int, description: str, show: bool) -> Iterator[None]:
-    """Swap ``ffcv.writer``'s tqdm for a rich bar, and its poll ``sleep`` for one that watches the workers."""
-    from invprop.progress import rich_bar
+    """Swap ``ffcv.writer``'s tqdm for our progress tracker, and its poll ``sleep`` for one that watches the
+    workers."""
+    from invprop.progress import Reporter
 
     fw = _ffcv_writer
     before = {p.pid for p in mp.active_children()}
@@ -242,11 +243,10 @@ def patched_writer(guard: GuardedSource, total: int, description: str, show: boo
                 "(killed? out of memory?)"
             )
 
-    progress = rich_bar(percent=True, disable=not show, transient=False)
-    task = progress.add_task(description, total=total)
+    progress = Reporter(enabled=show).track(description, total, unit="img")
     with _WRITER_PATCH_LOCK:
         old_tqdm, old_sleep = fw.tqdm, fw.sleep
-        fw.tqdm = lambda total=None, **kw: _RichTqdm(progress, task)
+        fw.tqdm = lambda total=None, **kw: _TrackedTqdm(progress)
         fw.sleep = watchdog_sleep
         try:
             with progress:
