@@ -106,21 +106,23 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
 # the two package __init__ files (which re-export) imported by none of their own modules. Every module is named.
 DATA_LAYERS = {
     # readers, pure helpers, and every use of FFCV internals
-    "invprop.data.seeding": 0, "invprop.data.color": 0, "invprop.data.geometric": 0, "invprop.data.batches": 0,
+    "invprop.data.seeding": 0, "invprop.data.color": 0, "invprop.data.batches": 0,
     "invprop.data.cifar": 0, "invprop.data.svhn": 0, "invprop.data.fashion_mnist": 0, "invprop.data.ffcv.compat": 0,
     # the one crop box, the one data order (and row split), synthetic data, colour augmentation; a beton's checks
     "invprop.data.crop": 1, "invprop.data.order": 1, "invprop.data.synthetic": 1, "invprop.data.augment": 1,
     "invprop.data.beton_check": 1,
-    # image folders; FFCV traversal orders and the seeded decoder
-    "invprop.data.folder": 2, "invprop.data.ffcv.order": 2, "invprop.data.ffcv.decoder": 2,
+    # resizing and the probe's crops (their boxes from crop.py); FFCV traversal orders and the seeded decoder
+    "invprop.data.geometric": 2, "invprop.data.ffcv.order": 2, "invprop.data.ffcv.decoder": 2,
+    # image folders
+    "invprop.data.folder": 3,
     # datasets by config; the FFCV loaders
-    "invprop.data.datasets": 3, "invprop.data.ffcv.loader": 3,
+    "invprop.data.datasets": 4, "invprop.data.ffcv.loader": 4,
     # the torchvision loader, the resident images' batches (data.format=device); writing .beton files
-    "invprop.data.loader": 4, "invprop.data.device_batches": 4, "invprop.data.beton": 4,
-    "invprop.data.beton_cache": 5,
+    "invprop.data.loader": 5, "invprop.data.device_batches": 5, "invprop.data.beton": 5,
+    "invprop.data.beton_cache": 6,
     # the one batch source training draws from, chosen from data.format
-    "invprop.data.sources": 6,
-    "invprop.data.ffcv": 6, "invprop.data": 6,
+    "invprop.data.sources": 7,
+    "invprop.data.ffcv": 7, "invprop.data": 7,
 }
 
 
