@@ -56,6 +56,7 @@ def _sizes(directory: Path) -> dict[str, int]:
     return {name: e["size"] for name, e in json.loads((directory / "COMMITTED").read_text())["files"].items()}
 
 
+@pytest.mark.slow  # ~25 s of forked ranks (CI's slow set)
 def test_each_rank_reads_its_own_files_and_all_agree_on_a_fallback(tmp_path: Path) -> None:
     spawn_ranks(_save, 4, (str(tmp_path / "ckpt"),), timeout_s=120)
     newest = tmp_path / "ckpt" / "step_2"

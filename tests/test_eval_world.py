@@ -112,6 +112,7 @@ def test_semisup_stopped_and_resumed_equals_uninterrupted_and_four_ranks_agree(t
     assert abs(four["semisup_10pct_top1"] - whole["semisup_10pct_top1"]) <= 0.001
 
 
+@pytest.mark.slow  # ~30 s of spawned ranks; in-process stop/resume equality stays in the default suite
 def test_spawned_evaluation_stopped_writes_stopped_json_and_a_rerun_resumes_it(trained_run: Path) -> None:
     """eval.gpus=2 spawned ranks (evaluate_local, as cluster=local runs them), the online probe stopped by
     eval.stop_at_step: stopped.json says where, and rerunning evaluate_local resumes to the uninterrupted head."""

@@ -106,7 +106,7 @@ def references() -> list[dict]:
     return [_reference(sid, sc) for sid, sc in enumerate(SCENARIOS)]
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4, 8, pytest.param(16, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, *(pytest.param(w, marks=pytest.mark.slow) for w in (8, 16))])
 def test_sharded_equals_dense_reference(world: int, tmp_path, references) -> None:
     spawn_ranks(_worker, world, (str(tmp_path),), timeout_s=200)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]

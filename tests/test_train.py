@@ -93,6 +93,7 @@ def test_stop_mid_epoch_then_rerun_equals_uninterrupted(reference_run: Path, tmp
     assert _steps(run) == list(range(1, 17))  # no step repeated or skipped
 
 
+@pytest.mark.slow  # ~45 s: CI runs it with the slow set
 def test_elastic_resume_reshards_bank_row_for_row_and_records_the_changes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = _launch(run, "gpus=2", "train.epochs=1")
