@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from invprop.bank import ShardedBank
 from invprop.config.schema import Config
-from invprop.data import eval_split, is_lazy, load_split, num_classes
+from invprop.data import eval_split, is_lazy, num_classes
 from invprop.data.order import shard_bounds
 from invprop.eval.features import embed_and_pool
 from invprop.eval.knn import knn_correct, knn_top1
@@ -60,12 +60,12 @@ def pixel_vectors(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def evaluate_pixels_knn(cfg: Config, bank: ShardedBank, train_images: torch.Tensor, train_labels: torch.Tensor,
-                        device: torch.device) -> dict[str, float]:
+                        test_split: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict[str, float]:
     """The raw-pixel baselines on the same split and reference set: weighted kNN (same K, sigma) and 1-NN.
     None for image folders: at 224 px pixel vectors mean nothing and the reference set would not fit."""
     if is_lazy(train_images):
         return {}
-    test_images, test_labels = load_split(cfg.data, eval_split(cfg.data))
+    test_images, test_labels = test_split
     classes, k, sigma = num_classes(cfg.data), cfg.eval.knn_k, cfg.eval.knn_sigma
     queries = pixel_vectors(test_images, device)
     refs = pixel_vectors(train_images[bank.start : bank.stop], device)

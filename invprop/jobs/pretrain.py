@@ -13,7 +13,6 @@ from rich.console import Console
 from invprop import checkpoint, config, distributed
 from invprop.collectives import Comm
 from invprop.config import Config, ConfigError, slurm_section
-from invprop.data import eval_split, load_split
 from invprop.eval.knn_eval import evaluate_knn_world, evaluate_pixels_knn
 from invprop.jobs.errors import fail
 from invprop.jobs.rundir import FINISHED
@@ -88,7 +87,7 @@ def pretrain(run_dir: Path, evaluate: bool = True, stop_signals: tuple[signal.Si
         if evaluate:
             results = results.merge(evaluate_knn_world(cfg, trainer.model, trainer.bank,
                                                        (trainer.images, trainer.labels),
-                                                       load_split(cfg.data, eval_split(cfg.data)),
+                                                       trainer.test_split(),
                                                        report=Reporter(enabled=env.is_main)))
         if env.is_main:
             results.wall_s = time.perf_counter() - start
@@ -125,8 +124,8 @@ def _untrained_baseline(cfg: Config, trainer: Trainer, device, env: distributed.
     """kNN of the network before any step and of the raw pixels, on the same reference set: the bars training
     has to clear."""
     found = evaluate_knn_world(cfg, trainer.model, trainer.bank, (trainer.images, trainer.labels),
-                               load_split(cfg.data, eval_split(cfg.data)), report=Reporter(enabled=env.is_main))
-    pixels = evaluate_pixels_knn(cfg, trainer.bank, trainer.images, trainer.labels, device)
+                               trainer.test_split(), report=Reporter(enabled=env.is_main))
+    pixels = evaluate_pixels_knn(cfg, trainer.bank, trainer.images, trainer.labels, trainer.test_split(), device)
     if env.is_main:
         RunResults().merge({"knn_untrained_top1": found["knn_top1"],
                             "knn_backbone_untrained_top1": found["knn_backbone_top1"], **pixels}

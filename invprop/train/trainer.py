@@ -101,6 +101,7 @@ class Trainer:
         self.device = device = comm.device
         seed_everything(cfg.seed, cfg.deterministic)
         self.images, self.labels = load_split(cfg.data, "train")
+        self._test_split: tuple[torch.Tensor, torch.Tensor] | None = None
         self.n = int(self.labels.shape[0])
         self.label_table = self.labels.to(device)
         self.model = build_model(cfg.model).to(device)
@@ -328,16 +329,23 @@ class Trainer:
         every = self.cfg.eval.every_epochs
         if every <= 0 or self.position.epoch % every:
             return
-        from invprop.data import eval_split
         from invprop.eval.knn_eval import evaluate_knn_world  # the evaluation layer sits beside the loop
 
         # a quick estimate on the first test images, over training's ranks (each features its part)
         test = self.cfg.eval.every_epochs_test_images
-        images, labels = load_split(self.cfg.data, eval_split(self.cfg.data))
+        images, labels = self.test_split()
         found = evaluate_knn_world(self.cfg, self.model, self.bank, (self.images, self.labels),
                                    (images[:test], labels[:test]) if test else (images, labels))
         self.metrics.write({"step": self.state.step, "epoch": self.position.epoch, "time": time.time(),
                             **{f"epoch_{k}": v for k, v in found.items()}})
+
+    def test_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The evaluation split, read once: every curve point and the kNN baselines use it."""
+        if self._test_split is None:
+            from invprop.data import eval_split
+
+            self._test_split = load_split(self.cfg.data, eval_split(self.cfg.data))
+        return self._test_split
 
     # -- state ------------------------------------------------------------------------------------------
     def states(self) -> dict[str, Stateful]:
