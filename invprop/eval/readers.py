@@ -22,6 +22,7 @@ from invprop.collectives import Comm
 from invprop.config.data_schema import DataFormat
 from invprop.data import is_lazy
 from invprop.data.order import EpochOrder
+from invprop.data.sources import ffcv_available
 
 if TYPE_CHECKING:
     from invprop.eval.crops import FFCVCrops
@@ -63,14 +64,6 @@ class BetonRows:
             loader.close()
 
 
-def _ffcv_imports() -> bool:
-    try:
-        import ffcv  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class EvalReader:
     """How this evaluation reads pixels for its feature passes; built once (:meth:`for_config`) and called
     by every rank at the same points (the first call for a split checks its .beton once for the job)."""
@@ -85,7 +78,7 @@ class EvalReader:
             return cls(data_cfg, comm, "memory")
         if data_cfg.format != DataFormat.ffcv:
             return cls(data_cfg, comm, "pil")
-        if not _ffcv_imports():
+        if not ffcv_available(say=False):
             if comm.is_main:
                 print("data.format=ffcv but FFCV is not installed: evaluation features read the image files "
                       "through PIL", file=sys.stderr, flush=True)
